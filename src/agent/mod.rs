@@ -1,0 +1,138 @@
+//! The agent's gRPC service, generic over a [`Hypervisor`], and the server that hosts it with health and reflection.
+//!
+//! Every handler follows the same path: take the request, check its shape (`convert`), call the backend, convert
+//! the reply. Backend errors become statuses through the one mapping in `convert.rs`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::convert;
+use crate::hypervisor::Hypervisor;
+use crate::model::PinRequest;
+use crate::pb;
+use crate::pb::agent_server::{Agent, AgentServer};
+
+/// Longest a request may run on the agent before it is cancelled; a libvirt call stuck longer than this is not
+/// going to help a balancing round.
+pub const SERVER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request the agent decodes; a full `ApplyPins` for thousands of vCPUs stays far below it.
+pub const MAX_DECODING_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+/// Largest reply the agent sends (a `GetStats` of hundreds of domains is a few hundred KiB).
+pub const MAX_ENCODING_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+
+/// The gRPC `Agent` service over one hypervisor backend.
+pub struct AgentService<H: Hypervisor> {
+    hv: Arc<H>,
+    /// Random per process: tells the controller that the monotonic clock behind `sample_time_ns` restarted.
+    instance: String,
+}
+
+impl<H: Hypervisor> AgentService<H> {
+    pub fn new(hv: Arc<H>) -> Self {
+        let instance = format!("{:016x}", rand::random::<u64>());
+        AgentService { hv, instance }
+    }
+}
+
+#[tonic::async_trait]
+impl<H: Hypervisor> Agent for AgentService<H> {
+    async fn get_host_info(
+        &self,
+        _req: Request<pb::GetHostInfoRequest>,
+    ) -> Result<Response<pb::HostInfo>, Status> {
+        let info = self.hv.host_info().await?;
+        Ok(Response::new(info.into()))
+    }
+
+    async fn list_domains(
+        &self,
+        _req: Request<pb::ListDomainsRequest>,
+    ) -> Result<Response<pb::ListDomainsResponse>, Status> {
+        let domains = self.hv.list_domains().await?;
+        Ok(Response::new(pb::ListDomainsResponse { domains: domains.into_iter().map(Into::into).collect() }))
+    }
+
+    async fn get_stats(&self, _req: Request<pb::GetStatsRequest>) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let mut stats = self.hv.stats().await?;
+        stats.agent_instance.clone_from(&self.instance);
+        Ok(Response::new(stats.into()))
+    }
+
+    async fn get_vcpu_placement(
+        &self,
+        req: Request<pb::GetVcpuPlacementRequest>,
+    ) -> Result<Response<pb::GetVcpuPlacementResponse>, Status> {
+        let domain = req.into_inner().domain;
+        convert::domain_arg(&domain)?;
+        let placement = self.hv.placement(&domain).await?;
+        Ok(Response::new(placement.into()))
+    }
+
+    async fn pin_vcpu(&self, req: Request<pb::PinVcpuRequest>) -> Result<Response<pb::PinVcpuResponse>, Status> {
+        let pin = PinRequest::try_from(req.into_inner())?;
+        let mut results = self.hv.apply_pins(std::slice::from_ref(&pin)).await?;
+        match results.pop() {
+            Some(Ok(())) => {
+                info!(domain = %pin.domain, vcpu = pin.vcpu, pcpus = ?pin.pcpus, "pinned by request");
+                Ok(Response::new(pb::PinVcpuResponse {}))
+            }
+            Some(Err(e)) => Err(e.into()),
+            None => Err(Status::internal("backend returned no result for the pin")),
+        }
+    }
+
+    async fn apply_pins(
+        &self,
+        req: Request<pb::ApplyPinsRequest>,
+    ) -> Result<Response<pb::ApplyPinsResponse>, Status> {
+        let pins = convert::pins_from_pb(req.into_inner().pins)?;
+        let results = self.hv.apply_pins(&pins).await?;
+        if results.len() != pins.len() {
+            return Err(Status::internal("backend returned a result count different from the pin count"));
+        }
+        for (pin, r) in pins.iter().zip(&results) {
+            match r {
+                Ok(()) => info!(domain = %pin.domain, vcpu = pin.vcpu, pcpus = ?pin.pcpus, "pinned"),
+                Err(e) => warn!(domain = %pin.domain, vcpu = pin.vcpu, error = %e, "pin failed"),
+            }
+        }
+        Ok(Response::new(pb::ApplyPinsResponse { results: results.iter().map(convert::pin_result_to_pb).collect() }))
+    }
+}
+
+/// Serves the agent service, gRPC health and reflection on `listener` until `shutdown` resolves.
+pub async fn serve<H: Hypervisor>(
+    hv: Arc<H>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AgentServer<AgentService<H>>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let svc = AgentServer::new(AgentService::new(hv))
+        .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
+    info!(addr = ?addr, "agent listening");
+    let incoming = TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .timeout(SERVER_REQUEST_TIMEOUT)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            health_reporter.set_not_serving::<AgentServer<AgentService<H>>>().await;
+        })
+        .await
+}

@@ -1,0 +1,109 @@
+//! The `Hypervisor` trait: what the agent needs from a host, implemented by the libvirt backend (production) and by
+//! the simulator (demo, evaluation, tests of the controller on any machine).
+//!
+//! The gRPC service in `agent` is generic over this trait and never touches a backend's internals. Backends share
+//! the pin validation rules below, so both refuse exactly the same requests.
+
+use async_trait::async_trait;
+
+use crate::error::AgentError;
+use crate::model::{DomainPlacement, DomainSummary, HostInfo, HostStats, PcpuId, PinRequest};
+
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
+pub mod sim;
+
+/// One result per pin of a batch, in request order.
+pub type PinResults = Vec<Result<(), AgentError>>;
+
+/// A host whose domains' vCPUs can be observed and pinned.
+#[async_trait]
+pub trait Hypervisor: Send + Sync + 'static {
+    /// Host facts: hostname, backend name, versions, pCPUs.
+    async fn host_info(&self) -> Result<HostInfo, AgentError>;
+
+    /// Running domains.
+    async fn list_domains(&self) -> Result<Vec<DomainSummary>, AgentError>;
+
+    /// One sample of every running domain, as one round needs it. `agent_instance` may be left empty: the service
+    /// fills it.
+    async fn stats(&self) -> Result<HostStats, AgentError>;
+
+    /// Placement of one domain's vCPUs; `domain` is a name or a UUID.
+    async fn placement(&self, domain: &str) -> Result<DomainPlacement, AgentError>;
+
+    /// Applies a batch of pins. The whole batch is validated first: if any pin has an invalid argument (vCPU or
+    /// pCPU out of range, pCPU offline, empty list) the call returns that error and applies nothing. A pin whose
+    /// domain is unknown or not running gets its own error in the result list and the others are applied.
+    async fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError>;
+}
+
+/// Checks one pin against the host's pCPUs and the domain's vCPU count: the rules both backends enforce.
+pub fn validate_pin(
+    pin: &PinRequest,
+    domain_name: &str,
+    nvcpus: u32,
+    npcpus: u32,
+    online: &[PcpuId],
+) -> Result<(), AgentError> {
+    if pin.pcpus.is_empty() {
+        return Err(AgentError::EmptyPcpuList { domain: domain_name.to_string(), vcpu: pin.vcpu });
+    }
+    if pin.vcpu >= nvcpus {
+        return Err(AgentError::VcpuOutOfRange { domain: domain_name.to_string(), vcpu: pin.vcpu, nvcpus });
+    }
+    for &pcpu in &pin.pcpus {
+        if pcpu >= npcpus {
+            return Err(AgentError::PcpuOutOfRange {
+                domain: domain_name.to_string(),
+                vcpu: pin.vcpu,
+                pcpu,
+                npcpus,
+            });
+        }
+        if !online.contains(&pcpu) {
+            return Err(AgentError::PcpuOffline { domain: domain_name.to_string(), vcpu: pin.vcpu, pcpu });
+        }
+    }
+    Ok(())
+}
+
+/// Splits a batch's per-pin lookups into the batch outcome: the first invalid-argument error refuses the batch;
+/// other errors stay per pin. `checks[i]` is the validation outcome of pin `i`.
+pub fn batch_verdict(checks: &[Result<(), AgentError>]) -> Result<(), AgentError> {
+    for c in checks {
+        if let Err(e) = c {
+            if e.kind() == crate::error::ErrorKind::InvalidArgument {
+                return Err(e.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pin(vcpu: u32, pcpus: &[u32]) -> PinRequest {
+        PinRequest { domain: "d".into(), vcpu, pcpus: pcpus.to_vec(), persist: false }
+    }
+
+    #[test]
+    fn validation_rules() {
+        let online = [0, 1, 3];
+        assert!(validate_pin(&pin(0, &[1]), "d", 2, 4, &online).is_ok());
+        assert!(matches!(validate_pin(&pin(2, &[1]), "d", 2, 4, &online), Err(AgentError::VcpuOutOfRange { .. })));
+        assert!(matches!(validate_pin(&pin(0, &[4]), "d", 2, 4, &online), Err(AgentError::PcpuOutOfRange { .. })));
+        assert!(matches!(validate_pin(&pin(0, &[2]), "d", 2, 4, &online), Err(AgentError::PcpuOffline { .. })));
+        assert!(matches!(validate_pin(&pin(0, &[]), "d", 2, 4, &online), Err(AgentError::EmptyPcpuList { .. })));
+    }
+
+    #[test]
+    fn batch_refused_only_for_invalid_arguments() {
+        let nf = Err(AgentError::DomainNotFound { domain: "x".into() });
+        assert!(batch_verdict(&[Ok(()), nf.clone()]).is_ok());
+        let bad = Err(AgentError::InvalidArgument("x".into()));
+        assert!(batch_verdict(&[nf, Ok(()), bad]).is_err());
+    }
+}

@@ -1,0 +1,311 @@
+//! The simulator's scenario file (TOML): a host's pCPUs and its domains with their load over time.
+//!
+//! ```toml
+//! pcpus = 4
+//! [[domain]]
+//! name = "vm1"
+//! vcpus = 1                 # default 1
+//! affinity = [0]            # initial pinning; omitted = all pCPUs
+//! load = 100                # constant demand, % of one pCPU per vCPU
+//! # or, instead of load, a cycle that repeats:
+//! # phases = [ { load = 100, secs = 20 }, { load = 10, secs = 20 } ]
+//! ```
+//!
+//! Errors name the line: unknown keys, loads outside 0..=100, affinities naming pCPUs the host does not have.
+
+use std::ops::Range;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::model::PcpuId;
+
+/// Most pCPUs a simulated host may have.
+pub const MAX_SIM_PCPUS: u32 = 4096;
+/// Most vCPUs one simulated domain may have.
+pub const MAX_SIM_VCPUS: u32 = 1024;
+
+/// A scenario that could not be read or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{origin}: line {line}: {message}")]
+    Invalid { origin: String, line: usize, message: String },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+}
+
+/// Demand of one vCPU over time, in % of one pCPU.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadProfile {
+    Constant(f64),
+    /// `(load %, seconds)` phases, repeated in a cycle.
+    Phases(Vec<(f64, f64)>),
+}
+
+impl LoadProfile {
+    /// Demand at `t` seconds after the domain started, and how long (seconds) it stays so; `None` = forever.
+    pub fn at(&self, t: f64) -> (f64, Option<f64>) {
+        match self {
+            LoadProfile::Constant(l) => (*l, None),
+            LoadProfile::Phases(ph) => {
+                let cycle: f64 = ph.iter().map(|p| p.1).sum();
+                let mut pos = t.rem_euclid(cycle);
+                for &(load, secs) in ph {
+                    if pos < secs {
+                        return (load, Some(secs - pos));
+                    }
+                    pos -= secs;
+                }
+                // Rounding put us at the very end of the cycle: the first phase starts now.
+                (ph[0].0, Some(ph[0].1))
+            }
+        }
+    }
+}
+
+/// One domain of a scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainSpec {
+    pub name: String,
+    pub uuid: Option<String>,
+    pub vcpus: u32,
+    /// Initial affinity; `None` = all pCPUs.
+    pub affinity: Option<Vec<PcpuId>>,
+    pub load: LoadProfile,
+}
+
+/// A simulated host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scenario {
+    pub pcpus: u32,
+    pub hostname: Option<String>,
+    pub domains: Vec<DomainSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    pcpus: Spanned<u32>,
+    hostname: Option<String>,
+    #[serde(default)]
+    domain: Vec<Spanned<RawDomain>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDomain {
+    name: Spanned<String>,
+    uuid: Option<String>,
+    vcpus: Option<Spanned<u32>>,
+    affinity: Option<Spanned<Vec<Spanned<u32>>>>,
+    load: Option<Spanned<f64>>,
+    phases: Option<Spanned<Vec<Spanned<RawPhase>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPhase {
+    load: Spanned<f64>,
+    secs: Spanned<f64>,
+}
+
+fn line_of(text: &str, span: Range<usize>) -> usize {
+    text[..span.start.min(text.len())].matches('\n').count() + 1
+}
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    pub fn from_file(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ScenarioError::Io { path: path.display().to_string(), source })?;
+        Scenario::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks scenario text; `origin` names it in errors (a file name).
+    pub fn parse(text: &str, origin: &str) -> Result<Scenario, ScenarioError> {
+        let raw: RawScenario = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => ScenarioError::Invalid {
+                origin: origin.to_string(),
+                line: line_of(text, span),
+                message: e.message().to_string(),
+            },
+            None => ScenarioError::Parse { origin: origin.to_string(), message: e.to_string() },
+        })?;
+        let invalid = |span: Range<usize>, message: String| ScenarioError::Invalid {
+            origin: origin.to_string(),
+            line: line_of(text, span),
+            message,
+        };
+        let pcpus = *raw.pcpus.get_ref();
+        if pcpus == 0 || pcpus > MAX_SIM_PCPUS {
+            return Err(invalid(raw.pcpus.span(), format!("pcpus must be 1..={MAX_SIM_PCPUS}, got {pcpus}")));
+        }
+        let mut domains = Vec::with_capacity(raw.domain.len());
+        let mut names = std::collections::HashSet::new();
+        for d in raw.domain {
+            let dspan = d.span();
+            let d = d.into_inner();
+            let name = d.name.get_ref().trim().to_string();
+            if name.is_empty() {
+                return Err(invalid(d.name.span(), "domain name must not be empty".into()));
+            }
+            if !names.insert(name.clone()) {
+                return Err(invalid(d.name.span(), format!("duplicate domain name {name:?}")));
+            }
+            let vcpus = match &d.vcpus {
+                Some(v) if *v.get_ref() == 0 || *v.get_ref() > MAX_SIM_VCPUS => {
+                    return Err(invalid(v.span(), format!("vcpus must be 1..={MAX_SIM_VCPUS}, got {}", v.get_ref())))
+                }
+                Some(v) => *v.get_ref(),
+                None => 1,
+            };
+            let affinity = match d.affinity {
+                None => None,
+                Some(a) => {
+                    let aspan = a.span();
+                    let mut cpus = Vec::new();
+                    for c in a.into_inner() {
+                        if *c.get_ref() >= pcpus {
+                            return Err(invalid(
+                                c.span(),
+                                format!("affinity of {name:?} names pCPU {} but the host has {pcpus} (0..={})",
+                                    c.get_ref(), pcpus - 1),
+                            ));
+                        }
+                        cpus.push(*c.get_ref());
+                    }
+                    if cpus.is_empty() {
+                        return Err(invalid(aspan, format!("affinity of {name:?} is empty")));
+                    }
+                    cpus.sort_unstable();
+                    cpus.dedup();
+                    Some(cpus)
+                }
+            };
+            let check_load = |l: &Spanned<f64>| -> Result<f64, ScenarioError> {
+                let v = *l.get_ref();
+                if !(0.0..=100.0).contains(&v) {
+                    return Err(invalid(l.span(), format!("load of {name:?} must be 0..=100 (% of one pCPU), got {v}")));
+                }
+                Ok(v)
+            };
+            let load = match (&d.load, d.phases) {
+                (Some(_), Some(p)) => {
+                    return Err(invalid(p.span(), format!("domain {name:?}: give either load or phases, not both")))
+                }
+                (None, None) => {
+                    return Err(invalid(dspan, format!("domain {name:?}: load or phases is required")))
+                }
+                (Some(l), None) => LoadProfile::Constant(check_load(l)?),
+                (None, Some(p)) => {
+                    let pspan = p.span();
+                    let mut phases = Vec::new();
+                    for ph in p.into_inner() {
+                        let ph = ph.into_inner();
+                        let secs = *ph.secs.get_ref();
+                        if !(secs.is_finite() && secs > 0.0) {
+                            return Err(invalid(ph.secs.span(), format!("phase secs must be > 0, got {secs}")));
+                        }
+                        phases.push((check_load(&ph.load)?, secs));
+                    }
+                    if phases.is_empty() {
+                        return Err(invalid(pspan, format!("domain {name:?}: phases is empty")));
+                    }
+                    LoadProfile::Phases(phases)
+                }
+            };
+            domains.push(DomainSpec { name, uuid: d.uuid, vcpus, affinity, load });
+        }
+        Ok(Scenario { pcpus, hostname: raw.hostname, domains })
+    }
+}
+
+/// Scenario files shipped in `scenarios/`, embedded so the demo needs no files on disk.
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("balanced", include_str!("../../../scenarios/balanced.toml")),
+    ("all-on-one", include_str!("../../../scenarios/all-on-one.toml")),
+    ("split-first-last", include_str!("../../../scenarios/split-first-last.toml")),
+    ("unpinned-identical", include_str!("../../../scenarios/unpinned-identical.toml")),
+    ("heavy-light-unpinned", include_str!("../../../scenarios/heavy-light-unpinned.toml")),
+    ("changing-load", include_str!("../../../scenarios/changing-load.toml")),
+];
+
+/// A built-in scenario by name.
+pub fn builtin(name: &str) -> Option<Scenario> {
+    BUILTIN
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(n, text)| Scenario::parse(text, n).expect("built-in scenarios are valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_line(text: &str) -> (usize, String) {
+        match Scenario::parse(text, "t.toml") {
+            Err(ScenarioError::Invalid { line, message, .. }) => (line, message),
+            other => panic!("expected an invalid-scenario error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_builtin_parses() {
+        for (name, text) in BUILTIN {
+            let s = Scenario::parse(text, name).unwrap();
+            assert!(!s.domains.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let s = Scenario::parse("pcpus = 2\n[[domain]]\nname = \"a\"\nload = 30\n", "t").unwrap();
+        assert_eq!(s.domains[0].vcpus, 1);
+        assert_eq!(s.domains[0].affinity, None);
+        assert_eq!(s.domains[0].load, LoadProfile::Constant(30.0));
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let (line, msg) = err_line("pcpus = 2\n[[domain]]\nname = \"a\"\nlaod = 30\n");
+        assert_eq!(line, 4);
+        assert!(msg.contains("laod"), "{msg}");
+    }
+
+    #[test]
+    fn load_out_of_range_names_its_line() {
+        let (line, msg) = err_line("pcpus = 2\n[[domain]]\nname = \"a\"\nload = 130\n");
+        assert_eq!(line, 4);
+        assert!(msg.contains("0..=100"), "{msg}");
+        let (line, _) = err_line("pcpus = 2\n[[domain]]\nname = \"a\"\nphases = [\n { load = 10, secs = 1 },\n { load = -1, secs = 1 }]\n");
+        assert_eq!(line, 6);
+    }
+
+    #[test]
+    fn affinity_to_missing_pcpu_names_its_line() {
+        let (line, msg) = err_line("pcpus = 2\n[[domain]]\nname = \"a\"\nload = 1\naffinity = [0, 2]\n");
+        assert_eq!(line, 5);
+        assert!(msg.contains("pCPU 2"), "{msg}");
+    }
+
+    #[test]
+    fn other_mistakes_refused() {
+        assert!(Scenario::parse("pcpus = 0\n", "t").is_err());
+        assert!(Scenario::parse("pcpus = 2\n[[domain]]\nname = \"a\"\n", "t").is_err());
+        assert!(Scenario::parse("pcpus = 2\n[[domain]]\nname = \"a\"\nload=1\n[[domain]]\nname = \"a\"\nload=1\n", "t").is_err());
+        assert!(Scenario::parse("pcpus = 2\n[[domain]]\nname = \"a\"\nload=1\nphases=[{load=1,secs=1}]\n", "t").is_err());
+        assert!(Scenario::parse("pcpus = \"x\"\n", "t").is_err());
+    }
+
+    #[test]
+    fn phases_cycle() {
+        let p = LoadProfile::Phases(vec![(100.0, 2.0), (10.0, 3.0)]);
+        assert_eq!(p.at(0.0), (100.0, Some(2.0)));
+        assert_eq!(p.at(2.5).0, 10.0);
+        assert_eq!(p.at(5.0).0, 100.0);
+        assert_eq!(p.at(7.5).0, 10.0);
+    }
+}
