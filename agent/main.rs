@@ -1,1 +1,99 @@
-fn main() {}
+//! `vcpu-agent`: serves the vcpu-balancer gRPC API for one hypervisor host (libvirt) or a simulated one.
+//! Parses flags, sets up tracing and signals, and hands over to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use vcpu_balancer::hypervisor::sim::{scenario, MonotonicClock, Scenario, SimHypervisor};
+use vcpu_balancer::telemetry::{self, LogFormat};
+
+/// Exit code for invalid configuration (sysexits EX_USAGE).
+const EX_USAGE: i32 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// The host's libvirt daemon (production).
+    Libvirt,
+    /// A simulated host read from a scenario file.
+    Sim,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "vcpu-agent", version, about = "vcpu-balancer agent: exposes a hypervisor host's vCPUs over gRPC")]
+struct Cli {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "VCPU_AGENT_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], vcpu_balancer::DEFAULT_AGENT_PORT)))]
+    listen: SocketAddr,
+    /// Which hypervisor to serve.
+    #[arg(long, env = "VCPU_AGENT_BACKEND", value_enum)]
+    backend: Backend,
+    /// libvirt connection URI (backend libvirt).
+    #[arg(long, env = "VCPU_AGENT_URI", default_value = "qemu:///system")]
+    uri: String,
+    /// Scenario for the simulated host: a TOML file, or the name of a built-in scenario (backend sim).
+    #[arg(long, env = "VCPU_AGENT_SCENARIO", default_value = "all-on-one")]
+    scenario: String,
+    /// Hostname the simulated host reports (backend sim; default: this machine's name with a "sim-" prefix).
+    #[arg(long, env = "VCPU_AGENT_SIM_HOSTNAME")]
+    sim_hostname: Option<String>,
+    /// Log format on stderr.
+    #[arg(long, env = "VCPU_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn load_scenario(arg: &str) -> anyhow::Result<Scenario> {
+    let path = PathBuf::from(arg);
+    if path.exists() {
+        return Ok(Scenario::from_file(&path)?);
+    }
+    scenario::builtin(arg).with_context(|| {
+        let names: Vec<&str> = scenario::BUILTIN.iter().map(|(n, _)| *n).collect();
+        format!("--scenario {arg:?}: no such file, and not a built-in scenario ({})", names.join(", "))
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    match cli.backend {
+        Backend::Sim => {
+            let sc = load_scenario(&cli.scenario)?;
+            let name = cli.sim_hostname.unwrap_or_else(|| {
+                format!("sim-{}", hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default())
+            });
+            tracing::info!(scenario = %cli.scenario, pcpus = sc.pcpus, domains = sc.domains.len(), "simulated host");
+            let hv = Arc::new(SimHypervisor::new(&sc, name, Arc::new(MonotonicClock::new())));
+            vcpu_balancer::agent::serve(hv, listener, vcpu_balancer::shutdown::signal()).await?;
+        }
+        Backend::Libvirt => {
+            #[cfg(feature = "libvirt")]
+            {
+                let hv = Arc::new(vcpu_balancer::hypervisor::libvirt::LibvirtHypervisor::new(&cli.uri));
+                tracing::info!(uri = %cli.uri, "libvirt backend");
+                vcpu_balancer::agent::serve(hv, listener, vcpu_balancer::shutdown::signal()).await?;
+            }
+            #[cfg(not(feature = "libvirt"))]
+            bail!(
+                "this vcpu-agent was built without libvirt support, so --backend libvirt (uri {}) is unavailable; \
+                 rebuild with `cargo build --release --features libvirt` (needs libvirt-dev and pkg-config)",
+                cli.uri
+            );
+        }
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format, "info");
+    if let Err(e) = run(cli).await {
+        eprintln!("vcpu-agent: error: {e:#}");
+        std::process::exit(EX_USAGE);
+    }
+}

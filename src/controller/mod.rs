@@ -1,1 +1,56 @@
-//! Controller (being written).
+//! The controller: samples each host through its agent every interval, computes usage and applies the policy.
+//!
+//! - [`usage`] and [`policy`]: pure decision code (samples in, plan out).
+//! - [`client`]: the gRPC client with a deadline on every call.
+//! - [`host`]: one task per host, owning that host's previous sample.
+//! - [`report`]: what a round produced, as a log line or JSON.
+//! - [`show`]: one-shot views for operators (`show`, `pin`).
+//! - [`demo`]: simulated agents in-process with the controller on them.
+
+pub mod client;
+pub mod demo;
+pub mod host;
+pub mod policy;
+pub mod report;
+pub mod show;
+pub mod usage;
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use client::{AgentClient, ClientError};
+pub use host::LoopConfig;
+pub use report::RoundReport;
+
+/// Reports buffered per host before a slow consumer makes host tasks wait.
+const REPORT_BUFFER_PER_HOST: usize = 16;
+
+/// Checks every host address first (a typo refuses the whole command, before anything is pinned), then runs one
+/// task per host until each has done `cfg.rounds` rounds or `shutdown` is cancelled. Reports go to `out`.
+pub async fn run(
+    hosts: Vec<String>,
+    rpc_timeout: Duration,
+    cfg: LoopConfig,
+    out: mpsc::Sender<RoundReport>,
+    shutdown: CancellationToken,
+) -> Result<(), ClientError> {
+    let clients = hosts.iter().map(|h| AgentClient::new(h, rpc_timeout)).collect::<Result<Vec<_>, _>>()?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in clients {
+        tasks.spawn(host::run_host(client, cfg.clone(), out.clone(), shutdown.clone()));
+    }
+    drop(out);
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "host task panicked");
+        }
+    }
+    Ok(())
+}
+
+/// A channel sized for `hosts` hosts.
+pub fn report_channel(hosts: usize) -> (mpsc::Sender<RoundReport>, mpsc::Receiver<RoundReport>) {
+    mpsc::channel(REPORT_BUFFER_PER_HOST * hosts.max(1))
+}

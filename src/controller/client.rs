@@ -1,0 +1,189 @@
+//! The controller's gRPC client for one agent: one lazily connected channel reused across rounds, and a deadline
+//! on every call (sent to the agent as `grpc-timeout` too, so it stops working on a call nobody waits for).
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::convert;
+use crate::model::{DomainPlacement, HostInfo, HostStats, PinRequest};
+use crate::pb;
+use crate::pb::agent_client::AgentClient as PbClient;
+
+/// Default deadline of one RPC. A round is one `GetStats` and at most one `ApplyPins`, so two deadlines must fit in
+/// the default interval.
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_millis(800);
+/// Longest wait for a TCP connection to an agent.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
+/// Largest reply the controller accepts (a `GetStats` of thousands of vCPUs is well below it).
+pub const MAX_REPLY_SIZE: usize = 64 * 1024 * 1024;
+
+/// A failed call to an agent, with the host it concerns.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("host {host}: invalid address: {reason}")]
+    BadAddress { host: String, reason: String },
+    #[error("host {host}: {method}: {code:?}: {message}")]
+    Rpc { host: String, method: &'static str, code: Code, message: String },
+}
+
+impl ClientError {
+    /// The gRPC code, if the call reached the point of having one.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Rpc { code, .. } => Some(*code),
+            ClientError::BadAddress { .. } => None,
+        }
+    }
+
+    /// The agent's own message (without host and method), for CLI output.
+    pub fn message(&self) -> String {
+        match self {
+            ClientError::Rpc { message, .. } => message.clone(),
+            ClientError::BadAddress { reason, .. } => reason.clone(),
+        }
+    }
+}
+
+/// Turns `HOST`, `HOST:PORT` or `http://HOST:PORT` into a URI, adding the default agent port when none is given.
+pub fn normalize_address(host: &str) -> Result<String, ClientError> {
+    let bad = |reason: &str| ClientError::BadAddress { host: host.to_string(), reason: reason.to_string() };
+    let h = host.trim();
+    if h.is_empty() {
+        return Err(bad("empty host"));
+    }
+    let (scheme, rest) = match h.split_once("://") {
+        Some(("http", r)) => ("http", r),
+        Some(("https", r)) => ("https", r),
+        Some((s, _)) => return Err(bad(&format!("unsupported scheme {s:?} (use http:// or none)"))),
+        None => ("http", h),
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains(char::is_whitespace) {
+        return Err(bad("expected HOST or HOST:PORT"));
+    }
+    // A bracketed IPv6 address or a name/IPv4 with an optional port.
+    let has_port = if let Some(end) = rest.find(']') {
+        rest[end + 1..].starts_with(':')
+    } else {
+        match rest.matches(':').count() {
+            0 => false,
+            1 => true,
+            _ => return Err(bad("IPv6 addresses must be in brackets, e.g. [::1]:50151")),
+        }
+    };
+    let with_port = if has_port {
+        let port = rest.rsplit(':').next().unwrap_or("");
+        port.parse::<u16>().map_err(|_| bad(&format!("invalid port {port:?}")))?;
+        rest.to_string()
+    } else {
+        format!("{rest}:{}", crate::DEFAULT_AGENT_PORT)
+    };
+    let uri = format!("{scheme}://{with_port}");
+    uri.parse::<tonic::transport::Uri>().map_err(|e| bad(&e.to_string()))?;
+    Ok(uri)
+}
+
+/// A client for one agent.
+#[derive(Clone)]
+pub struct AgentClient {
+    host: String,
+    inner: PbClient<Channel>,
+    timeout: Duration,
+}
+
+impl AgentClient {
+    /// A client for `host`; connects on first use, so a host that is down does not delay start-up.
+    pub fn new(host: &str, timeout: Duration) -> Result<AgentClient, ClientError> {
+        let uri = normalize_address(host)?;
+        let endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| ClientError::BadAddress { host: host.to_string(), reason: e.to_string() })?
+            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
+            .timeout(timeout)
+            .tcp_nodelay(true);
+        let inner = PbClient::new(endpoint.connect_lazy()).max_decoding_message_size(MAX_REPLY_SIZE);
+        Ok(AgentClient { host: host.to_string(), inner, timeout })
+    }
+
+    /// The host as given by the user.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.set_timeout(self.timeout);
+        r
+    }
+
+    fn err(&self, method: &'static str, s: Status) -> ClientError {
+        ClientError::Rpc { host: self.host.clone(), method, code: s.code(), message: s.message().to_string() }
+    }
+
+    // The channel's own timeout covers connecting and waiting; this outer one also bounds a server that accepts
+    // the connection and never answers.
+    async fn deadline<T>(
+        &self,
+        method: &'static str,
+        fut: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, ClientError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(self.err(method, s)),
+            Err(_) => Err(self.err(method, Status::deadline_exceeded(format!("no answer within {:?}", self.timeout)))),
+        }
+    }
+
+    pub async fn host_info(&mut self) -> Result<HostInfo, ClientError> {
+        let req = self.request(pb::GetHostInfoRequest {});
+        let mut c = self.inner.clone();
+        Ok(self.deadline("GetHostInfo", c.get_host_info(req)).await?.into())
+    }
+
+    pub async fn get_stats(&mut self) -> Result<HostStats, ClientError> {
+        let req = self.request(pb::GetStatsRequest {});
+        let mut c = self.inner.clone();
+        Ok(self.deadline("GetStats", c.get_stats(req)).await?.into())
+    }
+
+    pub async fn placement(&mut self, domain: &str) -> Result<DomainPlacement, ClientError> {
+        let req = self.request(pb::GetVcpuPlacementRequest { domain: domain.to_string() });
+        let mut c = self.inner.clone();
+        Ok(self.deadline("GetVcpuPlacement", c.get_vcpu_placement(req)).await?.into())
+    }
+
+    pub async fn pin_vcpu(&mut self, pin: PinRequest) -> Result<(), ClientError> {
+        let req = self.request(pb::PinVcpuRequest::from(pin));
+        let mut c = self.inner.clone();
+        self.deadline("PinVcpu", c.pin_vcpu(req)).await.map(|_| ())
+    }
+
+    /// One result per pin; the call fails as a whole only when the agent refused the batch.
+    pub async fn apply_pins(&mut self, pins: &[PinRequest]) -> Result<Vec<Result<(), Status>>, ClientError> {
+        let req = self.request(pb::ApplyPinsRequest { pins: pins.iter().cloned().map(Into::into).collect() });
+        let mut c = self.inner.clone();
+        let resp = self.deadline("ApplyPins", c.apply_pins(req)).await?;
+        if resp.results.len() != pins.len() {
+            return Err(self.err("ApplyPins", Status::internal("agent returned a result count different from the pin count")));
+        }
+        Ok(resp.results.iter().map(convert::pin_result_from_pb).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(normalize_address("10.0.0.1").unwrap(), "http://10.0.0.1:50151");
+        assert_eq!(normalize_address("host-a:7000").unwrap(), "http://host-a:7000");
+        assert_eq!(normalize_address("http://h:1/").unwrap(), "http://h:1");
+        assert_eq!(normalize_address("[::1]:9").unwrap(), "http://[::1]:9");
+        assert_eq!(normalize_address("[::1]").unwrap(), "http://[::1]:50151");
+        for bad in ["", "h:99999", "h:x", "ftp://h", "::1", "a b", "h/x"] {
+            assert!(normalize_address(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

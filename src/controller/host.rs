@@ -1,0 +1,187 @@
+//! One task per host: every interval, sample the host, compute usage against the previous sample (which this task
+//! alone owns), decide, and apply the plan in one `ApplyPins`. A host that fails is retried with jittered
+//! exponential backoff and comes back with a fresh baseline; other hosts never wait for it.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::controller::client::AgentClient;
+use crate::controller::policy::{self, PolicyConfig};
+use crate::controller::report::{ActionReport, ActionType, RoundReport};
+use crate::controller::usage;
+use crate::model::HostStats;
+
+/// Default time between two rounds.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest wait between two attempts on a host that keeps failing.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Backoff delays are spread by ± this fraction so that hosts that failed together do not retry together.
+pub const BACKOFF_JITTER: f64 = 0.2;
+
+/// Settings of the per-host loop.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    pub interval: Duration,
+    pub policy: PolicyConfig,
+    pub dry_run: bool,
+    /// Stop after this many rounds (ticks) per host; `None` = until shutdown.
+    pub rounds: Option<u64>,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig { interval: DEFAULT_INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: None }
+    }
+}
+
+/// Delay before the next attempt after `failures` consecutive failures: interval × 2^(failures−1), capped, with
+/// jitter `j` in [-1, 1] scaled by [`BACKOFF_JITTER`]. Pure so it can be tested.
+pub fn backoff_delay(interval: Duration, failures: u32, j: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let base = interval.saturating_mul(1u32 << exp).min(MAX_BACKOFF).max(interval);
+    base.mul_f64(1.0 + BACKOFF_JITTER * j.clamp(-1.0, 1.0))
+}
+
+/// State a host task keeps between rounds.
+struct HostState {
+    prev: Option<HostStats>,
+    failures: u32,
+    next_attempt: Option<Instant>,
+    was_down: bool,
+}
+
+/// Runs the loop for one host until `rounds` are done or `shutdown` is cancelled; each round's report goes to `out`.
+pub async fn run_host(
+    mut client: AgentClient,
+    cfg: LoopConfig,
+    out: mpsc::Sender<RoundReport>,
+    shutdown: CancellationToken,
+) {
+    let host = client.host().to_string();
+    let mut ticker = tokio::time::interval(cfg.interval);
+    // A round that overruns its interval makes the loop skip the ticks it missed rather than fire them in a burst.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut st = HostState { prev: None, failures: 0, next_attempt: None, was_down: false };
+    let mut round: u64 = 0;
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        if cfg.rounds.is_some_and(|n| round >= n) {
+            break;
+        }
+        round += 1;
+        let report = if st.next_attempt.is_some_and(|t| Instant::now() < t) {
+            let wait = st.next_attempt.map(|t| t - Instant::now()).unwrap_or_default();
+            RoundReport::bare(
+                &host,
+                round,
+                ActionReport::simple(ActionType::Error, format!("host down; next attempt in {:.1}s (backoff)", wait.as_secs_f64())),
+                cfg.dry_run,
+            )
+        } else {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                r = one_round(&mut client, &cfg, &mut st, round) => r,
+            }
+        };
+        report.log();
+        if out.send(report).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn one_round(client: &mut AgentClient, cfg: &LoopConfig, st: &mut HostState, round: u64) -> RoundReport {
+    let host = client.host().to_string();
+    let cur = match client.get_stats().await {
+        Ok(s) => s,
+        Err(e) => return failed(st, cfg, &host, round, e.to_string()),
+    };
+    if std::mem::take(&mut st.was_down) {
+        tracing::info!(host = %host, "host is back; taking a fresh baseline");
+    }
+    st.failures = 0;
+    st.next_attempt = None;
+    let computed = usage::compute(st.prev.as_ref(), &cur);
+    st.prev = Some(cur);
+    let u = match computed {
+        Ok(u) => u,
+        Err(why) => {
+            return RoundReport::bare(&host, round, ActionReport::simple(ActionType::Baseline, why.as_str()), cfg.dry_run)
+        }
+    };
+    for (domain, why) in &u.fresh {
+        tracing::info!(host = %host, domain = %domain, reason = why, "fresh baseline for domain");
+    }
+    let plan = policy::decide(&u, &cfg.policy);
+    let mut report = RoundReport::from_plan(&host, round, &u, &plan, cfg.dry_run);
+    if cfg.dry_run || plan.pins.is_empty() {
+        return report;
+    }
+    match client.apply_pins(&plan.pins).await {
+        Ok(results) => {
+            for (pin, r) in plan.pins.iter().zip(results) {
+                match r {
+                    Ok(()) => report.pins_applied += 1,
+                    Err(s) => report.pins_failed.push(format!("{} vCPU {}: {}", pin.domain, pin.vcpu, s.message())),
+                }
+            }
+            // A refused pin means the sample is stale (a domain went away): the next round re-reads the host.
+            if let Some(m) = &plan.movement {
+                let moved_ok = !report.pins_failed.iter().any(|f| f.starts_with(&format!("{} vCPU {}:", m.uuid, m.vcpu)));
+                if !moved_ok {
+                    report.action.reason.push_str(" (pin refused by the agent)");
+                }
+            }
+        }
+        Err(e) => {
+            report.action = ActionReport::simple(ActionType::Error, format!("ApplyPins failed: {e}"));
+        }
+    }
+    report
+}
+
+fn failed(st: &mut HostState, cfg: &LoopConfig, host: &str, round: u64, err: String) -> RoundReport {
+    // Whatever happened in between is unknown: start over from a fresh baseline when the host is back.
+    st.prev = None;
+    st.failures += 1;
+    st.was_down = true;
+    let delay = backoff_delay(cfg.interval, st.failures, rand::random::<f64>() * 2.0 - 1.0);
+    // The first failure retries at the next tick; repeated ones back off.
+    if st.failures > 1 {
+        st.next_attempt = Some(Instant::now() + delay);
+    }
+    RoundReport::bare(host, round, ActionReport::simple(ActionType::Error, err), cfg.dry_run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let i = Duration::from_secs(2);
+        assert_eq!(backoff_delay(i, 1, 0.0), i);
+        assert_eq!(backoff_delay(i, 3, 0.0), Duration::from_secs(8));
+        assert_eq!(backoff_delay(i, 30, 0.0), MAX_BACKOFF);
+    }
+
+    proptest! {
+        #[test]
+        fn backoff_stays_within_jitter_bounds(ms in 1u64..60_000, failures in 0u32..100, j in -5.0f64..5.0) {
+            let i = Duration::from_millis(ms);
+            let d = backoff_delay(i, failures, j);
+            let lo = i.min(MAX_BACKOFF).mul_f64(1.0 - BACKOFF_JITTER);
+            let hi = i.max(MAX_BACKOFF).mul_f64(1.0 + BACKOFF_JITTER);
+            prop_assert!(d >= lo.saturating_sub(Duration::from_nanos(1)) && d <= hi + Duration::from_nanos(1));
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Usage maths: two samples of one host in, per-vCPU and per-pCPU usage out. Pure: no I/O, no clock.
+//!
+//! usage(vCPU) = Δ vCPU time / Δ agent sample time × 100 (% of one pCPU), attributed to the pCPU the vCPU runs on
+//! at the later sample; usage(pCPU) = sum over its vCPUs. A domain that appeared, restarted (new id, fewer vCPUs, or
+//! a vCPU time that went backwards) gets a fresh baseline: its usage is unknown this round, never negative.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::model::{HostStats, PcpuId};
+
+/// Upper bound of one vCPU's usage: a vCPU is one thread and cannot run on more than one pCPU at a time. Sampling
+/// skew can make a 100 % vCPU read 100.3 %; clamping keeps the arithmetic honest.
+pub const MAX_VCPU_USAGE: f64 = 100.0;
+
+/// One vCPU in a round.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VcpuUsage {
+    pub domain: String,
+    pub uuid: String,
+    pub vcpu: u32,
+    pub pcpu: PcpuId,
+    pub affinity: Vec<PcpuId>,
+    /// % of one pCPU over the round; `None` for a fresh baseline.
+    pub usage: Option<f64>,
+}
+
+/// One pCPU in a round.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PcpuUsage {
+    pub id: PcpuId,
+    pub usage: f64,
+}
+
+/// Usage of one host over one round.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostUsage {
+    pub elapsed_ns: u64,
+    /// Online pCPUs, in id order.
+    pub pcpus: Vec<PcpuUsage>,
+    /// Every vCPU of every running domain, sorted by domain name then vCPU index.
+    pub vcpus: Vec<VcpuUsage>,
+    /// Domains whose baseline was reset this round, with why.
+    pub fresh: Vec<(String, &'static str)>,
+}
+
+/// Why no usage could be computed this round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum BaselineReason {
+    FirstSample,
+    AgentRestarted,
+    ClockDidNotAdvance,
+}
+
+impl BaselineReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BaselineReason::FirstSample => "first sample",
+            BaselineReason::AgentRestarted => "agent restarted",
+            BaselineReason::ClockDidNotAdvance => "agent clock did not advance",
+        }
+    }
+}
+
+/// Usage between `prev` and `cur`, or why there is none (the caller keeps `cur` as the new baseline either way).
+pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, BaselineReason> {
+    let prev = prev.ok_or(BaselineReason::FirstSample)?;
+    if prev.agent_instance != cur.agent_instance {
+        return Err(BaselineReason::AgentRestarted);
+    }
+    if cur.sample_time_ns <= prev.sample_time_ns {
+        return Err(BaselineReason::ClockDidNotAdvance);
+    }
+    let elapsed_ns = cur.sample_time_ns - prev.sample_time_ns;
+    let before: HashMap<&str, &crate::model::DomainStats> =
+        prev.domains.iter().map(|d| (d.uuid.as_str(), d)).collect();
+    let mut vcpus = Vec::new();
+    let mut fresh = Vec::new();
+    let mut domains: Vec<_> = cur.domains.iter().collect();
+    domains.sort_by(|a, b| a.name.cmp(&b.name).then(a.uuid.cmp(&b.uuid)));
+    for d in domains {
+        let why: Option<&'static str> = match before.get(d.uuid.as_str()) {
+            None => Some("new domain"),
+            Some(p) if p.id != d.id => Some("domain restarted (new id)"),
+            Some(p) if p.vcpus.len() != d.vcpus.len() => Some("vCPU count changed"),
+            Some(p) if p.vcpus.iter().zip(&d.vcpus).any(|(a, b)| b.time_ns < a.time_ns || a.index != b.index) => {
+                Some("vCPU time went backwards")
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = why {
+            fresh.push((d.name.clone(), why));
+        }
+        let p = before.get(d.uuid.as_str());
+        let mut vs: Vec<_> = d.vcpus.iter().enumerate().collect();
+        vs.sort_by_key(|(_, v)| v.index);
+        for (i, v) in vs {
+            let usage = match (why, p) {
+                (None, Some(p)) => {
+                    let delta = v.time_ns - p.vcpus[i].time_ns;
+                    Some((delta as f64 / elapsed_ns as f64 * 100.0).clamp(0.0, MAX_VCPU_USAGE))
+                }
+                _ => None,
+            };
+            vcpus.push(VcpuUsage {
+                domain: d.name.clone(),
+                uuid: d.uuid.clone(),
+                vcpu: v.index,
+                pcpu: v.pcpu,
+                affinity: v.affinity.clone(),
+                usage,
+            });
+        }
+    }
+    let mut online = cur.online_pcpus.clone();
+    online.sort_unstable();
+    online.dedup();
+    let pcpus = online
+        .iter()
+        .map(|&id| PcpuUsage {
+            id,
+            // Folding from +0.0: an empty f64 sum is -0.0, which prints as "-0.0".
+            usage: vcpus.iter().filter(|v| v.pcpu == id).filter_map(|v| v.usage).fold(0.0, |a, b| a + b),
+        })
+        .collect();
+    Ok(HostUsage { elapsed_ns, pcpus, vcpus, fresh })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::{DomainStats, VcpuStats};
+    use proptest::prelude::*;
+
+    pub fn stats(t_ns: u64, doms: &[(&str, u32, &[(u64, u32)])]) -> HostStats {
+        HostStats {
+            sample_time_ns: t_ns,
+            npcpus: 4,
+            online_pcpus: vec![0, 1, 2, 3],
+            agent_instance: "a".into(),
+            domains: doms
+                .iter()
+                .map(|(name, id, vcpus)| DomainStats {
+                    uuid: format!("uuid-{name}"),
+                    name: name.to_string(),
+                    id: *id,
+                    cpu_time_ns: vcpus.iter().map(|v| v.0).sum(),
+                    vcpus: vcpus
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (t, p))| VcpuStats { index: i as u32, time_ns: *t, pcpu: *p, affinity: vec![*p] })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn usage_is_delta_over_elapsed() {
+        let a = stats(10 * S, &[("a", 1, &[(0, 0)]), ("b", 2, &[(S, 0), (0, 1)])]);
+        let b = stats(12 * S, &[("a", 1, &[(S, 0)]), ("b", 2, &[(2 * S, 0), (S / 2, 1)])]);
+        let u = compute(Some(&a), &b).unwrap();
+        let got: Vec<f64> = u.vcpus.iter().map(|v| v.usage.unwrap()).collect();
+        assert_eq!(got, vec![50.0, 50.0, 25.0]);
+        assert_eq!(u.pcpus[0].usage, 100.0);
+        assert_eq!(u.pcpus[1].usage, 25.0);
+        assert_eq!(u.pcpus[2].usage, 0.0);
+        assert!(u.fresh.is_empty());
+    }
+
+    #[test]
+    fn first_sample_restart_and_stuck_clock_are_baselines() {
+        let a = stats(S, &[("a", 1, &[(0, 0)])]);
+        assert_eq!(compute(None, &a), Err(BaselineReason::FirstSample));
+        let mut b = stats(2 * S, &[("a", 1, &[(S, 0)])]);
+        b.agent_instance = "b".into();
+        assert_eq!(compute(Some(&a), &b), Err(BaselineReason::AgentRestarted));
+        assert_eq!(compute(Some(&a), &stats(S, &[])), Err(BaselineReason::ClockDidNotAdvance));
+    }
+
+    #[test]
+    fn counters_that_go_backwards_give_a_fresh_baseline() {
+        let a = stats(S, &[("a", 1, &[(5 * S, 0)]), ("b", 2, &[(0, 1)])]);
+        let b = stats(2 * S, &[("a", 1, &[(S, 0)]), ("b", 2, &[(S / 2, 1)])]);
+        let u = compute(Some(&a), &b).unwrap();
+        assert_eq!(u.vcpus[0].usage, None);
+        assert_eq!(u.fresh, vec![("a".to_string(), "vCPU time went backwards")]);
+        assert_eq!(u.pcpus[0].usage, 0.0);
+        assert_eq!(u.vcpus[1].usage, Some(50.0));
+    }
+
+    #[test]
+    fn restarted_new_and_vanished_domains() {
+        let a = stats(S, &[("a", 1, &[(0, 0)]), ("gone", 3, &[(0, 0)])]);
+        let b = stats(2 * S, &[("a", 7, &[(S, 0)]), ("new", 9, &[(S, 1)])]);
+        let u = compute(Some(&a), &b).unwrap();
+        assert!(u.vcpus.iter().all(|v| v.usage.is_none()));
+        assert_eq!(u.fresh.len(), 2);
+        assert!(u.vcpus.iter().all(|v| v.domain != "gone"));
+    }
+
+    proptest! {
+        /// Whatever the counters do, usage is within [0, 100] per vCPU and pCPU usage is the sum of its vCPUs'.
+        #[test]
+        fn usage_bounded(t0 in 0u64..1_000, dt in 1u64..5_000, times in proptest::collection::vec((0u64..10_000, 0u64..10_000, 0u32..4), 1..12)) {
+            let before: Vec<(u64, u32)> = times.iter().map(|t| (t.0 * 1_000_000, t.2)).collect();
+            let after: Vec<(u64, u32)> = times.iter().map(|t| (t.1 * 1_000_000, t.2)).collect();
+            let a = stats(t0 * 1_000_000, &[("d", 1, &before)]);
+            let b = stats((t0 + dt) * 1_000_000, &[("d", 1, &after)]);
+            let u = compute(Some(&a), &b).unwrap();
+            for v in &u.vcpus {
+                if let Some(x) = v.usage { prop_assert!((0.0..=100.0).contains(&x)); }
+            }
+            for p in &u.pcpus {
+                let sum: f64 = u.vcpus.iter().filter(|v| v.pcpu == p.id).filter_map(|v| v.usage).sum();
+                prop_assert!((p.usage - sum).abs() < 1e-9);
+            }
+        }
+    }
+}
