@@ -50,6 +50,25 @@ impl Clock for MonotonicClock {
     }
 }
 
+/// The monotonic clock sped up by a factor: simulated load phases of minutes play out in seconds (demo, tests).
+#[derive(Debug)]
+pub struct ScaledClock {
+    start: std::time::Instant,
+    factor: f64,
+}
+
+impl ScaledClock {
+    pub fn new(factor: f64) -> Self {
+        ScaledClock { start: std::time::Instant::now(), factor: factor.max(f64::MIN_POSITIVE) }
+    }
+}
+
+impl Clock for ScaledClock {
+    fn now_ns(&self) -> u64 {
+        (self.start.elapsed().as_nanos() as f64 * self.factor) as u64
+    }
+}
+
 /// A clock that moves only when told: virtual time for evaluations and deterministic tests.
 #[derive(Debug, Default)]
 pub struct ManualClock {

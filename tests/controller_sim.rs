@@ -1,0 +1,200 @@
+//! The controller against simulated agents over real gRPC on loopback: every shipped scenario gets balanced and
+//! then left alone, the balanced one is never touched, a host that is down stops nobody else, dry-run pins nothing,
+//! and baselines are reset when a host or a domain restarts.
+//!
+//! Simulated clocks run faster than real time (the sim measures exactly, so short rounds lose nothing); no
+//! assertion depends on how long anything took.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::SimAgent;
+use tokio_util::sync::CancellationToken;
+use vcpu_balancer::controller::policy::PolicyConfig;
+use vcpu_balancer::controller::report::{ActionType, RoundReport};
+use vcpu_balancer::controller::{self, LoopConfig};
+
+const INTERVAL: Duration = Duration::from_millis(100);
+const RPC_TIMEOUT: Duration = Duration::from_millis(500);
+/// Simulated seconds per real second.
+const SPEED: f64 = 20.0;
+
+/// Runs the controller on `hosts` for `rounds` rounds and returns every report, per host, in round order.
+async fn run(hosts: Vec<String>, rounds: u64, dry_run: bool) -> BTreeMap<String, Vec<RoundReport>> {
+    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run, rounds: Some(rounds) };
+    let (tx, mut rx) = controller::report_channel(hosts.len());
+    let ctl = tokio::spawn(controller::run(hosts, RPC_TIMEOUT, cfg, tx, CancellationToken::new()));
+    let mut by_host: BTreeMap<String, Vec<RoundReport>> = BTreeMap::new();
+    while let Some(r) = rx.recv().await {
+        by_host.entry(r.host.clone()).or_default().push(r);
+    }
+    ctl.await.unwrap().unwrap();
+    by_host
+}
+
+/// Index of the first round of a run of `n` balanced rounds with no pin change, if any.
+fn settled_at(reports: &[RoundReport], threshold: f64, n: usize) -> Option<usize> {
+    let ok = |r: &RoundReport| {
+        r.action.kind == ActionType::None && r.pins_applied == 0 && r.spread.is_some_and(|s| s <= threshold)
+    };
+    (0..reports.len()).find(|&i| reports.len() >= i + n && reports[i..].iter().all(ok))
+}
+
+/// Every shipped scenario reaches spread <= threshold and then makes no pin change for at least 5 rounds; the
+/// already-balanced one makes no pin change at all. All hosts run under one controller, concurrently. 35 rounds at
+/// 100 ms with the simulated clock at 20x cover 70 simulated seconds: `changing-load` goes through two phase flips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shipped_scenario_is_balanced_then_left_alone() {
+    let mut agents = Vec::new();
+    let mut names = BTreeMap::new();
+    for (name, _) in vcpu_balancer::hypervisor::sim::scenario::BUILTIN {
+        let a = SimAgent::start(&common::builtin(name), SPEED).await;
+        names.insert(a.addr.clone(), *name);
+        agents.push(a);
+    }
+    let reports = run(agents.iter().map(|a| a.addr.clone()).collect(), 35, false).await;
+    assert_eq!(reports.len(), agents.len());
+    for (addr, rs) in &reports {
+        let name = names[addr.as_str()];
+        assert_eq!(rs.len(), 35, "{name}: every round reported");
+        assert_eq!(rs[0].action.kind, ActionType::Baseline, "{name}: first round only records");
+        assert!(rs.iter().all(|r| r.action.kind != ActionType::Error), "{name}: no errors: {rs:#?}");
+        let at = settled_at(rs, 10.0, 5).unwrap_or_else(|| panic!("{name} never settled: {:#?}", rs.last()));
+        let last = rs.last().unwrap();
+        assert!(last.spread.unwrap() <= 10.0, "{name}");
+        // Settled means pinned: every vCPU ends on exactly one pCPU, which the next rounds keep.
+        let total_pins: usize = rs.iter().map(|r| r.pins_applied).sum();
+        if name == "balanced" {
+            assert_eq!(total_pins, 0, "balanced scenario was touched: {rs:#?}");
+            assert_eq!(at, 1, "balanced from the first computed round");
+        } else {
+            assert!(total_pins > 0, "{name}: something had to be pinned");
+        }
+    }
+    // The agents agree: every vCPU of a non-balanced scenario is now pinned to a single pCPU.
+    for a in &agents {
+        for d in a.hv.with_host(|h, now| h.stats(now)) {
+            for v in d.vcpus {
+                assert_eq!(v.affinity, vec![v.pcpu], "{} {} vCPU {}", names[a.addr.as_str()], d.name, v.index);
+            }
+        }
+    }
+}
+
+/// A host that is down is reported every round and does not stop the other host from being balanced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_host_does_not_stop_another() {
+    let live = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let dead = common::dead_address().await;
+    let reports = run(vec![dead.clone(), live.addr.clone()], 20, false).await;
+    let d = &reports[&dead];
+    assert_eq!(d.len(), 20);
+    assert!(d.iter().all(|r| r.action.kind == ActionType::Error), "{d:#?}");
+    assert!(d[0].action.reason.contains(&dead), "error names the host: {}", d[0].action.reason);
+    assert!(d.iter().any(|r| r.action.reason.contains("backoff")), "repeated failures back off");
+    let l = &reports[&live.addr];
+    assert!(settled_at(l, 10.0, 5).is_some(), "{l:#?}");
+}
+
+/// --dry-run computes moves but pins nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_pins_nothing() {
+    let a = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let before = a.hv.with_host(|h, now| h.stats(now));
+    let reports = run(vec![a.addr.clone()], 6, true).await;
+    let rs = &reports[&a.addr];
+    assert!(rs.iter().filter(|r| r.action.kind == ActionType::Move).count() >= 4, "{rs:#?}");
+    assert!(rs.iter().all(|r| r.pins_applied == 0 && r.dry_run));
+    let after = a.hv.with_host(|h, now| h.stats(now));
+    let aff = |s: &Vec<vcpu_balancer::model::DomainStats>| s.iter().map(|d| d.vcpus[0].affinity.clone()).collect::<Vec<_>>();
+    assert_eq!(aff(&before), aff(&after));
+}
+
+/// A load that rises mid-run is rebalanced: the controller reacts to the change, not only to the start state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_change_is_rebalanced() {
+    // Light phase: 40 vs 50, balanced. After 5 simulated seconds vm1 jumps from 10 % to 70 %: 100 vs 50.
+    let sc = common::scenario(
+        r#"
+pcpus = 2
+[[domain]]
+name = "vm1"
+affinity = [0]
+phases = [ { load = 10, secs = 10 }, { load = 70, secs = 1000 } ]
+[[domain]]
+name = "vm2"
+affinity = [0]
+load = 30
+[[domain]]
+name = "vm3"
+affinity = [1]
+load = 30
+[[domain]]
+name = "vm4"
+affinity = [1]
+load = 20
+"#,
+    );
+    let a = SimAgent::start(&sc, SPEED).await;
+    let reports = run(vec![a.addr.clone()], 20, false).await;
+    let rs = &reports[&a.addr];
+    let first_move = rs.iter().position(|r| r.action.kind == ActionType::Move);
+    let m = first_move.map(|i| &rs[i]).unwrap_or_else(|| panic!("no move after the load change: {rs:#?}"));
+    // Before the change the host was balanced and nothing moved.
+    let before: Vec<&RoundReport> = rs[..first_move.unwrap()].iter().filter(|r| r.spread.is_some()).collect();
+    assert!(before.len() >= 2, "some balanced rounds before the change: {rs:#?}");
+    assert!(before.iter().all(|r| r.spread.unwrap() <= 10.0 && r.action.kind == ActionType::None));
+    assert!(m.spread.unwrap() > 40.0, "{m:#?}");
+    assert_eq!((m.action.domain.as_deref(), m.action.from, m.action.to), (Some("vm2"), Some(0), Some(1)));
+    assert!(settled_at(rs, 10.0, 5).is_some(), "{rs:#?}");
+}
+
+/// An agent that goes away and comes back, and a domain that restarts: errors while down, then a fresh baseline,
+/// and usage is never negative or above 100 % per vCPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_domain_restarts_get_fresh_baselines() {
+    let a = SimAgent::start(&common::builtin("split-first-last"), SPEED).await;
+    let addr = a.addr.clone();
+    let hv = a.hv.clone();
+    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: Some(40) };
+    let (tx, mut rx) = controller::report_channel(1);
+    let ctl = tokio::spawn(controller::run(vec![addr.clone()], RPC_TIMEOUT, cfg, tx, CancellationToken::new()));
+    let mut rs = Vec::new();
+    let mut agent = Some(a);
+    while let Some(r) = rx.recv().await {
+        let n = r.round;
+        rs.push(r);
+        if n == 6 {
+            hv.with_host(|h, now| h.restart_domain("vm3", now)).unwrap();
+        }
+        if n == 10 {
+            // The agent process goes away: its port closes.
+            agent.take().unwrap().stop().await;
+        }
+        if n == 13 {
+            // A new agent process on the same port: a new instance, so its clock is a new clock.
+            agent = Some(SimAgent::start_with(hv.clone(), &addr).await);
+        }
+    }
+    ctl.await.unwrap().unwrap();
+    for r in &rs {
+        for v in &r.vcpus {
+            if let Some(u) = v.usage {
+                assert!((0.0..=100.0).contains(&u), "round {}: {} usage {u}", r.round, v.domain);
+            }
+        }
+    }
+    // The restarted domain's next round has no usage for it.
+    let after_restart = rs.iter().find(|r| r.round > 6 && r.action.kind != ActionType::Error).unwrap();
+    let vm3: Vec<_> = after_restart.vcpus.iter().filter(|v| v.domain == "vm3").collect();
+    assert!(vm3.iter().all(|v| v.usage.is_none()), "round {}: {vm3:?}", after_restart.round);
+    // Down rounds are errors; the first successful round after is a baseline.
+    let down: Vec<&RoundReport> = rs.iter().filter(|r| r.action.kind == ActionType::Error).collect();
+    assert!(!down.is_empty(), "the outage was reported");
+    let back = rs.iter().find(|r| r.round > down[0].round && r.action.kind != ActionType::Error).unwrap();
+    assert_eq!(back.action.kind, ActionType::Baseline, "{back:#?}");
+    assert!(settled_at(&rs, 10.0, 5).is_some(), "balanced again after the outage: {:#?}", rs.last());
+    drop(agent);
+}
