@@ -123,7 +123,10 @@ pub async fn serve<H: Hypervisor>(
     let svc = AgentServer::new(AgentService::new(hv))
         .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
-    info!(addr = ?addr, "agent listening");
+    match addr {
+        Some(a) => info!(addr = %a, "agent listening"),
+        None => info!("agent listening"),
+    }
     let incoming = TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .timeout(SERVER_REQUEST_TIMEOUT)

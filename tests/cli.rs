@@ -1,0 +1,162 @@
+//! The two binaries as an operator runs them: flags, exit codes, messages, `--json` output, manual pins and the
+//! demo. The agent is started as a real process on 127.0.0.1:0 and found through its log line.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_vcpu-agent");
+const CONTROLLER: &str = env!("CARGO_BIN_EXE_vcpu-controller");
+
+/// A `vcpu-agent --backend sim` process, killed on drop.
+struct Agent {
+    child: Child,
+    addr: String,
+}
+
+impl Agent {
+    fn start(scenario: &str) -> Agent {
+        let mut child = Command::new(AGENT)
+            .args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario", scenario, "--log-format", "json"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start vcpu-agent");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines.next().expect("agent exited before listening").unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "agent listening" {
+                break v["fields"]["addr"].as_str().unwrap().to_string();
+            }
+        };
+        // Keep draining the agent's log so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Agent { child, addr }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn controller(args: &[&str]) -> std::process::Output {
+    Command::new(CONTROLLER).args(args).output().expect("run vcpu-controller")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The README's first command: the demo balances every simulated host and exits 0 with a summary.
+#[test]
+fn demo_balances_and_exits_zero() {
+    let out = controller(&["demo", "--interval", "100ms"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let summary = stdout.split("\nsummary\n").nth(1).expect("a summary");
+    assert_eq!(summary.matches("balanced at round").count(), 3, "{summary}");
+    assert!(stdout.contains("move vm"), "the demo shows moves");
+    assert!(stdout.contains("pCPU 3 |"), "the demo shows bars");
+}
+
+/// `pin` applies through the agent; bad pins exit non-zero with the agent's error and change nothing.
+#[test]
+fn manual_pin_and_refusals() {
+    let agent = Agent::start("balanced");
+    let ok = controller(&["pin", "--host", &agent.addr, "--domain", "vm1", "--vcpu", "0", "--pcpu", "2"]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert!(text(&ok.stdout).contains("pinned vm1 vCPU 0 to pCPU 2"));
+
+    for (args, code) in [
+        (vec!["--domain", "vm1", "--vcpu", "0", "--pcpu", "9"], "InvalidArgument"),
+        (vec!["--domain", "vm1", "--vcpu", "4", "--pcpu", "1"], "InvalidArgument"),
+        (vec!["--domain", "nope", "--vcpu", "0", "--pcpu", "1"], "NotFound"),
+    ] {
+        let mut full = vec!["pin", "--host", &agent.addr];
+        full.extend(args);
+        let out = controller(&full);
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains(code), "{full:?}: {}", text(&out.stderr));
+    }
+    // The refused pins left vm1 where the good one put it.
+    let show = controller(&["show", "--host", &agent.addr, "--window", "300ms"]);
+    assert!(show.status.success(), "{}", text(&show.stderr));
+    let table = text(&show.stdout);
+    let line = table.lines().find(|l| l.contains("pCPU   2")).unwrap();
+    assert!(line.contains("vm1/0"), "{table}");
+}
+
+/// `run --json` prints one object per host per round with the documented fields.
+#[test]
+fn run_json_output() {
+    let agent = Agent::start("all-on-one");
+    let out = controller(&["run", "--host", &agent.addr, "--rounds", "3", "--interval", "200ms", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rounds: Vec<serde_json::Value> =
+        text(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    assert_eq!(rounds.len(), 3);
+    assert_eq!(rounds[0]["action"]["type"], "baseline");
+    let r = &rounds[1];
+    assert_eq!(r["host"], agent.addr.as_str());
+    assert_eq!(r["round"], 2);
+    assert_eq!(r["pcpus"].as_array().unwrap().len(), 4);
+    assert_eq!(r["vcpus"].as_array().unwrap().len(), 8);
+    assert!(r["vcpus"][0]["usage"].as_f64().is_some());
+    assert!(r["spread"].as_f64().unwrap() > 90.0);
+    assert_eq!(r["action"]["type"], "move");
+    assert_eq!(r["action"]["from"], 0);
+    assert_eq!(r["pins_applied"], 1);
+    // The human lines go to stderr, one per host per round.
+    assert!(text(&out.stderr).matches(" round ").count() >= 3, "{}", text(&out.stderr));
+}
+
+/// Malformed flags and files are refused with a clear message before anything runs.
+#[test]
+fn bad_input_is_refused() {
+    for (args, needle) in [
+        (vec!["run", "--host", "a:1", "--interval", "0s"], "interval"),
+        (vec!["run", "--host", "a:1", "--threshold", "200"], "between 0 and 100"),
+        (vec!["run", "--host", "a b"], "invalid address"),
+        (vec!["run"], "--host"),
+        (vec!["pin", "--host", "a:1", "--domain", "x", "--vcpu", "0", "--pcpu", "3-1"], "start after end"),
+    ] {
+        let out = controller(&args);
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(text(&out.stderr).contains(needle), "{args:?}: {}", text(&out.stderr));
+    }
+
+    let dir = std::env::temp_dir().join(format!("vcpu-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "pcpus = 2\n[[domain]]\nname = \"a\"\nload = 150\n").unwrap();
+    let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("line 4"), "{}", text(&out.stderr));
+    let out = Command::new(AGENT).args(["--backend", "sim", "--scenario", "no-such"]).output().unwrap();
+    assert!(text(&out.stderr).contains("not a built-in scenario"), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A pin to a host that is down fails with a non-zero exit and says so.
+#[test]
+fn pin_to_a_down_host_fails() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    let out = controller(&["pin", "--host", &addr, "--domain", "x", "--vcpu", "0", "--pcpu", "0", "--rpc-timeout", "1s"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("Unavailable"), "{}", text(&out.stderr));
+}
+
+/// Without the libvirt feature the agent refuses `--backend libvirt` and says how to rebuild.
+#[cfg(not(feature = "libvirt"))]
+#[test]
+fn agent_without_libvirt_says_how_to_rebuild() {
+    let out = Command::new(AGENT).args(["--backend", "libvirt", "--listen", "127.0.0.1:0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--features libvirt"), "{}", text(&out.stderr));
+}
