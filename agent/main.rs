@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use vcpu_balancer::hypervisor::sim::{scenario, MonotonicClock, Scenario, SimHypervisor};
 use vcpu_balancer::telemetry::{self, LogFormat};
@@ -77,7 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 vcpu_balancer::agent::serve(hv, listener, vcpu_balancer::shutdown::signal()).await?;
             }
             #[cfg(not(feature = "libvirt"))]
-            bail!(
+            anyhow::bail!(
                 "this vcpu-agent was built without libvirt support, so --backend libvirt (uri {}) is unavailable; \
                  rebuild with `cargo build --release --features libvirt` (needs libvirt-dev and pkg-config)",
                 cli.uri

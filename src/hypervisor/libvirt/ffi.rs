@@ -1,0 +1,249 @@
+//! Safe wrappers over the few libvirt calls that the `virt` 0.5 crate does not wrap, plus a connection owner that
+//! never panics when it closes.
+//!
+//! This is the only module of the crate allowed to use `unsafe`. Every unsafe block states why it is sound; every
+//! buffer libvirt fills is allocated here with the size the API documents, and everything libvirt allocates is
+//! freed here.
+//!
+//! The cpumap helpers follow libvirt's layout: bit `n % 8` of byte `n / 8` is CPU `n`, and a map for `ncpus` CPUs is
+//! `VIR_CPU_MAPLEN(ncpus) = (ncpus + 7) / 8` bytes long.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_int, c_uchar, c_uint};
+use std::mem::ManuallyDrop;
+use std::ops::Deref;
+use std::ptr;
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::Error as VirtError;
+use virt::sys;
+
+use crate::model::PcpuId;
+
+/// Bytes of a cpumap covering `ncpus` CPUs (libvirt's `VIR_CPU_MAPLEN`).
+pub fn cpumap_len(ncpus: u32) -> usize {
+    (ncpus as usize).div_ceil(8)
+}
+
+/// Encodes a set of CPUs as a cpumap of exactly `maplen` bytes. CPUs that do not fit are ignored: callers size the
+/// map from the host's CPU count and validate the CPUs first.
+pub fn encode_cpumap(cpus: &[PcpuId], maplen: usize) -> Vec<u8> {
+    let mut map = vec![0u8; maplen];
+    for &cpu in cpus {
+        let byte = cpu as usize / 8;
+        if let Some(b) = map.get_mut(byte) {
+            *b |= 1 << (cpu % 8);
+        }
+    }
+    map
+}
+
+/// Decodes a cpumap into the sorted list of CPUs it contains, keeping only CPUs below `ncpus` (drivers may report
+/// bits for CPUs the host map does not have, e.g. the test driver's 16-CPU node info vs. its 8-CPU map).
+pub fn decode_cpumap(map: &[u8], ncpus: u32) -> Vec<PcpuId> {
+    let mut cpus = Vec::new();
+    for (i, &byte) in map.iter().enumerate() {
+        for bit in 0..8u32 {
+            if byte & (1 << bit) == 0 {
+                continue;
+            }
+            let Ok(cpu) = PcpuId::try_from(i * 8 + bit as usize) else { return cpus };
+            if cpu >= ncpus {
+                return cpus;
+            }
+            cpus.push(cpu);
+        }
+    }
+    cpus
+}
+
+/// A connection owned by the agent. It derefs to [`Connect`] for the wrapped calls, and closes its reference without
+/// ever panicking: `virt`'s own `Drop` panics if `virConnectClose` fails, and the agent must survive whatever state
+/// a dead daemon leaves the connection in.
+#[derive(Debug)]
+pub struct OwnedConnect {
+    // ManuallyDrop: `virt`'s panicking Drop never runs; `Drop for OwnedConnect` releases the reference instead.
+    inner: ManuallyDrop<Connect>,
+}
+
+impl OwnedConnect {
+    /// Opens a read-write connection to `uri` (`virConnectOpen`).
+    pub fn open(uri: &str) -> Result<OwnedConnect, VirtError> {
+        Connect::open(Some(uri)).map(|c| OwnedConnect { inner: ManuallyDrop::new(c) })
+    }
+}
+
+impl Deref for OwnedConnect {
+    type Target = Connect;
+
+    fn deref(&self) -> &Connect {
+        &self.inner
+    }
+}
+
+impl Drop for OwnedConnect {
+    fn drop(&mut self) {
+        // SAFETY: `inner` holds exactly the one reference `virConnectOpen` returned, so `as_ptr()` is valid until that
+        // reference is released here. `inner` is never dropped (ManuallyDrop), so the reference is released exactly
+        // once, and `self` is not used after this. Domains keep their own references to the connection in C.
+        let rc = unsafe { sys::virConnectClose(self.inner.as_ptr()) };
+        if rc < 0 {
+            // Only an invalid pointer makes virConnectClose fail; leaking is the only safe answer then.
+            tracing::warn!(error = %VirtError::last_error(), "closing the libvirt connection failed");
+        }
+    }
+}
+
+/// Upper bound on the vCPUs read per domain (QEMU's limit is 4096 on x86).
+const MAX_VCPUS: u32 = 16_384;
+/// Upper bound on host CPUs in a cpumap (libvirt's own bitmap limit is lower).
+const MAX_PCPUS: u32 = 1 << 20;
+
+/// The host's CPUs as `virNodeGetCPUMap` reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCpuMap {
+    /// Valid pCPU ids are `0..npcpus` (online or not).
+    pub npcpus: u32,
+    /// Online pCPUs, sorted.
+    pub online: Vec<PcpuId>,
+}
+
+/// Frees a buffer libvirt allocated for the caller, also if decoding it unwinds.
+struct LibvirtBuf(*mut c_uchar);
+
+impl Drop for LibvirtBuf {
+    fn drop(&mut self) {
+        // SAFETY: the pointer is null or was allocated by libvirt with malloc for the caller to free with free();
+        // it is freed only here, once. free(NULL) is a no-op.
+        unsafe { libc::free(self.0.cast()) };
+    }
+}
+
+/// The host's pCPU count and online pCPUs (`virNodeGetCPUMap`), which stay right with offline or sparse CPUs where
+/// the `virNodeGetInfo` topology product does not.
+pub fn node_cpu_map(conn: &Connect) -> Result<NodeCpuMap, VirtError> {
+    let mut map: *mut c_uchar = ptr::null_mut();
+    let mut online: c_uint = 0;
+    // SAFETY: `conn.as_ptr()` does not take a reference, but `conn` holds one for the whole call, so the pointer is
+    // valid; `map` and `online` are valid out-pointers; flags must be 0.
+    let n = unsafe { sys::virNodeGetCPUMap(conn.as_ptr(), &mut map, &mut online, 0) };
+    let buf = LibvirtBuf(map);
+    if n < 0 {
+        return Err(VirtError::last_error());
+    }
+    let npcpus = n.unsigned_abs();
+    let online_cpus = if buf.0.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: on success libvirt returns a map of VIR_CPU_MAPLEN(n) bytes for n CPUs; it stays allocated until
+        // `buf` is dropped below, after the slice's last use.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.0, cpumap_len(npcpus)) };
+        decode_cpumap(bytes, npcpus)
+    };
+    drop(buf);
+    if online_cpus.len() != online as usize {
+        tracing::debug!(npcpus, online, decoded = online_cpus.len(), "online pCPU count differs from the online map");
+    }
+    Ok(NodeCpuMap { npcpus, online: online_cpus })
+}
+
+/// One vCPU as `virDomainGetVcpus` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcpuInfo {
+    /// The vCPU's index in the domain (may be sparse with vCPU hot-unplug).
+    pub number: u32,
+    /// Cumulative run time in ns.
+    pub cpu_time_ns: u64,
+    /// The host CPU it runs on now; negative when libvirt does not know (`VIR_VCPU_INFO_CPU_OFFLINE`/`UNAVAILABLE`).
+    pub cpu: i32,
+    /// The pCPUs it may run on, below the `npcpus` given, sorted.
+    pub affinity: Vec<PcpuId>,
+}
+
+/// Current pCPU, run time and affinity of up to `maxinfo` online vCPUs of an active domain (`virDomainGetVcpus`).
+/// Affinity maps are requested for `npcpus` host CPUs.
+pub fn domain_vcpus(dom: &Domain, maxinfo: u32, npcpus: u32) -> Result<Vec<VcpuInfo>, VirtError> {
+    if maxinfo == 0 {
+        return Ok(Vec::new());
+    }
+    // Clamped so both sizes fit libvirt's `int` arguments; real hosts and domains are far below these limits.
+    let maxinfo = maxinfo.min(MAX_VCPUS);
+    let npcpus = npcpus.min(MAX_PCPUS);
+    let count = maxinfo as usize;
+    let maplen = cpumap_len(npcpus).max(1);
+    let empty = sys::virVcpuInfo { number: 0, state: 0, cpuTime: 0, cpu: 0 };
+    let mut info = vec![empty; count];
+    let mut maps = vec![0u8; count * maplen];
+    // SAFETY: `dom.as_ptr()` does not take a reference, but `dom` holds one for the whole call, so the pointer is
+    // valid; `info` has room for `maxinfo` entries and `maps` for `maxinfo` maps of `maplen` bytes, exactly the sizes
+    // passed, so libvirt writes only inside them.
+    let n = unsafe {
+        sys::virDomainGetVcpus(dom.as_ptr(), info.as_mut_ptr(), maxinfo as c_int, maps.as_mut_ptr(), maplen as c_int)
+    };
+    if n < 0 {
+        return Err(VirtError::last_error());
+    }
+    let n = (n.unsigned_abs() as usize).min(count);
+    Ok(info
+        .iter()
+        .zip(maps.chunks_exact(maplen))
+        .take(n)
+        .map(|(vi, map)| VcpuInfo {
+            number: vi.number,
+            cpu_time_ns: vi.cpuTime,
+            cpu: vi.cpu,
+            affinity: decode_cpumap(map, npcpus),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maplen_rounds_up_to_bytes() {
+        assert_eq!(cpumap_len(0), 0);
+        assert_eq!(cpumap_len(1), 1);
+        assert_eq!(cpumap_len(8), 1);
+        assert_eq!(cpumap_len(9), 2);
+        assert_eq!(cpumap_len(16), 2);
+        assert_eq!(cpumap_len(17), 3);
+    }
+
+    #[test]
+    fn encode_sets_bit_n_of_byte_n_div_8() {
+        assert_eq!(encode_cpumap(&[0], 1), vec![0b0000_0001]);
+        assert_eq!(encode_cpumap(&[2, 4], 1), vec![0b0001_0100]);
+        assert_eq!(encode_cpumap(&[8], 2), vec![0, 0b0000_0001]);
+        assert_eq!(encode_cpumap(&[15, 0], 2), vec![0b0000_0001, 0b1000_0000]);
+        assert_eq!(encode_cpumap(&[3], 3), vec![0b0000_1000, 0, 0]);
+    }
+
+    #[test]
+    fn encode_ignores_cpus_beyond_the_map() {
+        assert_eq!(encode_cpumap(&[1, 9], 1), vec![0b0000_0010]);
+    }
+
+    #[test]
+    fn decode_lists_set_bits_below_ncpus() {
+        assert_eq!(decode_cpumap(&[0x15], 8), vec![0, 2, 4]);
+        assert_eq!(decode_cpumap(&[0xff, 0xff], 16), (0..16).collect::<Vec<_>>());
+        // A 16-CPU map read for an 8-CPU host keeps the first 8.
+        assert_eq!(decode_cpumap(&[0xff, 0xff], 8), (0..8).collect::<Vec<_>>());
+        assert_eq!(decode_cpumap(&[0x80, 0x01], 9), vec![7, 8]);
+        assert_eq!(decode_cpumap(&[0x80, 0x01], 5), Vec::<u32>::new());
+        assert!(decode_cpumap(&[], 8).is_empty());
+    }
+
+    #[test]
+    fn encode_then_decode_round_trips() {
+        for ncpus in [1u32, 7, 8, 9, 64, 130] {
+            let cpus: Vec<u32> = (0..ncpus).filter(|c| c % 3 != 1).collect();
+            let map = encode_cpumap(&cpus, cpumap_len(ncpus));
+            assert_eq!(map.len(), cpumap_len(ncpus));
+            assert_eq!(decode_cpumap(&map, ncpus), cpus);
+        }
+    }
+}

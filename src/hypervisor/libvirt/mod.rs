@@ -1,0 +1,681 @@
+//! The production backend: a [`Hypervisor`] over libvirt (QEMU/KVM in production, `test:///default` in tests).
+//!
+//! libvirt calls block, so every call runs on tokio's blocking pool, never on the async runtime. Per-domain reads of
+//! a stats sample are spread over a few blocking tasks: a libvirt connection is thread-safe.
+//!
+//! The connection is opened lazily and cached. A call finds it dead (`virConnectIsAlive`) or fails with a
+//! connection-class error: the cache is dropped and the next call opens a new one, so the agent outlives a libvirtd
+//! restart without being restarted itself. Until libvirt answers again every call returns
+//! [`AgentError::Unavailable`]. A process-wide libvirt event loop runs on its own thread so that remote connections
+//! get keepalive and notice a dead daemon by themselves.
+//!
+//! Pins are applied live (`VIR_DOMAIN_AFFECT_LIVE`, plus `CONFIG` when asked to persist and the domain is
+//! persistent). Drivers that only accept `flags = 0` (the test driver) fall back to `virDomainPinVcpu`.
+
+mod ffi;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::{Error as VirtError, ErrorDomain, ErrorNumber};
+use virt::sys;
+
+use self::ffi::{NodeCpuMap, OwnedConnect};
+use crate::error::{AgentError, ErrorKind};
+use crate::hypervisor::{batch_verdict, validate_pin, Hypervisor, PinResults};
+use crate::model::{
+    format_cpu_list, DomainPlacement, DomainStats, DomainSummary, HostInfo, HostStats, PcpuId, PinRequest,
+    VcpuPlacement, VcpuStats,
+};
+
+/// Keepalive for remote connections: a daemon that stops answering is declared dead after about
+/// `INTERVAL * (COUNT + 1)` seconds instead of blocking calls forever.
+const KEEPALIVE_INTERVAL_S: i32 = 5;
+const KEEPALIVE_COUNT: u32 = 3;
+
+/// At most this many blocking tasks read domains in parallel for one sample: enough to overlap RPC round trips, and
+/// below libvirtd's default `max_client_requests` (5 concurrent calls per client), so reads do not queue in the
+/// daemon.
+const MAX_PARALLEL_READS: usize = 4;
+
+/// A [`Hypervisor`] backed by libvirt.
+///
+/// Cloning is cheap and clones share the connection.
+#[derive(Debug, Clone)]
+pub struct LibvirtHypervisor {
+    inner: Arc<Inner>,
+}
+
+impl LibvirtHypervisor {
+    /// A backend for the libvirt URI `uri` (e.g. `qemu:///system`). It does not connect yet and never fails: the
+    /// first call connects, and calls return [`AgentError::Unavailable`] while libvirt cannot be reached.
+    pub fn new(uri: &str) -> LibvirtHypervisor {
+        init_process_state();
+        LibvirtHypervisor {
+            inner: Arc::new(Inner { uri: uri.to_string(), conn: Mutex::new(None), down: AtomicBool::new(false) }),
+        }
+    }
+
+    /// The URI this backend connects to.
+    pub fn uri(&self) -> &str {
+        &self.inner.uri
+    }
+
+    /// Runs `f` on the calling thread with this backend's connection, opening it if needed. This blocks: call it
+    /// from a blocking context. It is meant for tools and tests that need calls the trait does not offer (e.g.
+    /// defining a domain on a `test:///default` connection, whose state lives as long as the connection).
+    pub fn with_connect<R>(&self, f: impl FnOnce(&Connect) -> R) -> Result<R, AgentError> {
+        let conn = self.inner.connection()?;
+        Ok(f(&conn))
+    }
+
+    /// Runs `f` on the blocking pool with the shared state.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, AgentError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, AgentError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(join_error)?
+    }
+}
+
+#[async_trait]
+impl Hypervisor for LibvirtHypervisor {
+    async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        self.blocking(Inner::host_info).await
+    }
+
+    async fn list_domains(&self) -> Result<Vec<DomainSummary>, AgentError> {
+        self.blocking(Inner::list_domains).await
+    }
+
+    async fn stats(&self) -> Result<HostStats, AgentError> {
+        let (conn, node, domains) = self.blocking(Inner::running_domains).await?;
+        let listed_ns = monotonic_ns();
+        let nchunks = domains.len().clamp(1, MAX_PARALLEL_READS);
+        let mut chunks: Vec<Vec<Domain>> = (0..nchunks).map(|_| Vec::new()).collect();
+        for (i, dom) in domains.into_iter().enumerate() {
+            chunks[i % nchunks].push(dom);
+        }
+        let tasks = chunks.into_iter().map(|chunk| {
+            let inner = Arc::clone(&self.inner);
+            let conn = Arc::clone(&conn);
+            let node = node.clone();
+            tokio::task::spawn_blocking(move || {
+                let read: Vec<_> = chunk.iter().map(|dom| inner.domain_stats(&conn, dom, &node)).collect();
+                // The sample instant is when the vCPU times were read, not when the async side gets to run.
+                (read, monotonic_ns())
+            })
+        });
+        let mut sample_time_ns = listed_ns;
+        let mut out = Vec::new();
+        for joined in futures::future::join_all(tasks).await {
+            let (read, read_ns) = joined.map_err(join_error)?;
+            sample_time_ns = sample_time_ns.max(read_ns);
+            for r in read {
+                if let Some(d) = keep_or_skip(r)? {
+                    out.push(d);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(HostStats {
+            sample_time_ns,
+            npcpus: node.npcpus,
+            online_pcpus: node.online,
+            agent_instance: String::new(),
+            domains: out,
+        })
+    }
+
+    async fn placement(&self, domain: &str) -> Result<DomainPlacement, AgentError> {
+        let key = domain.to_string();
+        self.blocking(move |inner| inner.placement(&key)).await
+    }
+
+    async fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError> {
+        if pins.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pins = pins.to_vec();
+        self.blocking(move |inner| inner.apply_pins(&pins)).await
+    }
+}
+
+/// State shared by all clones and all blocking tasks.
+#[derive(Debug)]
+struct Inner {
+    uri: String,
+    /// The cached connection. Tasks hold their own `Arc`, so dropping the cache never closes a connection under a
+    /// running call.
+    conn: Mutex<Option<Arc<OwnedConnect>>>,
+    /// Whether the last connection attempt failed: only changes are logged at warn, so a dead daemon does not flood
+    /// the log with one warning per round.
+    down: AtomicBool,
+}
+
+/// A domain resolved for pinning.
+struct PinTarget {
+    dom: Domain,
+    nvcpus: u32,
+}
+
+impl Inner {
+    /// The live cached connection, or a new one.
+    fn connection(&self) -> Result<Arc<OwnedConnect>, AgentError> {
+        let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(conn) = slot.as_ref() {
+            if conn.is_alive().unwrap_or(false) {
+                return Ok(Arc::clone(conn));
+            }
+            tracing::warn!(uri = %self.uri, "libvirt connection is dead; reconnecting");
+            *slot = None;
+        }
+        match OwnedConnect::open(&self.uri) {
+            Ok(conn) => {
+                // Keepalive is a remote-driver feature; local drivers (test:///) refuse it, which is harmless.
+                if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
+                    tracing::debug!(uri = %self.uri, error = %e, "libvirt keepalive not enabled");
+                }
+                self.down.store(false, Ordering::Relaxed);
+                tracing::info!(uri = %self.uri, "connected to libvirt");
+                let conn = Arc::new(conn);
+                *slot = Some(Arc::clone(&conn));
+                Ok(conn)
+            }
+            Err(e) => {
+                if self.down.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(uri = %self.uri, error = %e, "libvirt still unreachable");
+                } else {
+                    tracing::warn!(uri = %self.uri, error = %e, "cannot connect to libvirt");
+                }
+                Err(AgentError::Unavailable(format!("cannot connect to libvirt at {}: {}", self.uri, e.message())))
+            }
+        }
+    }
+
+    /// Forgets `conn` if it is still the cached one, so the next call reconnects.
+    fn invalidate(&self, conn: &Arc<OwnedConnect>) {
+        let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.as_ref().is_some_and(|cached| Arc::ptr_eq(cached, conn)) {
+            *slot = None;
+        }
+    }
+
+    /// Maps a failed libvirt call to the agent's error. Connection failures also drop the cached connection.
+    fn fail(&self, conn: &Arc<OwnedConnect>, dom: Option<&Domain>, call: Call<'_>, e: VirtError) -> AgentError {
+        // Asking after the failure also catches connection losses reported with unusual codes.
+        if is_connection_error(&e) || !conn.is_alive().unwrap_or(false) {
+            self.invalidate(conn);
+            tracing::warn!(uri = %self.uri, call = call.name, error = %e, "libvirt connection failed; will reconnect");
+            return AgentError::Unavailable(format!("{call}: {e}"));
+        }
+        if let Some(domain) = call.domain {
+            match e.code().known() {
+                Some(ErrorNumber::NoDomain) => return AgentError::DomainNotFound { domain: domain.to_string() },
+                // OPERATION_INVALID also covers other refusals: only an inactive domain means "not running".
+                Some(ErrorNumber::OperationInvalid) => {
+                    if let Some(dom) = dom {
+                        if dom.is_active().ok() == Some(false) {
+                            return AgentError::DomainNotRunning { domain: domain.to_string(), state: state_of(dom) };
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        AgentError::Internal(format!("{call}: {e}"))
+    }
+
+    fn host_info(&self) -> Result<HostInfo, AgentError> {
+        let conn = self.connection()?;
+        let host = |name| Call { name, domain: None, vcpu: None };
+        let hostname = conn.hostname().map_err(|e| self.fail(&conn, None, host("virConnectGetHostname"), e))?;
+        let driver = conn.driver_type().map_err(|e| self.fail(&conn, None, host("virConnectGetType"), e))?;
+        let hv = conn.hyp_version().map_err(|e| self.fail(&conn, None, host("virConnectGetVersion"), e))?;
+        let lib = conn.lib_version().map_err(|e| self.fail(&conn, None, host("virConnectGetLibVersion"), e))?;
+        let node = ffi::node_cpu_map(&conn).map_err(|e| self.fail(&conn, None, host("virNodeGetCPUMap"), e))?;
+        Ok(HostInfo {
+            hostname,
+            backend: "libvirt".to_string(),
+            hypervisor_version: format!("{driver} {}", format_version(hv)),
+            library_version: format!("libvirt {}", format_version(lib)),
+            npcpus: node.npcpus,
+            online_pcpus: node.online,
+            agent_version: crate::VERSION.to_string(),
+        })
+    }
+
+    /// The connection, the host's pCPUs and the active, running domains.
+    fn running_domains(&self) -> Result<(Arc<OwnedConnect>, NodeCpuMap, Vec<Domain>), AgentError> {
+        let conn = self.connection()?;
+        let host = |name| Call { name, domain: None, vcpu: None };
+        let node = ffi::node_cpu_map(&conn).map_err(|e| self.fail(&conn, None, host("virNodeGetCPUMap"), e))?;
+        let flags = sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE | sys::VIR_CONNECT_LIST_DOMAINS_RUNNING;
+        let domains =
+            conn.list_all_domains(flags).map_err(|e| self.fail(&conn, None, host("virConnectListAllDomains"), e))?;
+        Ok((conn, node, domains))
+    }
+
+    fn list_domains(&self) -> Result<Vec<DomainSummary>, AgentError> {
+        let (conn, _, domains) = self.running_domains()?;
+        let mut out = Vec::with_capacity(domains.len());
+        for dom in &domains {
+            if let Some(s) = keep_or_skip(self.domain_summary(&conn, dom))? {
+                out.push(s);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn domain_summary(&self, conn: &Arc<OwnedConnect>, dom: &Domain) -> Result<DomainSummary, AgentError> {
+        let (name, uuid) = self.identity(conn, dom)?;
+        let call = |c| Call { name: c, domain: Some(&name), vcpu: None };
+        let Some(id) = dom.id() else { return Err(not_running(&name, dom)) };
+        let info = dom.info().map_err(|e| self.fail(conn, Some(dom), call("virDomainGetInfo"), e))?;
+        let state = state_name(info.state.known());
+        Ok(DomainSummary { name, uuid, id, vcpus: info.nr_virt_cpu, state })
+    }
+
+    /// Name and UUID string of a domain handle.
+    fn identity(&self, conn: &Arc<OwnedConnect>, dom: &Domain) -> Result<(String, String), AgentError> {
+        let call = |c| Call { name: c, domain: None, vcpu: None };
+        let name = dom.name().map_err(|e| self.fail(conn, Some(dom), call("virDomainGetName"), e))?;
+        let uuid = dom.uuid_string().map_err(|e| {
+            self.fail(conn, Some(dom), Call { name: "virDomainGetUUIDString", domain: Some(&name), vcpu: None }, e)
+        })?;
+        Ok((name, uuid))
+    }
+
+    /// One domain of a stats sample.
+    fn domain_stats(
+        &self,
+        conn: &Arc<OwnedConnect>,
+        dom: &Domain,
+        node: &NodeCpuMap,
+    ) -> Result<DomainStats, AgentError> {
+        let (name, uuid) = self.identity(conn, dom)?;
+        let call = |c| Call { name: c, domain: Some(&name), vcpu: None };
+        let Some(id) = dom.id() else { return Err(not_running(&name, dom)) };
+        let info = dom.info().map_err(|e| self.fail(conn, Some(dom), call("virDomainGetInfo"), e))?;
+        let cpu_time_ns = match dom.cpu_stats(-1, 1, 0) {
+            Ok(totals) => totals.first().and_then(|t| t.cpu_time).unwrap_or(info.cpu_time),
+            // Drivers without per-domain CPU accounting still report the total in virDomainGetInfo.
+            Err(e) if is_unsupported(&e) => {
+                tracing::debug!(domain = %name, error = %e, "virDomainGetCPUStats unsupported; using virDomainGetInfo");
+                info.cpu_time
+            }
+            Err(e) => return Err(self.fail(conn, Some(dom), call("virDomainGetCPUStats"), e)),
+        };
+        let vcpus = ffi::domain_vcpus(dom, info.nr_virt_cpu, node.npcpus)
+            .map_err(|e| self.fail(conn, Some(dom), call("virDomainGetVcpus"), e))?
+            .into_iter()
+            .map(|v| VcpuStats {
+                index: v.number,
+                time_ns: v.cpu_time_ns,
+                pcpu: current_pcpu(&name, &v, node.npcpus),
+                affinity: v.affinity,
+            })
+            .collect();
+        Ok(DomainStats { uuid, name, id, cpu_time_ns, vcpus })
+    }
+
+    fn placement(&self, key: &str) -> Result<DomainPlacement, AgentError> {
+        check_domain_key(key)?;
+        let conn = self.connection()?;
+        let call = |c| Call { name: c, domain: Some(key), vcpu: None };
+        let dom = lookup(&conn, key).map_err(|e| self.fail(&conn, None, call("virDomainLookup"), e))?;
+        let (name, uuid) = self.identity(&conn, &dom)?;
+        if !dom.is_active().map_err(|e| self.fail(&conn, Some(&dom), call("virDomainIsActive"), e))? {
+            return Err(not_running(key, &dom));
+        }
+        let info = dom.info().map_err(|e| self.fail(&conn, Some(&dom), call("virDomainGetInfo"), e))?;
+        let node = ffi::node_cpu_map(&conn).map_err(|e| self.fail(&conn, None, call("virNodeGetCPUMap"), e))?;
+        let mut vcpus: Vec<VcpuPlacement> = ffi::domain_vcpus(&dom, info.nr_virt_cpu, node.npcpus)
+            .map_err(|e| self.fail(&conn, Some(&dom), call("virDomainGetVcpus"), e))?
+            .into_iter()
+            .map(|v| VcpuPlacement {
+                index: v.number,
+                pcpu: current_pcpu(&name, &v, node.npcpus),
+                affinity: v.affinity,
+            })
+            .collect();
+        vcpus.sort_by_key(|v| v.index);
+        Ok(DomainPlacement { name, uuid, vcpus })
+    }
+
+    /// Looks a pin's domain up and checks that it runs.
+    fn resolve(&self, conn: &Arc<OwnedConnect>, key: &str) -> Result<PinTarget, AgentError> {
+        check_domain_key(key)?;
+        let call = |c| Call { name: c, domain: Some(key), vcpu: None };
+        let dom = lookup(conn, key).map_err(|e| self.fail(conn, None, call("virDomainLookup"), e))?;
+        if !dom.is_active().map_err(|e| self.fail(conn, Some(&dom), call("virDomainIsActive"), e))? {
+            return Err(not_running(key, &dom));
+        }
+        let info = dom.info().map_err(|e| self.fail(conn, Some(&dom), call("virDomainGetInfo"), e))?;
+        Ok(PinTarget { dom, nvcpus: info.nr_virt_cpu })
+    }
+
+    fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError> {
+        let conn = self.connection()?;
+        let node = ffi::node_cpu_map(&conn)
+            .map_err(|e| self.fail(&conn, None, Call { name: "virNodeGetCPUMap", domain: None, vcpu: None }, e))?;
+
+        // Validate the whole batch before touching anything; each domain is looked up once.
+        let mut targets: HashMap<&str, Result<PinTarget, AgentError>> = HashMap::new();
+        for pin in pins {
+            if !targets.contains_key(pin.domain.as_str()) {
+                let target = self.resolve(&conn, &pin.domain);
+                if let Err(e) = &target {
+                    // Without libvirt nothing can be validated, let alone applied.
+                    if e.kind() == ErrorKind::Unavailable {
+                        return Err(e.clone());
+                    }
+                }
+                targets.insert(pin.domain.as_str(), target);
+            }
+        }
+        let checks: Vec<Result<(), AgentError>> = pins
+            .iter()
+            .map(|pin| match &targets[pin.domain.as_str()] {
+                Ok(t) => validate_pin(pin, &pin.domain, t.nvcpus, node.npcpus, &node.online),
+                Err(e) => Err(e.clone()),
+            })
+            .collect();
+        batch_verdict(&checks)?;
+
+        let maplen = ffi::cpumap_len(node.npcpus);
+        let mut lost: Option<AgentError> = None;
+        let mut results = Vec::with_capacity(pins.len());
+        for (pin, check) in pins.iter().zip(checks) {
+            let result = match (check, &targets[pin.domain.as_str()], &lost) {
+                (Err(e), _, _) => Err(e),
+                // The connection died mid-batch: the rest is reported, not attempted on a dead connection.
+                (Ok(()), _, Some(e)) => Err(e.clone()),
+                (Ok(()), Ok(target), None) => self.pin(&conn, target, pin, maplen),
+                // Unreachable (a failed lookup fails the check) but kept total.
+                (Ok(()), Err(e), None) => Err(e.clone()),
+            };
+            if let Err(e) = &result {
+                if e.kind() == ErrorKind::Unavailable {
+                    lost.get_or_insert_with(|| e.clone());
+                }
+            }
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    /// Applies one validated pin.
+    fn pin(
+        &self,
+        conn: &Arc<OwnedConnect>,
+        target: &PinTarget,
+        pin: &PinRequest,
+        maplen: usize,
+    ) -> Result<(), AgentError> {
+        let dom = &target.dom;
+        let call = |c| Call { name: c, domain: Some(&pin.domain), vcpu: Some(pin.vcpu) };
+        let map = ffi::encode_cpumap(&pin.pcpus, maplen);
+        // CONFIG on a transient domain is an error; persisting only makes sense for a persistent one.
+        let persist = pin.persist
+            && dom.is_persistent().map_err(|e| self.fail(conn, Some(dom), call("virDomainIsPersistent"), e))?;
+        let flags = sys::VIR_DOMAIN_AFFECT_LIVE | if persist { sys::VIR_DOMAIN_AFFECT_CONFIG } else { 0 };
+        let pcpus = format_cpu_list(&pin.pcpus);
+        match dom.pin_vcpu_flags(pin.vcpu, &map, flags) {
+            Ok(()) => {}
+            Err(e) if flags_unsupported(&e) => {
+                // Some drivers (test:///default) accept only flags = 0, which pins the running domain: same effect
+                // as LIVE, but the pin cannot be persisted.
+                if persist {
+                    tracing::warn!(domain = %pin.domain, vcpu = pin.vcpu, "driver pins live only; pin not persisted");
+                }
+                tracing::debug!(domain = %pin.domain, vcpu = pin.vcpu, error = %e, "falling back to virDomainPinVcpu");
+                dom.pin_vcpu(pin.vcpu, &map).map_err(|e| self.fail(conn, Some(dom), call("virDomainPinVcpu"), e))?;
+            }
+            Err(e) => return Err(self.fail(conn, Some(dom), call("virDomainPinVcpuFlags"), e)),
+        }
+        tracing::info!(domain = %pin.domain, vcpu = pin.vcpu, pcpus = %pcpus, persist, "pinned vCPU");
+        Ok(())
+    }
+}
+
+/// What a failed call was: names it in errors and logs.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    name: &'static str,
+    domain: Option<&'a str>,
+    vcpu: Option<u32>,
+}
+
+impl fmt::Display for Call<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)?;
+        match (self.domain, self.vcpu) {
+            (Some(d), Some(v)) => write!(f, " (domain {d:?}, vCPU {v})"),
+            (Some(d), None) => write!(f, " (domain {d:?})"),
+            (None, Some(v)) => write!(f, " (vCPU {v})"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+/// Whether `e` means the connection to libvirt is gone (rather than the request being wrong).
+fn is_connection_error(e: &VirtError) -> bool {
+    let transport = matches!(e.domain().known(), Some(ErrorDomain::Rpc | ErrorDomain::Remote));
+    match e.code().known() {
+        Some(ErrorNumber::NoConnect | ErrorNumber::InvalidConn | ErrorNumber::Rpc) => true,
+        // "client socket is closed", "End of file while reading data", "Cannot write data: Broken pipe", keepalive
+        // timeouts: system or internal errors raised by the RPC layer. The same codes from a driver (e.g. a cgroup
+        // write failing) are not connection errors.
+        Some(ErrorNumber::SystemError | ErrorNumber::InternalError | ErrorNumber::OperationTimeout) => transport,
+        _ => false,
+    }
+}
+
+/// Whether `e` is a driver refusing the flags argument (`virCheckFlags`) or the call itself.
+fn flags_unsupported(e: &VirtError) -> bool {
+    match e.code().known() {
+        // virCheckFlags reports VIR_ERR_INVALID_ARG "unsupported flags (0x..) in function ...".
+        Some(ErrorNumber::InvalidArg) => e.message().contains("unsupported flags"),
+        Some(ErrorNumber::NoSupport) => true,
+        _ => false,
+    }
+}
+
+/// Whether `e` says the driver does not implement a call.
+fn is_unsupported(e: &VirtError) -> bool {
+    matches!(
+        e.code().known(),
+        Some(ErrorNumber::NoSupport | ErrorNumber::OperationUnsupported | ErrorNumber::ArgumentUnsupported)
+    )
+}
+
+/// Sorts a per-domain read into kept, skipped (the domain went away or stopped between listing and reading, or one
+/// domain failed: the rest of the host still gets balanced) or fatal (libvirt unreachable).
+fn keep_or_skip<T>(r: Result<T, AgentError>) -> Result<Option<T>, AgentError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => match e.kind() {
+            ErrorKind::Unavailable => Err(e),
+            ErrorKind::NotFound | ErrorKind::FailedPrecondition => {
+                tracing::debug!(error = %e, "domain went away while being read; skipped");
+                Ok(None)
+            }
+            _ => {
+                tracing::warn!(error = %e, "cannot read domain; skipped from this sample");
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// Refuses domain keys libvirt cannot take (it needs C strings).
+fn check_domain_key(key: &str) -> Result<(), AgentError> {
+    if key.contains('\0') {
+        return Err(AgentError::InvalidArgument(format!("domain {key:?} contains a NUL byte")));
+    }
+    Ok(())
+}
+
+/// Finds a domain by UUID (when `key` looks like one) or by name.
+fn lookup(conn: &Connect, key: &str) -> Result<Domain, VirtError> {
+    if looks_like_uuid(key) {
+        match conn.lookup_domain_by_uuid_string(key) {
+            // A domain may be named like a UUID.
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => {}
+            found => return found,
+        }
+    }
+    conn.lookup_domain_by_name(key)
+}
+
+/// 32 hex digits, optionally with dashes (libvirt also accepts the dashless form).
+fn looks_like_uuid(s: &str) -> bool {
+    let mut digits = 0;
+    for c in s.chars() {
+        match c {
+            '-' => {}
+            c if c.is_ascii_hexdigit() => digits += 1,
+            _ => return false,
+        }
+    }
+    digits == 32
+}
+
+fn not_running(domain: &str, dom: &Domain) -> AgentError {
+    AgentError::DomainNotRunning { domain: domain.to_string(), state: state_of(dom) }
+}
+
+/// The state of a domain as virsh names it, `unknown` if it cannot be read.
+fn state_of(dom: &Domain) -> String {
+    // virt's `state()` does not report failures: a failed read comes back as an unknown raw state.
+    match dom.state() {
+        Ok((state, _)) => state_name(state.known()),
+        Err(_) => state_name(None),
+    }
+}
+
+fn state_name(state: Option<virt::domain::DomainState>) -> String {
+    use virt::domain::DomainState as S;
+    match state {
+        Some(S::NoState) => "no state",
+        Some(S::Running) => "running",
+        Some(S::Blocked) => "idle",
+        Some(S::Paused) => "paused",
+        Some(S::Shutdown) => "in shutdown",
+        Some(S::Shutoff) => "shut off",
+        Some(S::Crashed) => "crashed",
+        Some(S::PMSuspended) => "pmsuspended",
+        None => "unknown",
+    }
+    .to_string()
+}
+
+/// The pCPU a vCPU runs on, kept inside `0..npcpus`. libvirt may report a negative CPU (offline or unknown) or, on the
+/// test driver, the last CPU of a 16-CPU node map on an 8-CPU host; then the lowest pCPU it may run on stands in.
+fn current_pcpu(domain: &str, v: &ffi::VcpuInfo, npcpus: u32) -> PcpuId {
+    match u32::try_from(v.cpu) {
+        Ok(cpu) if cpu < npcpus => cpu,
+        _ => {
+            let stand_in = v.affinity.first().copied().unwrap_or(0);
+            tracing::debug!(domain, vcpu = v.number, reported = v.cpu, pcpu = stand_in, "current pCPU out of range");
+            stand_in
+        }
+    }
+}
+
+/// libvirt's `major * 1_000_000 + minor * 1_000 + release` as `major.minor.release`.
+fn format_version(v: u32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1_000) % 1_000, v % 1_000)
+}
+
+fn join_error(e: tokio::task::JoinError) -> AgentError {
+    AgentError::Internal(format!("libvirt worker task failed: {e}"))
+}
+
+/// The agent's monotonic clock: ns since the first use in this process.
+fn monotonic_ns() -> u64 {
+    u64::try_from(clock_epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn clock_epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Once per process: start the clock, silence libvirt's default error printer (errors are returned and logged with
+/// context instead), and run libvirt's event loop, which remote connections need for keepalive and for noticing a
+/// closed socket while idle. It must be registered before the first connection opens.
+fn init_process_state() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        clock_epoch();
+        virt::error::clear_error_callback();
+        if let Err(e) = virt::event::event_register_default_impl() {
+            tracing::warn!(error = %e, "no libvirt event loop: dead connections are noticed only when a call fails");
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("libvirt-events".into()).spawn(|| loop {
+            if let Err(e) = virt::event::event_run_default_impl() {
+                tracing::warn!(error = %e, "libvirt event loop iteration failed");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the libvirt event loop thread");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_split_into_three_parts() {
+        assert_eq!(format_version(9_000_000), "9.0.0");
+        assert_eq!(format_version(7_002_001), "7.2.1");
+        assert_eq!(format_version(2), "0.0.2");
+    }
+
+    #[test]
+    fn uuid_detection() {
+        assert!(looks_like_uuid("6695eb01-f6a4-8304-79aa-97f2502e193f"));
+        assert!(looks_like_uuid("6695eb01f6a4830479aa97f2502e193f"));
+        assert!(!looks_like_uuid("test"));
+        assert!(!looks_like_uuid("6695eb01-f6a4-8304-79aa-97f2502e193"));
+        assert!(!looks_like_uuid("6695eb01-f6a4-8304-79aa-97f2502e193g"));
+    }
+
+    #[test]
+    fn current_pcpu_stays_in_range() {
+        let v = |cpu, affinity: Vec<u32>| ffi::VcpuInfo { number: 0, cpu_time_ns: 0, cpu, affinity };
+        assert_eq!(current_pcpu("d", &v(3, vec![3]), 8), 3);
+        assert_eq!(current_pcpu("d", &v(15, vec![2, 4]), 8), 2);
+        assert_eq!(current_pcpu("d", &v(-1, vec![5]), 8), 5);
+        assert_eq!(current_pcpu("d", &v(-2, vec![]), 8), 0);
+    }
+
+    #[test]
+    fn call_context_names_domain_and_vcpu() {
+        let c = Call { name: "virDomainPinVcpu", domain: Some("vm1"), vcpu: Some(2) };
+        assert_eq!(c.to_string(), "virDomainPinVcpu (domain \"vm1\", vCPU 2)");
+        assert_eq!(Call { name: "x", domain: None, vcpu: None }.to_string(), "x");
+    }
+
+    #[test]
+    fn clock_is_monotonic() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(b >= a);
+    }
+}
