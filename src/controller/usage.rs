@@ -133,7 +133,10 @@ pub(crate) mod tests {
     use crate::model::{DomainStats, VcpuStats};
     use proptest::prelude::*;
 
-    pub fn stats(t_ns: u64, doms: &[(&str, u32, &[(u64, u32)])]) -> HostStats {
+    /// `(name, id, [(vCPU time ns, pCPU)])` per domain.
+    type DomSpec<'a> = (&'a str, u32, &'a [(u64, u32)]);
+
+    pub fn stats(t_ns: u64, doms: &[DomSpec<'_>]) -> HostStats {
         HostStats {
             sample_time_ns: t_ns,
             npcpus: 4,
