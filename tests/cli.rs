@@ -1,45 +1,19 @@
 //! The two binaries as an operator runs them: flags, exit codes, messages, `--json` output, manual pins and the
 //! demo. The agent is started as a real process on 127.0.0.1:0 and found through its log line.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_vcpu-agent");
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_vcpu-controller");
 
-/// A `vcpu-agent --backend sim` process, killed on drop.
-struct Agent {
-    child: Child,
-    addr: String,
-}
+/// A `vcpu-agent --backend sim` process with a scenario.
+struct Agent;
 
 impl Agent {
-    fn start(scenario: &str) -> Agent {
-        let mut child = Command::new(AGENT)
-            .args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario", scenario, "--log-format", "json"])
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start vcpu-agent");
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines.next().expect("agent exited before listening").unwrap();
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["fields"]["message"] == "agent listening" {
-                break v["fields"]["addr"].as_str().unwrap().to_string();
-            }
-        };
-        // Keep draining the agent's log so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Agent { child, addr }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn start(scenario: &str) -> common::AgentProcess {
+        common::AgentProcess::start(&["--backend", "sim", "--scenario", scenario])
     }
 }
 

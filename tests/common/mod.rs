@@ -60,3 +60,47 @@ pub async fn dead_address() -> String {
     drop(l);
     a
 }
+
+/// A `vcpu-agent` process listening on 127.0.0.1:0, found through its JSON log line; killed on drop.
+pub struct AgentProcess {
+    child: std::process::Child,
+    pub addr: String,
+}
+
+impl AgentProcess {
+    /// Starts `vcpu-agent` with `args` (plus `--listen 127.0.0.1:0 --log-format json`).
+    pub fn start(args: &[&str]) -> AgentProcess {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vcpu-agent"))
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start vcpu-agent");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("agent exited before listening").unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "agent listening" {
+                break v["fields"]["addr"].as_str().unwrap().to_string();
+            }
+        };
+        // Keep draining the agent's log so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        AgentProcess { child, addr }
+    }
+
+    /// A gRPC client to it.
+    pub async fn client(&self) -> vcpu_balancer::pb::agent_client::AgentClient<tonic::transport::Channel> {
+        vcpu_balancer::pb::agent_client::AgentClient::connect(format!("http://{}", self.addr)).await.unwrap()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
