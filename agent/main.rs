@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use vcpu_balancer::agent::fleet;
 use vcpu_balancer::hypervisor::sim::{scenario, MonotonicClock, Scenario, SimHypervisor};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
@@ -39,6 +40,12 @@ struct Cli {
     /// Hostname the simulated host reports (backend sim; default: this machine's name with a "sim-" prefix).
     #[arg(long, env = "VCPU_AGENT_SIM_HOSTNAME")]
     sim_hostname: Option<String>,
+    /// Serve this many simulated hosts from this process, on consecutive ports (backend sim).
+    #[arg(long, env = "VCPU_AGENT_SIM_HOSTS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    sim_hosts: u16,
+    /// First port of the simulated fleet (default: the --listen port; 0 = any free ports).
+    #[arg(long, env = "VCPU_AGENT_LISTEN_BASE")]
+    listen_base: Option<u16>,
     /// Log format on stderr.
     #[arg(long, env = "VCPU_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -56,6 +63,29 @@ fn load_scenario(arg: &str) -> anyhow::Result<Scenario> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.sim_hosts > 1 || cli.listen_base.is_some() {
+        if cli.backend != Backend::Sim {
+            anyhow::bail!("--sim-hosts and --listen-base only apply to --backend sim");
+        }
+        let sc = load_scenario(&cli.scenario)?;
+        fleet::raise_fd_limit();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            vcpu_balancer::shutdown::signal().await;
+            s.cancel();
+        });
+        let base = cli.listen_base.unwrap_or(cli.listen.port());
+        let n = usize::from(cli.sim_hosts);
+        fleet::serve_sim_fleet(&sc, n, cli.listen.ip(), base, stop, |addrs| {
+            let first = addrs.first().map(ToString::to_string).unwrap_or_default();
+            let last = addrs.last().map(ToString::to_string).unwrap_or_default();
+            tracing::info!(hosts = n, first = %first, last = %last, scenario = %cli.scenario, "simulated fleet listening");
+        })
+        .await?;
+        tracing::info!("agent stopped");
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vcpu_balancer::controller::{self, client, demo, policy, show, AgentClient, LoopConfig};
+use vcpu_balancer::controller::{self, client, demo, host, policy, show, AgentClient, LoopConfig};
 use vcpu_balancer::model::{parse_cpu_list, PinRequest};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
@@ -74,6 +74,9 @@ struct RunArgs {
     /// Deadline of each RPC.
     #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
     rpc_timeout: Duration,
+    /// Most RPCs in flight at once across all hosts.
+    #[arg(long, env = "VCPU_MAX_INFLIGHT", default_value_t = host::DEFAULT_MAX_INFLIGHT, value_parser = parse_positive)]
+    max_inflight: usize,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +145,13 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number greater than zero")),
+    }
+}
+
 fn parse_threshold(s: &str) -> Result<f64, String> {
     let t: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if !(0.0..=100.0).contains(&t) {
@@ -163,6 +173,7 @@ fn policy_of(p: &PolicyArgs) -> policy::PolicyConfig {
 }
 
 async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
+    vcpu_balancer::agent::fleet::raise_fd_limit();
     for h in &a.hosts {
         client::normalize_address(h)?;
     }
@@ -170,7 +181,13 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         tracing::warn!(rpc_timeout = ?a.rpc_timeout, interval = ?a.interval,
             "two RPC deadlines do not fit in one interval; slow hosts will skip ticks");
     }
-    let cfg = LoopConfig { interval: a.interval, policy: policy_of(&a.policy), dry_run: a.dry_run, rounds: a.rounds };
+    let cfg = LoopConfig {
+        interval: a.interval,
+        policy: policy_of(&a.policy),
+        dry_run: a.dry_run,
+        rounds: a.rounds,
+        max_inflight: a.max_inflight,
+    };
     let (tx, mut rx) = controller::report_channel(a.hosts.len());
     let stop = CancellationToken::new();
     let ctl = tokio::spawn(controller::run(a.hosts.clone(), a.rpc_timeout, cfg, tx, stop.clone()));

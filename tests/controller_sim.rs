@@ -23,7 +23,7 @@ const SPEED: f64 = 20.0;
 
 /// Runs the controller on `hosts` for `rounds` rounds and returns every report, per host, in round order.
 async fn run(hosts: Vec<String>, rounds: u64, dry_run: bool) -> BTreeMap<String, Vec<RoundReport>> {
-    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run, rounds: Some(rounds) };
+    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run, rounds: Some(rounds), ..Default::default() };
     let (tx, mut rx) = controller::report_channel(hosts.len());
     let ctl = tokio::spawn(controller::run(hosts, RPC_TIMEOUT, cfg, tx, CancellationToken::new()));
     let mut by_host: BTreeMap<String, Vec<RoundReport>> = BTreeMap::new();
@@ -158,7 +158,7 @@ async fn host_and_domain_restarts_get_fresh_baselines() {
     let a = SimAgent::start(&common::builtin("split-first-last"), SPEED).await;
     let addr = a.addr.clone();
     let hv = a.hv.clone();
-    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: Some(40) };
+    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: Some(40), ..Default::default() };
     let (tx, mut rx) = controller::report_channel(1);
     let ctl = tokio::spawn(controller::run(vec![addr.clone()], RPC_TIMEOUT, cfg, tx, CancellationToken::new()));
     let mut rs = Vec::new();
@@ -197,4 +197,60 @@ async fn host_and_domain_restarts_get_fresh_baselines() {
     assert_eq!(back.action.kind, ActionType::Baseline, "{back:#?}");
     assert!(settled_at(&rs, 10.0, 5).is_some(), "balanced again after the outage: {:#?}", rs.last());
     drop(agent);
+}
+
+/// One process serves a fleet of simulated hosts on consecutive ports (`vcpu-agent --sim-hosts`), and one
+/// controller balances all of them concurrently with a small bound on RPCs in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_fleet_from_one_process() {
+    const HOSTS: usize = 40;
+    let stop = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let sc = common::builtin("all-on-one");
+    let s = stop.clone();
+    let fleet = tokio::spawn(async move {
+        vcpu_balancer::agent::fleet::serve_sim_fleet(&sc, HOSTS, "127.0.0.1".parse().unwrap(), 0, s, |addrs| {
+            tx.send(addrs.to_vec()).unwrap();
+        })
+        .await
+    });
+    let addrs: Vec<String> = rx.await.unwrap().iter().map(ToString::to_string).collect();
+    assert_eq!(addrs.len(), HOSTS);
+    let cfg = LoopConfig { interval: Duration::from_millis(200), rounds: Some(14), max_inflight: 8, ..Default::default() };
+    let (tx, mut rx) = controller::report_channel(HOSTS);
+    let ctl = tokio::spawn(controller::run(addrs.clone(), RPC_TIMEOUT, cfg, tx, CancellationToken::new()));
+    let mut by_host: BTreeMap<String, Vec<RoundReport>> = BTreeMap::new();
+    while let Some(r) = rx.recv().await {
+        by_host.entry(r.host.clone()).or_default().push(r);
+    }
+    ctl.await.unwrap().unwrap();
+    assert_eq!(by_host.len(), HOSTS);
+    for (h, rs) in &by_host {
+        assert!(rs.iter().all(|r| r.action.kind != ActionType::Error), "{h}: {rs:#?}");
+        assert!(rs.last().unwrap().spread.unwrap() <= 10.0, "{h} balanced: {:#?}", rs.last());
+    }
+    stop.cancel();
+    fleet.await.unwrap().unwrap();
+}
+
+/// Rounds never pile up: a host whose rounds take longer than the interval skips the ticks it missed and says so,
+/// while a fast host beside it keeps every tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_host_skips_ticks_and_says_so() {
+    let slow = SimAgent::start(&common::builtin("balanced"), SPEED).await;
+    slow.hv.set_latency(Duration::from_millis(250));
+    let fast = SimAgent::start(&common::builtin("balanced"), SPEED).await;
+    let cfg = LoopConfig { interval: INTERVAL, rounds: Some(8), ..Default::default() };
+    let (tx, mut rx) = controller::report_channel(2);
+    let ctl = tokio::spawn(controller::run(vec![slow.addr.clone(), fast.addr.clone()], Duration::from_secs(2), cfg, tx, CancellationToken::new()));
+    let mut by_host: BTreeMap<String, Vec<RoundReport>> = BTreeMap::new();
+    while let Some(r) = rx.recv().await {
+        by_host.entry(r.host.clone()).or_default().push(r);
+    }
+    ctl.await.unwrap().unwrap();
+    let s = &by_host[&slow.addr];
+    assert!(s.iter().all(|r| r.action.kind != ActionType::Error), "slow but within its deadline: {s:#?}");
+    assert!(s.iter().map(|r| r.skipped_ticks).sum::<u64>() >= 4, "{s:#?}");
+    let f = &by_host[&fast.addr];
+    assert!(f.iter().all(|r| r.skipped_ticks == 0), "{f:#?}");
 }

@@ -18,6 +18,8 @@ use crate::model::PinRequest;
 use crate::pb;
 use crate::pb::agent_server::{Agent, AgentServer};
 
+pub mod fleet;
+
 /// Longest a request may run on the agent before it is cancelled; a libvirt call stuck longer than this is not
 /// going to help a balancing round.
 pub const SERVER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,6 +114,24 @@ pub async fn serve<H: Hypervisor>(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    serve_inner(hv, listener, shutdown, true).await
+}
+
+/// [`serve`] without the per-server start-up log line (a fleet of simulated hosts logs once for all).
+pub async fn serve_quiet<H: Hypervisor>(
+    hv: Arc<H>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    serve_inner(hv, listener, shutdown, false).await
+}
+
+async fn serve_inner<H: Hypervisor>(
+    hv: Arc<H>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    announce: bool,
+) -> Result<(), tonic::transport::Error> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AgentServer<AgentService<H>>>().await;
@@ -124,7 +144,8 @@ pub async fn serve<H: Hypervisor>(
         .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
     match addr {
-        Some(a) => info!(addr = %a, "agent listening"),
+        Some(a) if announce => info!(addr = %a, "agent listening"),
+        Some(a) => tracing::debug!(addr = %a, "agent listening"),
         None => info!("agent listening"),
     }
     let incoming = TcpListenerStream::new(listener);

@@ -154,7 +154,7 @@ pub async fn run_demo<W: Write + Send>(
     }
     writeln!(out, "controller: interval {:?}, threshold {}, guard {}\n", cfg.interval, cfg.policy.threshold, if cfg.policy.guard { "on" } else { "off" })?;
 
-    let loop_cfg = LoopConfig { interval: cfg.interval, policy: cfg.policy, dry_run: false, rounds: Some(cfg.max_rounds) };
+    let loop_cfg = LoopConfig { interval: cfg.interval, policy: cfg.policy, dry_run: false, rounds: Some(cfg.max_rounds), ..Default::default() };
     let (tx, mut rx) = crate::controller::report_channel(hosts.len());
     let stop_controller = CancellationToken::new();
     let controller = tokio::spawn(crate::controller::run(hosts.clone(), DEMO_RPC_TIMEOUT, loop_cfg, tx, stop_controller.clone()));

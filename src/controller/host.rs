@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -29,11 +31,23 @@ pub struct LoopConfig {
     pub dry_run: bool,
     /// Stop after this many rounds (ticks) per host; `None` = until shutdown.
     pub rounds: Option<u64>,
+    /// Most RPCs in flight at once across all hosts: bounds the controller's sockets, memory and CPU bursts when
+    /// a large fleet ticks together.
+    pub max_inflight: usize,
 }
+
+/// Default bound on concurrent RPCs across all hosts.
+pub const DEFAULT_MAX_INFLIGHT: usize = 256;
 
 impl Default for LoopConfig {
     fn default() -> Self {
-        LoopConfig { interval: DEFAULT_INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: None }
+        LoopConfig {
+            interval: DEFAULT_INTERVAL,
+            policy: PolicyConfig::default(),
+            dry_run: false,
+            rounds: None,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+        }
     }
 }
 
@@ -54,9 +68,11 @@ struct HostState {
 }
 
 /// Runs the loop for one host until `rounds` are done or `shutdown` is cancelled; each round's report goes to `out`.
+/// Every RPC first takes a permit from `inflight`, shared by all hosts.
 pub async fn run_host(
     mut client: AgentClient,
     cfg: LoopConfig,
+    inflight: Arc<Semaphore>,
     out: mpsc::Sender<RoundReport>,
     shutdown: CancellationToken,
 ) {
@@ -66,12 +82,14 @@ pub async fn run_host(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut st = HostState { prev: None, failures: 0, next_attempt: None, was_down: false };
     let mut round: u64 = 0;
+    let mut skipped: u64 = 0;
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
+        let started = Instant::now();
         if cfg.rounds.is_some_and(|n| round >= n) {
             break;
         }
@@ -88,9 +106,18 @@ pub async fn run_host(
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                r = one_round(&mut client, &cfg, &mut st, round) => r,
+                r = one_round(&mut client, &cfg, &inflight, &mut st, round) => r,
             }
         };
+        let mut report = report;
+        report.skipped_ticks = std::mem::take(&mut skipped);
+        // Rounds never pile up: ticks that came while this round ran are skipped (MissedTickBehavior::Skip), and
+        // the next report says how many.
+        let overran = (started.elapsed().as_nanos() / cfg.interval.as_nanos().max(1)) as u64;
+        if overran > 0 {
+            tracing::warn!(host = %host, round, skipped = overran, "round overran its interval; skipping ticks");
+            skipped = overran;
+        }
         report.log();
         if out.send(report).await.is_err() {
             break;
@@ -98,9 +125,19 @@ pub async fn run_host(
     }
 }
 
-async fn one_round(client: &mut AgentClient, cfg: &LoopConfig, st: &mut HostState, round: u64) -> RoundReport {
+async fn one_round(
+    client: &mut AgentClient,
+    cfg: &LoopConfig,
+    inflight: &Semaphore,
+    st: &mut HostState,
+    round: u64,
+) -> RoundReport {
     let host = client.host().to_string();
-    let cur = match client.get_stats().await {
+    let stats = {
+        let _permit = inflight.acquire().await.expect("the semaphore is never closed");
+        client.get_stats().await
+    };
+    let cur = match stats {
         Ok(s) => s,
         Err(e) => return failed(st, cfg, &host, round, e.to_string()),
     };
@@ -125,7 +162,11 @@ async fn one_round(client: &mut AgentClient, cfg: &LoopConfig, st: &mut HostStat
     if cfg.dry_run || plan.pins.is_empty() {
         return report;
     }
-    match client.apply_pins(&plan.pins).await {
+    let applied = {
+        let _permit = inflight.acquire().await.expect("the semaphore is never closed");
+        client.apply_pins(&plan.pins).await
+    };
+    match applied {
         Ok(results) => {
             for (pin, r) in plan.pins.iter().zip(results) {
                 match r {

@@ -37,9 +37,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
     let clients = hosts.iter().map(|h| AgentClient::new(h, rpc_timeout)).collect::<Result<Vec<_>, _>>()?;
+    let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for client in clients {
-        tasks.spawn(host::run_host(client, cfg.clone(), out.clone(), shutdown.clone()));
+        tasks.spawn(host::run_host(client, cfg.clone(), inflight.clone(), out.clone(), shutdown.clone()));
     }
     drop(out);
     while let Some(r) = tasks.join_next().await {

@@ -58,6 +58,8 @@ pub struct RoundReport {
     /// Pins the agent refused, with its message.
     pub pins_failed: Vec<String>,
     pub dry_run: bool,
+    /// Ticks skipped before this round because the previous round overran its interval.
+    pub skipped_ticks: u64,
 }
 
 impl RoundReport {
@@ -88,6 +90,7 @@ impl RoundReport {
             pins_applied: 0,
             pins_failed: Vec::new(),
             dry_run,
+            skipped_ticks: 0,
         }
     }
 
@@ -103,6 +106,7 @@ impl RoundReport {
             pins_applied: 0,
             pins_failed: Vec::new(),
             dry_run,
+            skipped_ticks: 0,
         }
     }
 
