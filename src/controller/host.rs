@@ -67,6 +67,25 @@ struct HostState {
     was_down: bool,
 }
 
+/// One host's round, without the timer: what the loop runs each tick, and what benchmarks drive directly.
+pub struct HostWorker {
+    client: AgentClient,
+    cfg: LoopConfig,
+    inflight: Arc<Semaphore>,
+    st: HostState,
+}
+
+impl HostWorker {
+    pub fn new(client: AgentClient, cfg: LoopConfig, inflight: Arc<Semaphore>) -> Self {
+        HostWorker { client, cfg, inflight, st: HostState { prev: None, failures: 0, next_attempt: None, was_down: false } }
+    }
+
+    /// Samples the host, decides and applies; the previous sample stays in this worker for the next round.
+    pub async fn round(&mut self, round: u64) -> RoundReport {
+        one_round(&mut self.client, &self.cfg, &self.inflight, &mut self.st, round).await
+    }
+}
+
 /// Runs the loop for one host until `rounds` are done or `shutdown` is cancelled; each round's report goes to `out`.
 /// Every RPC first takes a permit from `inflight`, shared by all hosts.
 pub async fn run_host(
