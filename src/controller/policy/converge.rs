@@ -15,18 +15,65 @@
 //!    pCPU that was saturated changes (its vCPUs were starved), and acting on the first reading after a move
 //!    would chase transients; the cooldown stops a vCPU going A→B→A on them.
 //!
+//!    For [`NO_RETURN_ROUNDS`] rounds, a vCPU is not moved back to the pCPU it was last moved off either: a
+//!    reading that says otherwise that soon is more likely a starved vCPU's reading than a real change, and
+//!    A→B→A is exactly the churn operators do not want.
+//! 5. It plans on smoothed usage: an exponential moving average per vCPU (weight [`SMOOTHING`] on the new
+//!    reading), restarted from the raw reading whenever that differs from the average by more than
+//!    [`SMOOTHING_RESET`] points. Noise of a few points is averaged away, so a balanced host is not churned by it;
+//!    a real change (a load phase, a starved vCPU that gets room) is taken at once, so smoothing costs no round.
+//!
+//! 6. A small excess (spread at most [`HOLD_FACTOR`] × threshold) is acted on only if the previous round was over
+//!    the threshold too: one noisy reading does not move anything, a real imbalance costs at most one round, and
+//!    a large one is acted on at once.
+//!
 //! The vCPUs' final places are compared with where they run: a vCPU moved several times within one round gets one
 //! pin, and one moved back to where it started gets none.
 
 use std::collections::BTreeMap;
 
-use crate::controller::policy::{Decision, PolicyState, View};
+use crate::controller::policy::{Decision, PolicyState, VcpuKey, View};
+use crate::controller::usage::HostUsage;
 use crate::model::PcpuId;
 
 /// Rounds during which a vCPU that was moved stays where it was put.
 pub const COOLDOWN_ROUNDS: u64 = 3;
+/// Spreads up to this many times the threshold must be seen twice in a row before anything moves.
+pub const HOLD_FACTOR: f64 = 2.0;
+/// Rounds during which a moved vCPU is not moved back to the pCPU it left.
+pub const NO_RETURN_ROUNDS: u64 = 30;
 /// Smallest narrowing of a pair's gap, in points, worth a pin change.
-pub const MIN_STEP_GAIN: f64 = 1.0;
+pub const MIN_STEP_GAIN: f64 = 3.0;
+
+/// Weight of a new reading in the moving average.
+pub const SMOOTHING: f64 = 0.3;
+/// A reading this many points away from the average is a change, not noise: the average restarts from it.
+pub const SMOOTHING_RESET: f64 = 15.0;
+
+/// `u` with each known vCPU usage replaced by its moving average (updated in `avg`), and pCPU sums redone.
+pub fn smooth(u: &HostUsage, avg: &mut BTreeMap<VcpuKey, f64>) -> HostUsage {
+    let mut out = u.clone();
+    for v in &mut out.vcpus {
+        let key = (v.uuid.clone(), v.vcpu);
+        match v.usage {
+            Some(raw) => {
+                let s = match avg.get(&key) {
+                    Some(&a) if (raw - a).abs() <= SMOOTHING_RESET => a + SMOOTHING * (raw - a),
+                    _ => raw,
+                };
+                avg.insert(key, s);
+                v.usage = Some(s);
+            }
+            None => {
+                avg.remove(&key);
+            }
+        }
+    }
+    for p in &mut out.pcpus {
+        p.usage = out.vcpus.iter().filter(|v| v.pcpu == p.id).filter_map(|v| v.usage).fold(0.0, |a, b| a + b);
+    }
+    out
+}
 
 /// A movable vCPU while planning: index into `u.vcpus`, where it is in the plan, its usage.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +81,8 @@ struct Slot {
     idx: usize,
     pcpu: PcpuId,
     usage: f64,
+    /// A pCPU it must not go back to.
+    not_to: Option<PcpuId>,
 }
 
 /// One planned step: slot `a` goes from `p` to `q`; with `b`, slot `b` goes from `q` to `p` (a swap).
@@ -57,8 +106,18 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState) -> Decision {
     let this_round = state.round + 1;
     let cooling = |i: usize| {
         let x = v.vcpu(i);
-        state.last_moved.get(&(x.uuid.clone(), x.vcpu)).is_some_and(|&r| this_round - r <= COOLDOWN_ROUNDS)
+        state.last_moved.get(&(x.uuid.clone(), x.vcpu)).is_some_and(|&(r, _)| this_round - r <= COOLDOWN_ROUNDS)
     };
+    // Where each vCPU may not go back to this round.
+    let left: Vec<Option<PcpuId>> = v
+        .u
+        .vcpus
+        .iter()
+        .map(|x| match state.last_moved.get(&(x.uuid.clone(), x.vcpu)) {
+            Some(&(r, from)) if this_round - r <= NO_RETURN_ROUNDS => Some(from),
+            _ => None,
+        })
+        .collect();
     let mut load: BTreeMap<PcpuId, f64> =
         v.load.iter().filter(|(id, _)| v.allowed.contains(id)).copied().collect();
     let stranded = v.stranded();
@@ -67,7 +126,7 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState) -> Decision {
         .iter()
         .copied()
         .filter(|&i| stranded.contains(&i) || !cooling(i))
-        .map(|i| Slot { idx: i, pcpu: v.vcpu(i).pcpu, usage: v.vcpu(i).usage.unwrap_or(0.0) })
+        .map(|i| Slot { idx: i, pcpu: v.vcpu(i).pcpu, usage: v.vcpu(i).usage.unwrap_or(0.0), not_to: left[i] })
         .collect();
     let start: Vec<PcpuId> = slots.iter().map(|s| s.pcpu).collect();
     let mut notes = Vec::new();
@@ -90,7 +149,8 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState) -> Decision {
     let max_steps = 4 * slots.len() + 4;
     let mut stuck = None;
     let before = spread_of(&load);
-    for _ in 0..max_steps {
+    let hold = off.is_empty() && before > threshold && before <= HOLD_FACTOR * threshold && !state.was_over;
+    for _ in 0..if hold { 0 } else { max_steps } {
         let Some(((b, hi), (f, lo))) = super::extremes(load.iter().map(|(k, x)| (*k, *x))) else { break };
         if hi - lo <= threshold {
             break;
@@ -116,7 +176,9 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState) -> Decision {
     let after = spread_of(&load);
     let planned: Vec<(usize, PcpuId)> =
         slots.iter().zip(&start).filter(|(s, from)| s.pcpu != **from).map(|(s, _)| (s.idx, s.pcpu)).collect();
-    let mut reason = if moves + swaps == 0 && stuck.is_none() {
+    let mut reason = if hold {
+        format!("hold: spread {before:.1} > {threshold:.1} for the first round; acting if it persists")
+    } else if moves + swaps == 0 && stuck.is_none() {
         format!("balanced: spread {before:.1} <= threshold {threshold:.1}")
     } else if moves + swaps == 0 {
         format!(
@@ -161,12 +223,12 @@ fn best_step(slots: &[Slot], g: f64, p: PcpuId, q: PcpuId, threshold: f64) -> Op
     }
     let on = |c: PcpuId| (0..slots.len()).filter(move |&s| slots[s].pcpu == c);
     let mut cands = Vec::new();
-    for a in on(p) {
+    for a in on(p).filter(|&a| slots[a].not_to != Some(q)) {
         let ua = slots[a].usage;
         if ua > 0.0 && ua < g {
             cands.push(Step { a, b: None, p, q, new_gap: (g - 2.0 * ua).abs() });
         }
-        for b in on(q) {
+        for b in on(q).filter(|&b| slots[b].not_to != Some(p)) {
             let d = ua - slots[b].usage;
             if d > 0.0 && d < g {
                 cands.push(Step { a, b: Some(b), p, q, new_gap: (g - 2.0 * d).abs() });
@@ -226,8 +288,8 @@ mod tests {
 
     #[test]
     fn a_move_is_preferred_to_a_swap_when_both_balance() {
-        // 50 vs 30: moving a (10) and swapping b (40) with c (30) both close the gap; the move needs one pin.
-        let h = host(2, &[("a", 0, 10.0, true), ("b", 0, 40.0, true), ("c", 1, 30.0, true)]);
+        // 52 vs 30: moving a (12) and swapping b (40) with c (30) both leave a gap of 2; the move needs one pin.
+        let h = host(2, &[("a", 0, 12.0, true), ("b", 0, 40.0, true), ("c", 1, 30.0, true)]);
         let p = decide_once(&h, &converge());
         assert_eq!(p.moves.len(), 1, "{p:?}");
         assert_eq!(p.moves[0].domain, "a");
@@ -252,6 +314,45 @@ mod tests {
         // vCPU is not picked again during the cooldown.
         let (p2, _) = decide(&h, &converge(), &state);
         assert!(p2.moves.iter().all(|m| m.domain != moved), "{p2:?}");
+    }
+
+    #[test]
+    fn a_small_excess_is_acted_on_only_when_it_persists() {
+        // A spread of 15 over a threshold of 10: the first reading holds, the second acts (moving "a" leaves 5).
+        let h = host(2, &[("a", 0, 10.0, true), ("b", 0, 20.0, true), ("c", 1, 15.0, true)]);
+        let (p, state) = decide(&h, &converge(), &Default::default());
+        assert!(p.moves.is_empty() && p.reason.starts_with("hold"), "{p:?}");
+        let (p, _) = decide(&h, &converge(), &state);
+        assert_eq!(p.moves.len(), 1, "{p:?}");
+        // A large excess is acted on at once.
+        let big = host(2, &[("a", 0, 30.0, true), ("b", 0, 20.0, true), ("c", 1, 5.0, true)]);
+        assert_eq!(decide_once(&big, &converge()).moves.len(), 1);
+    }
+
+    #[test]
+    fn smoothing_averages_noise_but_follows_real_changes() {
+        let mut avg = BTreeMap::new();
+        let h = |x: f64| host(1, &[("a", 0, x, true)]);
+        assert_eq!(smooth(&h(40.0), &mut avg).vcpus[0].usage, Some(40.0));
+        let s = smooth(&h(44.0), &mut avg).vcpus[0].usage.unwrap();
+        assert!(s > 40.0 && s < 44.0, "noise is damped: {s}");
+        // A jump beyond SMOOTHING_RESET is a change: taken at once.
+        assert_eq!(smooth(&h(90.0), &mut avg).vcpus[0].usage, Some(90.0));
+    }
+
+    #[test]
+    fn a_vcpu_is_not_moved_back_where_it_came_from() {
+        // "a" was moved from pCPU 1 to 0 in round 1 (past the cooldown by round 5). Moving "a" or "b" to pCPU 1
+        // balances equally well, and "a" would win the tie, but it may not go back yet: "b" goes.
+        let h = host(3, &[("a", 0, 30.0, true), ("b", 0, 30.0, true), ("d", 2, 40.0, true)]);
+        let mut state = crate::controller::policy::PolicyState { round: 4, ..Default::default() };
+        state.last_moved.insert(("uuid-a".into(), 0), (1, 1));
+        let (p, _) = decide(&h, &converge(), &state);
+        assert!(p.moves.iter().all(|m| m.domain != "a"), "{p:?}");
+        assert!(p.moves.iter().any(|m| m.domain == "b"), "{p:?}");
+        state.round = 1 + NO_RETURN_ROUNDS;
+        let (p, _) = decide(&h, &converge(), &state);
+        assert!(p.moves.iter().any(|m| m.domain == "a"), "after the no-return window it may: {p:?}");
     }
 
     proptest! {

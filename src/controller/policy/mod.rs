@@ -110,10 +110,15 @@ pub struct PolicyState {
     /// The last pin this controller applied to each vCPU. A vCPU whose affinity differs from it was pinned by
     /// someone else since.
     pub last_pins: BTreeMap<VcpuKey, Vec<PcpuId>>,
-    /// Round at which each vCPU was last moved (for [`converge`]'s cooldown).
-    pub last_moved: BTreeMap<VcpuKey, u64>,
+    /// Round at which each vCPU was last moved, and the pCPU it left (for [`converge`]'s cooldown and its
+    /// no-return rule).
+    pub last_moved: BTreeMap<VcpuKey, (u64, PcpuId)>,
     /// vCPUs already reported as pinned by hand, so the log says it once, not every round.
     pub manual_reported: BTreeSet<VcpuKey>,
+    /// Smoothed usage of each vCPU (for [`converge`]).
+    pub smoothed: BTreeMap<VcpuKey, f64>,
+    /// Whether the previous round's spread was over the threshold (for [`converge`]'s hold).
+    pub was_over: bool,
 }
 
 impl PolicyState {
@@ -236,6 +241,13 @@ pub struct Decision {
 pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, PolicyState) {
     let mut next = prune(u, state);
     next.round = state.round + 1;
+    let smoothed;
+    let u = if cfg.kind == PolicyKind::Converge {
+        smoothed = converge::smooth(u, &mut next.smoothed);
+        &smoothed
+    } else {
+        u
+    };
     let c = &cfg.constraints;
     let mut held = Vec::new();
     let mut newly_manual = Vec::new();
@@ -288,6 +300,7 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
         return (plan, next);
     };
     let spread = hi - lo;
+    next.was_over = spread > cfg.threshold;
     let d = match cfg.kind {
         PolicyKind::Seed => tenpercent::decide(&view, cfg.threshold, false),
         PolicyKind::Guarded => tenpercent::decide(&view, cfg.threshold, true),
@@ -299,7 +312,7 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
         let v = &u.vcpus[i];
         debug_assert!(!is_held[i] && view.allowed.contains(&to));
         target[i] = Some(to);
-        next.last_moved.insert((v.uuid.clone(), v.vcpu), next.round);
+        next.last_moved.insert((v.uuid.clone(), v.vcpu), (next.round, v.pcpu));
         moves.push(Move {
             domain: v.domain.clone(),
             uuid: v.uuid.clone(),
@@ -357,6 +370,8 @@ fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
         last_pins: state.last_pins.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
         last_moved: state.last_moved.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect(),
         manual_reported: state.manual_reported.iter().filter(|k| keep(k)).cloned().collect(),
+        smoothed: state.smoothed.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect(),
+        was_over: state.was_over,
     }
 }
 
