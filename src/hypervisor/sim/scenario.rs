@@ -313,6 +313,39 @@ mod tests {
         }
     }
 
+    /// Every file shipped in scenarios/, built in or not, parses (the evaluation table reads them all).
+    #[test]
+    fn every_shipped_file_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let s = Scenario::from_file(&p).unwrap_or_else(|e| panic!("{e}"));
+                assert!(!s.domains.is_empty(), "{}", p.display());
+                n += 1;
+            }
+        }
+        assert!(n >= BUILTIN.len() + 6, "only {n} scenario files");
+    }
+
+    #[test]
+    fn random_hosts_are_seeded_and_within_bounds() {
+        let text = "pcpus = 8\nrandom = { seed = 5, vcpus = 50, min = 10, max = 20 }\n";
+        let a = Scenario::parse(text, "t").unwrap();
+        assert_eq!(a, Scenario::parse(text, "t").unwrap());
+        assert_eq!(a.domains.len(), 50);
+        for d in &a.domains {
+            let LoadProfile::Constant(l) = d.load else { panic!("{d:?}") };
+            assert!((10.0..=20.0).contains(&l), "{d:?}");
+            assert!(d.affinity.as_ref().is_some_and(|a| a.len() == 1 && a[0] < 8), "{d:?}");
+        }
+        let other = Scenario::parse("pcpus = 8\nrandom = { seed = 6, vcpus = 50, min = 10, max = 20 }\n", "t").unwrap();
+        assert_ne!(a.domains, other.domains, "the seed matters");
+        assert!(Scenario::parse("pcpus = 8\nrandom = { seed = 5, vcpus = 5, min = 30, max = 20 }\n", "t").is_err());
+        assert!(Scenario::parse("pcpus = 8\nnoise = 80\n[[domain]]\nname = \"a\"\nload = 1\n", "t").is_err());
+    }
+
     #[test]
     fn defaults() {
         let s = Scenario::parse("pcpus = 2\n[[domain]]\nname = \"a\"\nload = 30\n", "t").unwrap();
