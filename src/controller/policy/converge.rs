@@ -37,7 +37,7 @@ use crate::controller::usage::HostUsage;
 use crate::model::PcpuId;
 
 /// Rounds during which a vCPU that was moved stays where it was put.
-pub const COOLDOWN_ROUNDS: u64 = 3;
+pub const COOLDOWN_ROUNDS: u64 = 2;
 /// Spreads up to this many times the threshold must be seen twice in a row before anything moves.
 pub const HOLD_FACTOR: f64 = 2.0;
 /// Rounds during which a moved vCPU is not moved back to the pCPU it left.
