@@ -228,6 +228,33 @@ mod tests {
     }
 
     #[test]
+    fn back_and_forth_is_counted() {
+        // The literal rule mirrors heavy-light-unpinned's imbalance back and forth; the guard never does.
+        let s = run("heavy-light-unpinned", PolicyKind::Seed);
+        assert_eq!(s.balanced_at, None, "{s:?}");
+        assert!(s.back_and_forth > 0 && s.back_and_forth < s.moves, "{s:?}");
+        assert_eq!(run("heavy-light-unpinned", PolicyKind::Guarded).back_and_forth, 0);
+    }
+
+    /// The claims POLICIES.md makes for the default policy, on every file in scenarios/: it balances, no later
+    /// than `guarded`, with no back-and-forth, and without churn once balanced (at most one improving step).
+    #[test]
+    fn converge_is_never_behind_guarded_on_the_suite() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        for (name, sc) in load_dir(&dir).unwrap() {
+            let r = |k| evaluate(&name, &sc, &PolicyConfig::with_kind(k), DEFAULT_EVAL_ROUNDS, DEFAULT_EVAL_INTERVAL);
+            let (c, g) = (r(PolicyKind::Converge), r(PolicyKind::Guarded));
+            let at = c.balanced_at.unwrap_or_else(|| panic!("{name}: converge never balanced: {c:?}"));
+            assert!(g.balanced_at.is_none_or(|ga| at <= ga), "{name}: {c:?} vs {g:?}");
+            assert_eq!(c.back_and_forth, 0, "{name}: {c:?}");
+            assert!(c.pins_after <= 2, "{name}: {c:?}");
+            if let Some(ga) = g.balanced_at {
+                assert!(c.pins_until <= g.pins_until, "{name}: balanced by both, converge used more pins: {c:?} vs {g:?} (at {ga})");
+            }
+        }
+    }
+
+    #[test]
     fn table_has_a_row_per_result() {
         let rs = vec![run("balanced", PolicyKind::Seed), run("all-on-one", PolicyKind::Converge)];
         let t = table(&rs);
