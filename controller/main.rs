@@ -2,12 +2,13 @@
 //! or runs the simulated demo. Parses flags, sets up tracing and signals, and hands over to the library.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
-
 
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vcpu_balancer::controller::{self, client, demo, host, policy, show, AgentClient, LoopConfig};
+use vcpu_balancer::controller::policy::{Constraints, DomainMatcher, PolicyKind};
+use vcpu_balancer::controller::{self, client, demo, evaluate, host, policy, show, AgentClient, LoopConfig};
 use vcpu_balancer::model::{parse_cpu_list, PinRequest};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
@@ -40,16 +41,61 @@ enum Cmd {
     Pin(PinArgs),
     /// Run the controller on simulated hosts in this process (no hypervisor needed).
     Demo(DemoArgs),
+    /// Evaluate policies on scenario files in virtual time and print a table of balancing metrics.
+    Evaluate(EvaluateArgs),
 }
 
 #[derive(Debug, Args)]
 struct PolicyArgs {
+    /// Balancing policy: seed (the literal 10% rule), guarded (the 10% rule with the guard) or converge.
+    #[arg(long, env = "VCPU_POLICY", default_value_t = policy::DEFAULT_POLICY, value_parser = parse_policy)]
+    policy: PolicyKind,
     /// Act when busiest − freest pCPU usage exceeds this many points.
     #[arg(long, env = "VCPU_THRESHOLD", default_value_t = policy::DEFAULT_THRESHOLD, value_parser = parse_threshold)]
     threshold: f64,
-    /// Apply the literal 10% rule, which can move the same load back and forth forever (see README).
+    /// Same as --policy seed (kept for compatibility): the literal 10% rule, which can move the same load back
+    /// and forth forever (see README).
     #[arg(long, env = "VCPU_NO_GUARD")]
     no_guard: bool,
+    #[command(flatten)]
+    constraints: ConstraintArgs,
+}
+
+#[derive(Debug, Args)]
+struct ConstraintArgs {
+    /// Never move or pin domains matching this name glob (e.g. 'db-*') or UUID; repeat for several.
+    #[arg(long = "exclude", env = "VCPU_EXCLUDE", value_delimiter = ',')]
+    exclude: Vec<String>,
+    /// pCPUs that are never a target (e.g. 0-1); vCPUs found there are moved off when possible.
+    #[arg(long = "reserve-pcpus", env = "VCPU_RESERVE_PCPUS", value_parser = parse_pcpus)]
+    reserve_pcpus: Option<CpuList>,
+    /// Move vCPUs that someone else pinned since the controller's last pin (by default they are left alone).
+    #[arg(long, env = "VCPU_OVERRIDE_MANUAL")]
+    override_manual: bool,
+}
+
+#[derive(Debug, Args)]
+struct EvaluateArgs {
+    /// Directory of scenario files; every *.toml in it is a scenario.
+    #[arg(long, default_value = "scenarios")]
+    scenarios: PathBuf,
+    /// Policies to evaluate, comma-separated or repeated.
+    #[arg(long = "policy", value_delimiter = ',', default_value = "seed,guarded,converge", value_parser = parse_policy)]
+    policies: Vec<PolicyKind>,
+    /// Rounds per scenario and policy.
+    #[arg(long, default_value_t = evaluate::DEFAULT_EVAL_ROUNDS)]
+    rounds: u64,
+    /// Virtual time between rounds.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Balanced means busiest − freest pCPU usage at or under this many points.
+    #[arg(long, default_value_t = policy::DEFAULT_THRESHOLD, value_parser = parse_threshold)]
+    threshold: f64,
+    #[command(flatten)]
+    constraints: ConstraintArgs,
+    /// One JSON object per scenario and policy instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -168,8 +214,22 @@ fn parse_pcpus(s: &str) -> Result<CpuList, String> {
     parse_cpu_list(s).map(CpuList)
 }
 
+fn parse_policy(s: &str) -> Result<PolicyKind, String> {
+    s.parse()
+}
+
+fn constraints_of(c: &ConstraintArgs) -> Constraints {
+    Constraints {
+        exclude: c.exclude.iter().map(|e| DomainMatcher::parse(e)).collect(),
+        reserved: c.reserve_pcpus.as_ref().map(|l| l.0.clone()).unwrap_or_default(),
+        override_manual: c.override_manual,
+    }
+}
+
 fn policy_of(p: &PolicyArgs) -> policy::PolicyConfig {
-    policy::PolicyConfig { threshold: p.threshold, guard: !p.no_guard }
+    // --no-guard predates --policy and means exactly the literal rule.
+    let kind = if p.no_guard { PolicyKind::Seed } else { p.policy };
+    policy::PolicyConfig { kind, threshold: p.threshold, constraints: constraints_of(&p.constraints) }
 }
 
 async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
@@ -221,7 +281,7 @@ async fn cmd_show(a: ShowArgs) -> anyhow::Result<i32> {
     let mut c = AgentClient::new(&a.host, a.rpc_timeout)?;
     let info = c.host_info().await?;
     let u = show::sample(&mut c, a.window).await?;
-    let spread = policy::decide(&u, &policy::PolicyConfig::default()).spread;
+    let spread = policy::decide_once(&u, &policy::PolicyConfig::default()).spread;
     println!(
         "{} ({} backend, {} pCPUs online of {}), usage over {:?}, spread {:.1}",
         info.hostname,
@@ -263,17 +323,41 @@ async fn cmd_demo(a: DemoArgs) -> anyhow::Result<i32> {
     Ok(if outcomes.values().all(demo::HostOutcome::done) { 0 } else { 1 })
 }
 
+fn cmd_evaluate(a: EvaluateArgs) -> anyhow::Result<i32> {
+    let scenarios = evaluate::load_dir(&a.scenarios)?;
+    if scenarios.is_empty() {
+        anyhow::bail!("{}: no *.toml scenario files", a.scenarios.display());
+    }
+    let mut results = Vec::new();
+    for (name, sc) in &scenarios {
+        for &kind in &a.policies {
+            let cfg = policy::PolicyConfig { kind, threshold: a.threshold, constraints: constraints_of(&a.constraints) };
+            results.push(evaluate::evaluate(name, sc, &cfg, a.rounds, a.interval));
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        for r in &results {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+    } else {
+        write!(out, "{}", evaluate::table(&results))?;
+    }
+    Ok(0)
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     // The demo prints its own tables on stdout; per-round log lines would only repeat them.
-    let level = if matches!(cli.cmd, Cmd::Demo(_)) { "warn" } else { "info" };
+    let level = if matches!(cli.cmd, Cmd::Demo(_) | Cmd::Evaluate(_)) { "warn" } else { "info" };
     telemetry::init(cli.log_format, level);
     let r = match cli.cmd {
         Cmd::Run(a) => cmd_run(a).await,
         Cmd::Show(a) => cmd_show(a).await,
         Cmd::Pin(a) => cmd_pin(a).await,
         Cmd::Demo(a) => cmd_demo(a).await,
+        Cmd::Evaluate(a) => cmd_evaluate(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -83,7 +83,12 @@ fn run_json_output() {
     assert!(r["spread"].as_f64().unwrap() > 90.0);
     assert_eq!(r["action"]["type"], "move");
     assert_eq!(r["action"]["from"], 0);
-    assert_eq!(r["pins_applied"], 1);
+    // The default policy (converge) moves six of the eight 40 % vCPUs off pCPU 0 at once, two per other pCPU;
+    // `action` shows the first move and `moves` lists them all.
+    let moves = r["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), 6, "{r}");
+    assert!(moves.iter().all(|m| m["from"] == 0 && m["to"] != 0), "{r}");
+    assert_eq!(r["pins_applied"], 6);
     // The human lines go to stderr, one per host per round.
     assert!(text(&out.stderr).matches(" round ").count() >= 3, "{}", text(&out.stderr));
 }
@@ -133,4 +138,36 @@ fn agent_without_libvirt_says_how_to_rebuild() {
     let out = Command::new(AGENT).args(["--backend", "libvirt", "--listen", "127.0.0.1:0"]).output().unwrap();
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--features libvirt"), "{}", text(&out.stderr));
+}
+
+/// `evaluate` prints a row per scenario and policy, the same every run, and `--policy` picks the policies.
+#[test]
+fn evaluate_is_deterministic_and_filters_policies() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios");
+    let args = ["evaluate", "--scenarios", dir, "--rounds", "40"];
+    let a = controller(&args);
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    assert_eq!(text(&a.stdout), text(&controller(&args).stdout), "same input, same output");
+    let files = std::fs::read_dir(dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "toml")).count();
+    assert_eq!(text(&a.stdout).lines().count(), 2 + 3 * files, "{}", text(&a.stdout));
+    let j = controller(&["evaluate", "--scenarios", dir, "--rounds", "40", "--policy", "guarded", "--json"]);
+    let rows: Vec<serde_json::Value> = text(&j.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), files);
+    assert!(rows.iter().all(|r| r["policy"] == "guarded"));
+    let bad = controller(&["evaluate", "--scenarios", dir, "--policy", "best"]);
+    assert!(!bad.status.success() && text(&bad.stderr).contains("unknown policy"), "{}", text(&bad.stderr));
+}
+
+/// `--no-guard` is `--policy seed`: on all-on-one both move exactly one vCPU in the first computed round.
+#[test]
+fn no_guard_is_an_alias_of_seed_and_policy_is_selectable() {
+    for extra in [&["--no-guard"][..], &["--policy", "seed"][..], &["--policy", "guarded"][..]] {
+        let agent = Agent::start("all-on-one");
+        let mut args = vec!["run", "--host", agent.addr.as_str(), "--rounds", "2", "--interval", "200ms", "--json"];
+        args.extend_from_slice(extra);
+        let out = controller(&args);
+        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        let last: serde_json::Value = serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+        assert_eq!(last["moves"].as_array().unwrap().len(), 1, "{extra:?}: {last}");
+    }
 }

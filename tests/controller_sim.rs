@@ -254,3 +254,80 @@ async fn a_slow_host_skips_ticks_and_says_so() {
     let f = &by_host[&fast.addr];
     assert!(f.iter().all(|r| r.skipped_ticks == 0), "{f:#?}");
 }
+
+/// Runs the controller with `policy` on one agent and returns its reports; `between` runs after each report.
+async fn run_with(
+    addr: &str,
+    policy: PolicyConfig,
+    rounds: u64,
+    mut between: impl FnMut(&RoundReport),
+) -> Vec<RoundReport> {
+    let cfg = LoopConfig { interval: INTERVAL, policy, dry_run: false, rounds: Some(rounds), ..Default::default() };
+    let (tx, mut rx) = controller::report_channel(1);
+    let ctl = tokio::spawn(controller::run(vec![addr.to_string()], RPC_TIMEOUT, cfg, tx, CancellationToken::new()));
+    let mut rs = Vec::new();
+    while let Some(r) = rx.recv().await {
+        between(&r);
+        rs.push(r);
+    }
+    ctl.await.unwrap().unwrap();
+    rs
+}
+
+/// Operator constraints over real gRPC, for every policy: an excluded domain keeps its pCPU and affinity, a
+/// reserved pCPU ends empty and is never a pin target, and a vCPU pinned by hand mid-run stays where the
+/// operator put it, and the decision log says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraints_are_honoured_over_grpc() {
+    use vcpu_balancer::controller::policy::{Constraints, DomainMatcher, PolicyKind};
+    use vcpu_balancer::model::PinRequest;
+    for kind in PolicyKind::ALL {
+        // All eight 40 % VMs on pCPU 0 (reserved); db-1 is excluded and must stay there, pinned to 0 as it is.
+        let mut sc = common::builtin("all-on-one");
+        sc.domains[0].name = "db-1".into();
+        let a = SimAgent::start(&sc, SPEED).await;
+        let policy = PolicyConfig {
+            kind,
+            threshold: 10.0,
+            constraints: Constraints {
+                exclude: vec![DomainMatcher::parse("db-*")],
+                reserved: vec![0],
+                override_manual: false,
+            },
+        };
+        let hv = a.hv.clone();
+        let mut manual_done = false;
+        let rs = run_with(&a.addr, policy, 30, |r| {
+            // Once vm2 has been pinned by the controller, the operator pins it to pCPU 3 by hand.
+            if !manual_done && r.round >= 12 {
+                let p = hv.with_host(|h, _| h.placement("vm2")).unwrap();
+                if p.vcpus[0].affinity.len() == 1 && p.vcpus[0].affinity != vec![3] {
+                    let pin = PinRequest { domain: "vm2".into(), vcpu: 0, pcpus: vec![3], persist: false };
+                    hv.with_host(|h, now| h.apply_pins(&[pin], now)).unwrap()[0].clone().unwrap();
+                    manual_done = true;
+                }
+            }
+        })
+        .await;
+        assert!(manual_done, "{kind}: vm2 was never pinned by the controller");
+        assert!(rs.iter().all(|r| r.action.kind != ActionType::Error), "{kind}: {rs:#?}");
+        for r in &rs {
+            assert!(r.moves.iter().all(|m| m.to != 0 && m.domain != "db-1"), "{kind} round {}: {:?}", r.round, r.moves);
+        }
+        let stats = a.hv.with_host(|h, now| h.stats(now));
+        for d in &stats {
+            let v = &d.vcpus[0];
+            match d.name.as_str() {
+                "db-1" => assert_eq!((v.pcpu, v.affinity.clone()), (0, vec![0]), "{kind}: excluded domain touched"),
+                "vm2" => assert_eq!(v.affinity, vec![3], "{kind}: manual pin undone"),
+                _ => assert_ne!(v.pcpu, 0, "{kind}: {} left on reserved pCPU 0", d.name),
+            }
+        }
+        let manual = rs.iter().filter(|r| r.held.iter().any(|h| h.domain == "vm2")).count();
+        assert!(manual > 0, "{kind}: the reports never said vm2 was left alone");
+        assert!(
+            rs.iter().any(|r| r.action.reason.contains("pinned by someone else")),
+            "{kind}: decision log does not say so"
+        );
+    }
+}

@@ -1,5 +1,6 @@
 //! One task per host: every interval, sample the host, compute usage against the previous sample (which this task
-//! alone owns), decide, and apply the plan in one `ApplyPins`. A host that fails is retried with jittered
+//! alone owns), decide, and apply the plan in one `ApplyPins`. The task also owns the policy's state for its host,
+//! including the last pin it applied to each vCPU, which is how a pin made by someone else is recognised. A host that fails is retried with jittered
 //! exponential backoff and comes back with a fresh baseline; other hosts never wait for it.
 
 use std::time::Duration;
@@ -11,7 +12,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::client::AgentClient;
-use crate::controller::policy::{self, PolicyConfig};
+use crate::controller::policy::{self, PolicyConfig, PolicyState};
 use crate::controller::report::{ActionReport, ActionType, RoundReport};
 use crate::controller::usage;
 use crate::model::HostStats;
@@ -62,9 +63,17 @@ pub fn backoff_delay(interval: Duration, failures: u32, j: f64) -> Duration {
 /// State a host task keeps between rounds.
 struct HostState {
     prev: Option<HostStats>,
+    /// Kept across outages: the pins the controller applied are still the host's business when it comes back.
+    policy: PolicyState,
     failures: u32,
     next_attempt: Option<Instant>,
     was_down: bool,
+}
+
+impl HostState {
+    fn new() -> Self {
+        HostState { prev: None, policy: PolicyState::default(), failures: 0, next_attempt: None, was_down: false }
+    }
 }
 
 /// One host's round, without the timer: what the loop runs each tick, and what benchmarks drive directly.
@@ -77,7 +86,7 @@ pub struct HostWorker {
 
 impl HostWorker {
     pub fn new(client: AgentClient, cfg: LoopConfig, inflight: Arc<Semaphore>) -> Self {
-        HostWorker { client, cfg, inflight, st: HostState { prev: None, failures: 0, next_attempt: None, was_down: false } }
+        HostWorker { client, cfg, inflight, st: HostState::new() }
     }
 
     /// Samples the host, decides and applies; the previous sample stays in this worker for the next round.
@@ -99,7 +108,7 @@ pub async fn run_host(
     let mut ticker = tokio::time::interval(cfg.interval);
     // A round that overruns its interval makes the loop skip the ticks it missed rather than fire them in a burst.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let mut st = HostState { prev: None, failures: 0, next_attempt: None, was_down: false };
+    let mut st = HostState::new();
     let mut round: u64 = 0;
     let mut skipped: u64 = 0;
     loop {
@@ -176,7 +185,16 @@ async fn one_round(
     for (domain, why) in &u.fresh {
         tracing::info!(host = %host, domain = %domain, reason = why, "fresh baseline for domain");
     }
-    let plan = policy::decide(&u, &cfg.policy);
+    let (plan, mut next) = policy::decide(&u, &cfg.policy, &st.policy);
+    if cfg.dry_run {
+        // Nothing is moved in a dry run, so nothing may cool down: each round shows what a real run would do now.
+        next.last_moved.clone_from(&st.policy.last_moved);
+    }
+    st.policy = next;
+    for h in &plan.newly_manual {
+        tracing::info!(host = %host, domain = %h.domain, vcpu = h.vcpu, pcpu = h.pcpu,
+            "vCPU pinned by someone else since the controller's last pin: left where it is (--override-manual takes it back)");
+    }
     let mut report = RoundReport::from_plan(&host, round, &u, &plan, cfg.dry_run);
     if cfg.dry_run || plan.pins.is_empty() {
         return report;
@@ -189,16 +207,19 @@ async fn one_round(
         Ok(results) => {
             for (pin, r) in plan.pins.iter().zip(results) {
                 match r {
-                    Ok(()) => report.pins_applied += 1,
+                    Ok(()) => {
+                        report.pins_applied += 1;
+                        st.policy.record_applied(pin);
+                    }
                     Err(s) => report.pins_failed.push(format!("{} vCPU {}: {}", pin.domain, pin.vcpu, s.message())),
                 }
             }
             // A refused pin means the sample is stale (a domain went away): the next round re-reads the host.
-            if let Some(m) = &plan.movement {
-                let moved_ok = !report.pins_failed.iter().any(|f| f.starts_with(&format!("{} vCPU {}:", m.uuid, m.vcpu)));
-                if !moved_ok {
-                    report.action.reason.push_str(" (pin refused by the agent)");
-                }
+            let refused = |m: &policy::Move| {
+                report.pins_failed.iter().any(|f| f.starts_with(&format!("{} vCPU {}:", m.uuid, m.vcpu)))
+            };
+            if plan.moves.iter().any(refused) {
+                report.action.reason.push_str(" (pin refused by the agent)");
             }
         }
         Err(e) => {

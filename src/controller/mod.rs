@@ -6,9 +6,11 @@
 //! - [`report`]: what a round produced, as a log line or JSON.
 //! - [`show`]: one-shot views for operators (`show`, `pin`).
 //! - [`demo`]: simulated agents in-process with the controller on them.
+//! - [`evaluate`]: policies on simulated hosts in virtual time, with balancing metrics.
 
 pub mod client;
 pub mod demo;
+pub mod evaluate;
 pub mod host;
 pub mod policy;
 pub mod report;
