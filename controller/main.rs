@@ -2,12 +2,16 @@
 //! or runs the simulated demo. Parses flags, sets up tracing and signals, and hands over to the library.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vcpu_balancer::controller::{self, client, demo, policy, show, AgentClient, LoopConfig};
+use tonic::transport::ClientTlsConfig;
+use vcpu_balancer::certs;
+use vcpu_balancer::controller::{self, demo, policy, show, AgentClient, LoopConfig};
+use vcpu_balancer::security::TlsFiles;
 use vcpu_balancer::model::{parse_cpu_list, PinRequest};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
@@ -40,6 +44,45 @@ enum Cmd {
     Pin(PinArgs),
     /// Run the controller on simulated hosts in this process (no hypervisor needed).
     Demo(DemoArgs),
+    /// Make a CA and mutual-TLS certificates for the agents and the controller of a small fleet.
+    Certs(CertsArgs),
+}
+
+/// Mutual TLS to the agents: all three or none.
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// The controller's TLS certificate (PEM); with --tls-key and --tls-ca turns on mutual TLS.
+    #[arg(long, env = "VCPU_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The controller's TLS private key (PEM).
+    #[arg(long, env = "VCPU_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that must have signed every agent's certificate.
+    #[arg(long, env = "VCPU_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn client_config(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let files = TlsFiles::from_flags(self.tls_cert.clone(), self.tls_key.clone(), self.tls_ca.clone())?;
+        Ok(files.as_ref().map(TlsFiles::client_config).transpose()?)
+    }
+}
+
+#[derive(Debug, Args)]
+struct CertsArgs {
+    /// Directory to write into (created if missing; existing files are never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// Agent host, exactly as the controller dials it (DNS name or IP address, no port); repeat.
+    #[arg(long = "host", value_delimiter = ',', required = true)]
+    hosts: Vec<String>,
+    /// The controller's identity; agents let it pin by default only if it is the default.
+    #[arg(long, default_value = vcpu_balancer::security::DEFAULT_PIN_IDENTITY)]
+    controller_name: String,
+    /// Also make a read-only client certificate with this identity (e.g. for monitoring); repeat.
+    #[arg(long = "reader", value_delimiter = ',')]
+    readers: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +117,8 @@ struct RunArgs {
     /// Deadline of each RPC.
     #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
     rpc_timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +132,8 @@ struct ShowArgs {
     /// Deadline of each RPC.
     #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
     rpc_timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +156,8 @@ struct PinArgs {
     /// Deadline of the RPC.
     #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     rpc_timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -163,9 +212,10 @@ fn policy_of(p: &PolicyArgs) -> policy::PolicyConfig {
 }
 
 async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
-    for h in &a.hosts {
-        client::normalize_address(h)?;
-    }
+    let tls = a.tls.client_config()?;
+    // Every address is checked before any host is contacted: a typo refuses the whole command.
+    let clients =
+        a.hosts.iter().map(|h| AgentClient::with_tls(h, a.rpc_timeout, tls.as_ref())).collect::<Result<Vec<_>, _>>()?;
     if a.rpc_timeout * 2 > a.interval {
         tracing::warn!(rpc_timeout = ?a.rpc_timeout, interval = ?a.interval,
             "two RPC deadlines do not fit in one interval; slow hosts will skip ticks");
@@ -173,7 +223,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     let cfg = LoopConfig { interval: a.interval, policy: policy_of(&a.policy), dry_run: a.dry_run, rounds: a.rounds };
     let (tx, mut rx) = controller::report_channel(a.hosts.len());
     let stop = CancellationToken::new();
-    let ctl = tokio::spawn(controller::run(a.hosts.clone(), a.rpc_timeout, cfg, tx, stop.clone()));
+    let ctl = tokio::spawn(controller::run_clients(clients, cfg, tx, stop.clone()));
     let json = a.json;
     let printer = tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
@@ -187,7 +237,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         }
     });
     tokio::select! {
-        r = ctl => r??,
+        r = ctl => r?,
         () = vcpu_balancer::shutdown::signal() => {
             stop.cancel();
             if tokio::time::timeout(SHUTDOWN_GRACE, printer).await.is_err() {
@@ -201,7 +251,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
 }
 
 async fn cmd_show(a: ShowArgs) -> anyhow::Result<i32> {
-    let mut c = AgentClient::new(&a.host, a.rpc_timeout)?;
+    let mut c = AgentClient::with_tls(&a.host, a.rpc_timeout, a.tls.client_config()?.as_ref())?;
     let info = c.host_info().await?;
     let u = show::sample(&mut c, a.window).await?;
     let spread = policy::decide(&u, &policy::PolicyConfig::default()).spread;
@@ -219,7 +269,7 @@ async fn cmd_show(a: ShowArgs) -> anyhow::Result<i32> {
 }
 
 async fn cmd_pin(a: PinArgs) -> anyhow::Result<i32> {
-    let mut c = AgentClient::new(&a.host, a.rpc_timeout)?;
+    let mut c = AgentClient::with_tls(&a.host, a.rpc_timeout, a.tls.client_config()?.as_ref())?;
     let pin = PinRequest { domain: a.domain.clone(), vcpu: a.vcpu, pcpus: a.pcpu.0.clone(), persist: a.persist };
     match c.pin_vcpu(pin).await {
         Ok(()) => {
@@ -246,6 +296,18 @@ async fn cmd_demo(a: DemoArgs) -> anyhow::Result<i32> {
     Ok(if outcomes.values().all(demo::HostOutcome::done) { 0 } else { 1 })
 }
 
+fn cmd_certs(a: CertsArgs) -> anyhow::Result<i32> {
+    let spec = certs::FleetSpec { hosts: a.hosts, controller: a.controller_name, readers: a.readers };
+    for w in certs::generate_fleet(&a.out, &spec)? {
+        println!("{}  {}", w.path.display(), w.what);
+    }
+    println!(
+        "next: copy ca.crt and agent-HOST.crt/.key to each host (vcpu-agent --tls-cert --tls-key --tls-ca), and run \
+         the controller with --tls-cert controller.crt --tls-key controller.key --tls-ca ca.crt"
+    );
+    Ok(0)
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -257,6 +319,7 @@ async fn main() {
         Cmd::Show(a) => cmd_show(a).await,
         Cmd::Pin(a) => cmd_pin(a).await,
         Cmd::Demo(a) => cmd_demo(a).await,
+        Cmd::Certs(a) => cmd_certs(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

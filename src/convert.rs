@@ -24,6 +24,7 @@ pub fn code_of(kind: ErrorKind) -> Code {
         ErrorKind::NotFound => Code::NotFound,
         ErrorKind::InvalidArgument => Code::InvalidArgument,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::Internal => Code::Internal,
     }
@@ -237,6 +238,7 @@ mod tests {
             (AgentError::PcpuOutOfRange { domain: "x".into(), vcpu: 0, pcpu: 9, npcpus: 2 }, Code::InvalidArgument),
             (AgentError::PcpuOffline { domain: "x".into(), vcpu: 0, pcpu: 1 }, Code::InvalidArgument),
             (AgentError::EmptyPcpuList { domain: "x".into(), vcpu: 0 }, Code::InvalidArgument),
+            (AgentError::PermissionDenied("reader".into()), Code::PermissionDenied),
             (AgentError::Unavailable("down".into()), Code::Unavailable),
             (AgentError::Internal("?".into()), Code::Internal),
         ];
