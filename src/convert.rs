@@ -175,6 +175,11 @@ pub fn domain_arg(domain: &str) -> Result<(), AgentError> {
     if domain.len() > MAX_DOMAIN_LEN {
         return Err(AgentError::InvalidArgument(format!("domain is longer than {MAX_DOMAIN_LEN} bytes")));
     }
+    // libvirt's C API cannot take a NUL, and no domain name or UUID holds a control character: refuse them here so
+    // every backend answers the same INVALID_ARGUMENT instead of a backend-specific failure.
+    if domain.chars().any(char::is_control) {
+        return Err(AgentError::InvalidArgument(format!("domain {domain:?} contains a control character")));
+    }
     Ok(())
 }
 
