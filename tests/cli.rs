@@ -188,5 +188,13 @@ fn certs_then_mutual_tls_end_to_end() {
     assert!(s.status.success(), "a reader may show: {}", text(&s.stderr));
     let table = text(&s.stdout);
     assert!(table.lines().find(|l| l.contains("pCPU   2")).unwrap().contains("vm1/0"), "{table}");
+    // `run` over TLS: samples and decides like over plaintext.
+    let mut run: Vec<String> = ["run", "--host", &agent.addr, "--rounds", "2", "--interval", "200ms", "--json"].iter().map(|s| s.to_string()).collect();
+    run.extend(tls("controller"));
+    let r = Command::new(CONTROLLER).args(&run).output().unwrap();
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let rounds: Vec<serde_json::Value> = text(&r.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rounds.len(), 2);
+    assert_ne!(rounds[1]["action"]["type"], "error", "{}", text(&r.stdout));
     std::fs::remove_dir_all(&dir).unwrap();
 }
