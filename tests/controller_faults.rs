@@ -121,7 +121,8 @@ async fn a_host_that_dies_mid_run_comes_back_with_a_fresh_baseline() {
     }
     ctl.await.unwrap();
     let f = &by[&flaky.addr];
-    assert!(f[5].action.reason.contains("Unavailable"), "{:#?}", f[5]);
+    let first_err = f.iter().find(|r| r.action.kind == ActionType::Error).expect("the outage was reported");
+    assert!(first_err.round > 5 && first_err.action.reason.contains("Unavailable"), "{first_err:#?}");
     recovered(f);
     assert!(settled(f, 3), "{:#?}", f.last());
     healthy(&by[&live.addr], rounds);
@@ -147,9 +148,12 @@ async fn an_agent_restarted_between_rounds_gets_a_fresh_baseline() {
         rs.push(r);
     }
     ctl.await.unwrap();
-    // The restart happened between the reports of rounds 6 and 7; a connection reset may cost one error round.
-    let next = rs[6..].iter().find(|r| r.action.kind != ActionType::Error).unwrap();
-    assert_eq!(next.action.kind, ActionType::Baseline, "{next:#?}");
+    // The restart happened when round 6's report arrived; on a busy machine round 7 may have sampled the old process
+    // already, and a connection reset may cost an error round. The new process is baselined within two rounds.
+    let next = rs[6..9]
+        .iter()
+        .find(|r| r.action.kind == ActionType::Baseline)
+        .unwrap_or_else(|| panic!("no baseline after the restart: {:#?}", &rs[6..9]));
     assert!(
         next.action.reason.contains("agent restarted") || next.action.reason.contains("first sample"),
         "{}",
@@ -187,14 +191,22 @@ async fn restarted_and_replaced_domains_get_fresh_baselines() {
         rs.push(r);
     }
     ctl.await.unwrap();
+    // The change is made when round `round`'s report arrives; on a busy machine the next round may already have
+    // sampled, so the fresh baseline is the first round, at most two later, with no usage for the domain.
     let after = |round: u64, dom: &str| {
-        let r = rs.iter().find(|r| r.round == round + 1).unwrap();
+        let r = rs
+            .iter()
+            .filter(|r| r.round > round && r.round <= round + 2)
+            .find(|r| r.vcpus.iter().any(|v| v.domain == dom && v.usage.is_none()))
+            .unwrap_or_else(|| panic!("no fresh baseline for {dom} after round {round}: {rs:#?}"));
         assert_ne!(r.action.kind, ActionType::Error, "{r:#?}");
         let vs: Vec<_> = r.vcpus.iter().filter(|v| v.domain == dom).collect();
-        assert!(!vs.is_empty(), "{dom} in round {}", r.round);
         assert!(vs.iter().all(|v| v.usage.is_none()), "round {}: {vs:?}", r.round);
         // The other domains keep their usage: only the changed one starts over.
         assert!(r.vcpus.iter().filter(|v| v.domain != dom).all(|v| v.usage.is_some()), "{r:#?}");
+        // And it starts over once: the next round measures it again.
+        let next = rs.iter().find(|n| n.round == r.round + 1).unwrap();
+        assert!(next.vcpus.iter().filter(|v| v.domain == dom).all(|v| v.usage.is_some()), "{next:#?}");
     };
     after(5, "vm1");
     after(10, "vm2");

@@ -139,9 +139,12 @@ async fn an_agent_cut_off_mid_run_is_reported_and_rebalanced_after_it_returns() 
     }
     ctl.await.unwrap();
 
-    // Marked down from the first round after the cut: that round ended within its deadline, as an error.
-    let first_after_cut = &ra[CUT_AT as usize];
-    assert_eq!(first_after_cut.action.kind, ActionType::Error, "{first_after_cut:#?}");
+    // Marked down at once: the link went down when round CUT_AT's report arrived, so round CUT_AT+1 (or, if it had
+    // already sampled by then, CUT_AT+2) is an error, and every round until the restore is one.
+    let cut = CUT_AT as usize;
+    let first_err = ra[cut..].iter().position(|r| r.action.kind == ActionType::Error).expect("the cut was reported") + cut;
+    assert!(first_err <= cut + 1, "first error only at round {}: {:#?}", ra[first_err].round, &ra[cut..=first_err]);
+    assert!(ra[first_err..RESTORE_AT as usize].iter().all(|r| r.action.kind == ActionType::Error), "{ra:#?}");
     // Back after the link returns: a fresh baseline, then balanced again.
     let back = ra[RESTORE_AT as usize..].iter().position(|r| r.action.kind != ActionType::Error).expect("host a came back");
     assert_eq!(ra[RESTORE_AT as usize + back].action.kind, ActionType::Baseline);
