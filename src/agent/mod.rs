@@ -18,7 +18,7 @@ use crate::hypervisor::Hypervisor;
 use crate::model::PinRequest;
 use crate::pb;
 use crate::pb::agent_server::{Agent, AgentServer};
-use crate::security::PinPolicy;
+use crate::security::{self, PinPolicy};
 
 /// Longest a request may run on the agent before it is cancelled; a libvirt call stuck longer than this is not
 /// going to help a balancing round.
@@ -49,12 +49,18 @@ impl<H: Hypervisor> AgentService<H> {
     }
 
     // Checked before the request is even decoded into pins, so a refused caller learns nothing about the host and
-    // changes nothing.
-    fn may_pin<T>(&self, req: &Request<T>, method: &'static str) -> Result<(), Status> {
+    // changes nothing. Returns who the caller is, for the audit log of every pin.
+    fn may_pin<T>(&self, req: &Request<T>, method: &'static str) -> Result<String, Status> {
         let certs = req.peer_certs();
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into());
         self.pins.check(certs.as_deref().map(Vec::as_slice)).map_err(|e| {
-            warn!(method, peer = ?req.remote_addr(), error = %e, "pin refused");
+            warn!(method, peer = %peer, error = %e, "pin refused");
             Status::from(e)
+        })?;
+        let names = certs.as_deref().and_then(|c| c.first()).map(|leaf| security::identities(leaf.as_ref()));
+        Ok(match names {
+            Some(n) if !n.is_empty() => format!("{}@{peer}", n[0]),
+            _ => peer,
         })
     }
 }
@@ -94,12 +100,12 @@ impl<H: Hypervisor> Agent for AgentService<H> {
     }
 
     async fn pin_vcpu(&self, req: Request<pb::PinVcpuRequest>) -> Result<Response<pb::PinVcpuResponse>, Status> {
-        self.may_pin(&req, "PinVcpu")?;
+        let client = self.may_pin(&req, "PinVcpu")?;
         let pin = PinRequest::try_from(req.into_inner())?;
         let mut results = self.hv.apply_pins(std::slice::from_ref(&pin)).await?;
         match results.pop() {
             Some(Ok(())) => {
-                info!(domain = %pin.domain, vcpu = pin.vcpu, pcpus = ?pin.pcpus, "pinned by request");
+                info!(client = %client, domain = %pin.domain, vcpu = pin.vcpu, pcpus = ?pin.pcpus, "pinned by request");
                 Ok(Response::new(pb::PinVcpuResponse {}))
             }
             Some(Err(e)) => Err(e.into()),
@@ -111,7 +117,7 @@ impl<H: Hypervisor> Agent for AgentService<H> {
         &self,
         req: Request<pb::ApplyPinsRequest>,
     ) -> Result<Response<pb::ApplyPinsResponse>, Status> {
-        self.may_pin(&req, "ApplyPins")?;
+        let client = self.may_pin(&req, "ApplyPins")?;
         let pins = convert::pins_from_pb(req.into_inner().pins)?;
         let results = self.hv.apply_pins(&pins).await?;
         if results.len() != pins.len() {
@@ -119,7 +125,7 @@ impl<H: Hypervisor> Agent for AgentService<H> {
         }
         for (pin, r) in pins.iter().zip(&results) {
             match r {
-                Ok(()) => info!(domain = %pin.domain, vcpu = pin.vcpu, pcpus = ?pin.pcpus, "pinned"),
+                Ok(()) => info!(client = %client, domain = %pin.domain, vcpu = pin.vcpu, pcpus = ?pin.pcpus, "pinned"),
                 Err(e) => warn!(domain = %pin.domain, vcpu = pin.vcpu, error = %e, "pin failed"),
             }
         }
