@@ -75,6 +75,10 @@ fn check_name(name: &str) -> Result<(), CertError> {
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':')) {
         return Err(bad("use letters, digits, '.', '-', '_' (or an IP address)"));
     }
+    // A ':' belongs only in an IPv6 address; "hv1:50151" is a host with a port, which no certificate can name.
+    if name.contains(':') && name.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(bad("give the host without a port (the certificate names the host, not the port)"));
+    }
     Ok(())
 }
 
@@ -204,6 +208,9 @@ mod tests {
         assert!(matches!(generate_fleet(&dir, &spec), Err(CertError::BadName { .. })));
         assert!(!dir.exists());
         assert!(matches!(generate_fleet(&dir, &FleetSpec::new(vec![])), Err(CertError::NoHosts)));
+        let with_port = FleetSpec::new(vec!["hv1:50151".into()]);
+        assert!(matches!(generate_fleet(&dir, &with_port), Err(CertError::BadName { .. })));
+        assert!(!dir.exists());
     }
 
     fn rustls_pemfile_der(pem: &[u8]) -> Vec<u8> {
