@@ -9,6 +9,8 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use vcpu_balancer::agent::fleet;
 use vcpu_balancer::hypervisor::sim::{scenario, MonotonicClock, Scenario, SimHypervisor};
+use vcpu_balancer::agent::ServeOptions;
+use vcpu_balancer::security::{self, PinPolicy, TlsFiles};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
 /// Exit code for invalid configuration (sysexits EX_USAGE).
@@ -49,6 +51,22 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, env = "VCPU_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// This agent's TLS certificate (PEM); with --tls-key and --tls-ca turns on mutual TLS.
+    #[arg(long, env = "VCPU_AGENT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// This agent's TLS private key (PEM).
+    #[arg(long, env = "VCPU_AGENT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that must have signed every client's certificate.
+    #[arg(long, env = "VCPU_AGENT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client identity (certificate CN or DNS SAN) allowed to pin; repeat, or comma-separate in the env. Others may
+    /// only read. Default with TLS: "vcpu-controller".
+    #[arg(long = "pin-allow", env = "VCPU_AGENT_PIN_ALLOW", value_delimiter = ',')]
+    pin_allow: Vec<String>,
+    /// Serve plaintext on a non-loopback address (anyone who reaches the port can pin: firewall it).
+    #[arg(long, env = "VCPU_AGENT_INSECURE")]
+    insecure: bool,
 }
 
 fn load_scenario(arg: &str) -> anyhow::Result<Scenario> {
@@ -63,9 +81,24 @@ fn load_scenario(arg: &str) -> anyhow::Result<Scenario> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let tls = TlsFiles::from_flags(cli.tls_cert.clone(), cli.tls_key.clone(), cli.tls_ca.clone())?;
+    security::check_listen(cli.listen, tls.is_some(), cli.insecure)?;
+    if !cli.pin_allow.is_empty() && tls.is_none() {
+        anyhow::bail!("--pin-allow needs TLS: without client certificates there are no identities to allow");
+    }
+    let opts = ServeOptions {
+        tls: tls.as_ref().map(TlsFiles::server_config).transpose()?,
+        pins: PinPolicy::for_agent(tls.is_some(), &cli.pin_allow),
+    };
+    if tls.is_none() {
+        tracing::warn!(listen = %cli.listen, "serving plaintext: every client that reaches this port may pin");
+    }
     if cli.sim_hosts > 1 || cli.listen_base.is_some() {
         if cli.backend != Backend::Sim {
             anyhow::bail!("--sim-hosts and --listen-base only apply to --backend sim");
+        }
+        if tls.is_some() {
+            anyhow::bail!("a simulated fleet (--sim-hosts) serves plaintext only; drop the TLS flags");
         }
         let sc = load_scenario(&cli.scenario)?;
         fleet::raise_fd_limit();
@@ -97,14 +130,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             tracing::info!(scenario = %cli.scenario, pcpus = sc.pcpus, domains = sc.domains.len(), "simulated host");
             let hv = Arc::new(SimHypervisor::new(&sc, name, Arc::new(MonotonicClock::new())));
-            vcpu_balancer::agent::serve(hv, listener, vcpu_balancer::shutdown::signal()).await?;
+            vcpu_balancer::agent::serve_with(hv, listener, opts, vcpu_balancer::shutdown::signal()).await?;
         }
         Backend::Libvirt => {
             #[cfg(feature = "libvirt")]
             {
                 let hv = Arc::new(vcpu_balancer::hypervisor::libvirt::LibvirtHypervisor::new(&cli.uri));
                 tracing::info!(uri = %cli.uri, "libvirt backend");
-                vcpu_balancer::agent::serve(hv, listener, vcpu_balancer::shutdown::signal()).await?;
+                vcpu_balancer::agent::serve_with(hv, listener, opts, vcpu_balancer::shutdown::signal()).await?;
             }
             #[cfg(not(feature = "libvirt"))]
             anyhow::bail!(

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::ClientTlsConfig;
+use vcpu_balancer::certs;
 use vcpu_balancer::controller::policy::{Constraints, DomainMatcher, PolicyKind};
-use vcpu_balancer::controller::{self, client, demo, evaluate, host, policy, show, AgentClient, LoopConfig};
+use vcpu_balancer::controller::{self, demo, evaluate, host, policy, show, AgentClient, LoopConfig};
+use vcpu_balancer::security::TlsFiles;
 use vcpu_balancer::model::{parse_cpu_list, PinRequest};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
@@ -43,6 +46,45 @@ enum Cmd {
     Demo(DemoArgs),
     /// Evaluate policies on scenario files in virtual time and print a table of balancing metrics.
     Evaluate(EvaluateArgs),
+    /// Make a CA and mutual-TLS certificates for the agents and the controller of a small fleet.
+    Certs(CertsArgs),
+}
+
+/// Mutual TLS to the agents: all three or none.
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// The controller's TLS certificate (PEM); with --tls-key and --tls-ca turns on mutual TLS.
+    #[arg(long, env = "VCPU_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The controller's TLS private key (PEM).
+    #[arg(long, env = "VCPU_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that must have signed every agent's certificate.
+    #[arg(long, env = "VCPU_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn client_config(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let files = TlsFiles::from_flags(self.tls_cert.clone(), self.tls_key.clone(), self.tls_ca.clone())?;
+        Ok(files.as_ref().map(TlsFiles::client_config).transpose()?)
+    }
+}
+
+#[derive(Debug, Args)]
+struct CertsArgs {
+    /// Directory to write into (created if missing; existing files are never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// Agent host, exactly as the controller dials it (DNS name or IP address, no port); repeat.
+    #[arg(long = "host", value_delimiter = ',', required = true)]
+    hosts: Vec<String>,
+    /// The controller's identity; agents let it pin by default only if it is the default.
+    #[arg(long, default_value = vcpu_balancer::security::DEFAULT_PIN_IDENTITY)]
+    controller_name: String,
+    /// Also make a read-only client certificate with this identity (e.g. for monitoring); repeat.
+    #[arg(long = "reader", value_delimiter = ',')]
+    readers: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +165,8 @@ struct RunArgs {
     /// Most RPCs in flight at once across all hosts.
     #[arg(long, env = "VCPU_MAX_INFLIGHT", default_value_t = host::DEFAULT_MAX_INFLIGHT, value_parser = parse_positive)]
     max_inflight: usize,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +180,8 @@ struct ShowArgs {
     /// Deadline of each RPC.
     #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
     rpc_timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +204,8 @@ struct PinArgs {
     /// Deadline of the RPC.
     #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     rpc_timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -234,9 +282,10 @@ fn policy_of(p: &PolicyArgs) -> policy::PolicyConfig {
 
 async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     vcpu_balancer::agent::fleet::raise_fd_limit();
-    for h in &a.hosts {
-        client::normalize_address(h)?;
-    }
+    let tls = a.tls.client_config()?;
+    // Every address is checked before any host is contacted: a typo refuses the whole command.
+    let clients =
+        a.hosts.iter().map(|h| AgentClient::with_tls(h, a.rpc_timeout, tls.as_ref())).collect::<Result<Vec<_>, _>>()?;
     if a.rpc_timeout * 2 > a.interval {
         tracing::warn!(rpc_timeout = ?a.rpc_timeout, interval = ?a.interval,
             "two RPC deadlines do not fit in one interval; slow hosts will skip ticks");
@@ -250,7 +299,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     };
     let (tx, mut rx) = controller::report_channel(a.hosts.len());
     let stop = CancellationToken::new();
-    let ctl = tokio::spawn(controller::run(a.hosts.clone(), a.rpc_timeout, cfg, tx, stop.clone()));
+    let ctl = tokio::spawn(controller::run_clients(clients, cfg, tx, stop.clone()));
     let json = a.json;
     let printer = tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
@@ -264,7 +313,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         }
     });
     tokio::select! {
-        r = ctl => r??,
+        r = ctl => r?,
         () = vcpu_balancer::shutdown::signal() => {
             stop.cancel();
             if tokio::time::timeout(SHUTDOWN_GRACE, printer).await.is_err() {
@@ -278,7 +327,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
 }
 
 async fn cmd_show(a: ShowArgs) -> anyhow::Result<i32> {
-    let mut c = AgentClient::new(&a.host, a.rpc_timeout)?;
+    let mut c = AgentClient::with_tls(&a.host, a.rpc_timeout, a.tls.client_config()?.as_ref())?;
     let info = c.host_info().await?;
     let u = show::sample(&mut c, a.window).await?;
     let spread = policy::decide_once(&u, &policy::PolicyConfig::default()).spread;
@@ -296,7 +345,7 @@ async fn cmd_show(a: ShowArgs) -> anyhow::Result<i32> {
 }
 
 async fn cmd_pin(a: PinArgs) -> anyhow::Result<i32> {
-    let mut c = AgentClient::new(&a.host, a.rpc_timeout)?;
+    let mut c = AgentClient::with_tls(&a.host, a.rpc_timeout, a.tls.client_config()?.as_ref())?;
     let pin = PinRequest { domain: a.domain.clone(), vcpu: a.vcpu, pcpus: a.pcpu.0.clone(), persist: a.persist };
     match c.pin_vcpu(pin).await {
         Ok(()) => {
@@ -346,6 +395,18 @@ fn cmd_evaluate(a: EvaluateArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+fn cmd_certs(a: CertsArgs) -> anyhow::Result<i32> {
+    let spec = certs::FleetSpec { hosts: a.hosts, controller: a.controller_name, readers: a.readers };
+    for w in certs::generate_fleet(&a.out, &spec)? {
+        println!("{}  {}", w.path.display(), w.what);
+    }
+    println!(
+        "next: copy ca.crt and agent-HOST.crt/.key to each host (vcpu-agent --tls-cert --tls-key --tls-ca), and run \
+         the controller with --tls-cert controller.crt --tls-key controller.key --tls-ca ca.crt"
+    );
+    Ok(0)
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -358,6 +419,7 @@ async fn main() {
         Cmd::Pin(a) => cmd_pin(a).await,
         Cmd::Demo(a) => cmd_demo(a).await,
         Cmd::Evaluate(a) => cmd_evaluate(a),
+        Cmd::Certs(a) => cmd_certs(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

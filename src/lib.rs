@@ -7,18 +7,22 @@
 //! - [`hypervisor`]: the `Hypervisor` trait and its backends: `libvirt` (feature `libvirt`) and `sim`.
 //! - [`agent`]: the gRPC service, generic over a `Hypervisor`, plus health and reflection.
 //! - [`controller`]: usage maths and policy (pure), the per-host loop, the gRPC client, reports, the demo.
+//! - [`certs`]: a private CA and the certificates of a small fleet (`vcpu-controller certs`).
+//! - [`security`]: mutual TLS settings, the pin allow-list and the plaintext listen check.
 //! - [`shutdown`]: SIGINT/SIGTERM handling shared by both binaries.
 //!
 //! The binaries in `agent/` and `controller/` only parse flags, set up tracing and call into this library.
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod certs;
 pub mod controller;
 pub mod convert;
 pub mod error;
 pub mod hypervisor;
 pub mod model;
 pub mod pb;
+pub mod security;
 pub mod shutdown;
 pub mod telemetry;
 

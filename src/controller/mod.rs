@@ -39,6 +39,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
     let clients = hosts.iter().map(|h| AgentClient::new(h, rpc_timeout)).collect::<Result<Vec<_>, _>>()?;
+    run_clients(clients, cfg, out, shutdown).await;
+    Ok(())
+}
+
+/// Runs one task per client (for example TLS clients made with [`AgentClient::with_tls`]) like [`run`].
+pub async fn run_clients(
+    clients: Vec<AgentClient>,
+    cfg: LoopConfig,
+    out: mpsc::Sender<RoundReport>,
+    shutdown: CancellationToken,
+) {
     let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for client in clients {
@@ -50,7 +61,6 @@ pub async fn run(
             tracing::error!(error = %e, "host task panicked");
         }
     }
-    Ok(())
 }
 
 /// A channel sized for `hosts` hosts.
