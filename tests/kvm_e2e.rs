@@ -123,8 +123,13 @@ impl Agent {
 
 /// Runs the controller on `addr` for `rounds` rounds; `at_round(n)` runs after round n's report (to change the
 /// world mid-run). Returns the reports in order.
-async fn balance(addr: &str, rounds: u64, mut at_round: impl FnMut(u64)) -> Vec<RoundReport> {
-    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: Some(rounds), ..Default::default() };
+async fn balance(addr: &str, rounds: u64, at_round: impl FnMut(u64)) -> Vec<RoundReport> {
+    balance_with(addr, PolicyConfig::default(), rounds, at_round).await
+}
+
+/// [`balance`] with a given policy and constraints.
+async fn balance_with(addr: &str, policy: PolicyConfig, rounds: u64, mut at_round: impl FnMut(u64)) -> Vec<RoundReport> {
+    let cfg = LoopConfig { interval: INTERVAL, policy, dry_run: false, rounds: Some(rounds), ..Default::default() };
     let (tx, mut rx) = controller::report_channel(1);
     let ctl = tokio::spawn(controller::run(vec![addr.to_string()], RPC_TIMEOUT, cfg, tx, CancellationToken::new()));
     let mut out = Vec::new();
@@ -307,4 +312,62 @@ async fn guests_come_and_go() {
     assert!(rs[first_seen..].iter().any(|r| r.pins_applied > 0), "the controller acted after the new guest came");
     assert!(settled_at(&rs, 4).is_some(), "balanced at the end: {:#?}", rs.last());
     assert_eq!(virsh_vcpupin(&new)[0].len(), 1, "the new guest is pinned");
+}
+
+/// 7. The operator's constraints hold on real guests, for every policy: an excluded domain is never pinned, a
+///    reserved pCPU is never a target and the vCPU found there is moved off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excluded_domains_and_reserved_pcpus_on_real_guests() {
+    use vcpu_balancer::controller::policy::{Constraints, DomainMatcher, PolicyKind};
+    let _s = SERIAL.lock().await;
+    for kind in [PolicyKind::Seed, PolicyKind::Guarded, PolicyKind::Converge] {
+        let tb = Testbed::up("vcbe2e7", &["ex:30", "r:20:1", "s:20:0"]);
+        let (ex, r, s) = (tb.dom("ex"), tb.dom("r"), tb.dom("s"));
+        let ex_before = virsh_vcpupin(&ex);
+        assert_eq!(ex_before[0].len(), 2, "the excluded guest starts unpinned");
+        let agent = Agent::start();
+        let constraints = Constraints {
+            exclude: vec![DomainMatcher::parse("vcbe2e7-ex")],
+            reserved: vec![1],
+            override_manual: false,
+        };
+        let policy = PolicyConfig { kind, constraints, ..PolicyConfig::default() };
+        let rs = balance_with(&agent.addr, policy, 7, |_| {}).await;
+        assert!(rs.iter().all(|x| x.action.kind != ActionType::Error), "{kind:?}: {rs:#?}");
+        assert_eq!(virsh_vcpupin(&ex), ex_before, "{kind:?}: the excluded guest was pinned");
+        assert_eq!(virsh_vcpupin(&r), vec![vec![0]], "{kind:?}: the guest on the reserved pCPU was moved off");
+        assert_eq!(virsh_vcpupin(&s), vec![vec![0]], "{kind:?}: nothing was moved to the reserved pCPU");
+        assert!(rs.iter().flat_map(|x| &x.moves).all(|m| m.to != 1), "{kind:?}: a move targeted the reserved pCPU");
+        drop(agent);
+        drop(tb);
+    }
+}
+
+/// 8. A vCPU pinned by hand (with virsh) while the controller runs is left where the operator put it, for every
+///    policy, and the decision log says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_pins_on_real_guests_are_left_alone() {
+    use vcpu_balancer::controller::policy::PolicyKind;
+    let _s = SERIAL.lock().await;
+    for kind in [PolicyKind::Seed, PolicyKind::Guarded, PolicyKind::Converge] {
+        // 40 | 40. The operator then puts a on pCPU 1 (0 | 80): the controller may balance with b, never with a.
+        let tb = Testbed::up("vcbe2e8", &["a:40:0", "b:40:1"]);
+        let a = tb.dom("a");
+        let agent = Agent::start();
+        let policy = PolicyConfig { kind, ..PolicyConfig::default() };
+        let rs = balance_with(&agent.addr, policy, 9, |n| {
+            if n == 3 {
+                virsh(&["vcpupin", &a, "0", "1"]);
+            }
+        })
+        .await;
+        assert!(rs.iter().all(|x| x.action.kind != ActionType::Error), "{kind:?}: {rs:#?}");
+        assert_eq!(virsh_vcpupin(&a), vec![vec![1]], "{kind:?}: the hand-pinned guest was moved: {rs:#?}");
+        assert!(
+            rs.iter().any(|x| x.action.reason.contains("pinned by someone else")),
+            "{kind:?}: the decision log does not say why a was left alone: {rs:#?}"
+        );
+        drop(agent);
+        drop(tb);
+    }
 }

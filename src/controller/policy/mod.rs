@@ -328,7 +328,7 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
         let (ex, man) = (n(HeldWhy::Excluded), n(HeldWhy::Manual));
         reason.push_str(&format!("; left alone: {ex} vCPU(s) of excluded domains, {man} vCPU(s) pinned by someone else"));
     }
-    let pins = u
+    let pins: Vec<PinRequest> = u
         .vcpus
         .iter()
         .enumerate()
@@ -349,8 +349,22 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
             })
         })
         .collect();
+    remember_seen(u, &is_held, &pins, &mut next);
     let plan = Plan { spread, busiest: Some(busiest), freest: Some(freest), moves, reason, held, newly_manual, pins };
     (plan, next)
+}
+
+/// Remembers the affinity of every vCPU this round leaves as it is, so that a later change this controller did not
+/// make (an operator's `virsh vcpupin`) is recognised as a manual pin even on a vCPU the controller never had to
+/// pin itself. vCPUs held back keep what was remembered; vCPUs about to be pinned are recorded when the agent
+/// applies the pin ([`PolicyState::record_applied`]).
+fn remember_seen(u: &HostUsage, is_held: &[bool], pins: &[PinRequest], next: &mut PolicyState) {
+    for (v, held) in u.vcpus.iter().zip(is_held) {
+        if *held || pins.iter().any(|p| p.domain == v.uuid && p.vcpu == v.vcpu) {
+            continue;
+        }
+        next.last_pins.insert((v.uuid.clone(), v.vcpu), v.affinity.clone());
+    }
 }
 
 /// One decision without memory (for one-shot views such as `show`).
@@ -558,7 +572,21 @@ pub(crate) mod tests {
         state.record_applied(&PinRequest { domain: "uuid-a".into(), vcpu: 0, pcpus: vec![1], persist: false });
         let (p, next) = decide(&h, &cfg(PolicyKind::Guarded), &state);
         assert!(p.held.is_empty(), "{p:?}");
-        assert!(next.last_pins.is_empty());
+        assert_ne!(next.last_pins.get(&("uuid-a".to_string(), 0)), Some(&vec![1]), "the old pin is forgotten");
+    }
+
+    #[test]
+    fn a_vcpu_seen_pinned_then_repinned_by_someone_else_is_manual() {
+        // The controller never pinned a: it found it on pCPU 0 and left it there. Then an operator moved it.
+        let before = host(2, &[("a", 0, 40.0, true), ("b", 1, 40.0, true)]);
+        for k in [PolicyKind::Seed, PolicyKind::Guarded, PolicyKind::Converge] {
+            let (_, state) = decide(&before, &cfg(k), &PolicyState::default());
+            let after = host(2, &[("a", 1, 40.0, true), ("b", 1, 40.0, true)]);
+            let (p, _) = decide(&after, &cfg(k), &state);
+            assert!(p.held.iter().any(|h| h.domain == "a" && h.why == HeldWhy::Manual), "{k}: {p:?}");
+            assert!(p.pins.iter().all(|x| x.domain != "uuid-a"), "{k}: a is left where the operator put it");
+            assert!(p.reason.contains("pinned by someone else"), "{k}: {}", p.reason);
+        }
     }
 
     #[test]
