@@ -8,17 +8,7 @@ use tonic::Code;
 use vcpu_balancer::pb;
 use vcpu_balancer::pb::agent_client::AgentClient;
 
-const SCENARIO: &str = r#"
-pcpus = 4
-[[domain]]
-name = "vm1"
-vcpus = 2
-affinity = [0]
-load = 50
-[[domain]]
-name = "vm2"
-load = 20
-"#;
+const SCENARIO: &str = common::SMALL_HOST;
 
 async fn setup() -> (SimAgent, AgentClient<tonic::transport::Channel>) {
     let agent = SimAgent::start(&common::scenario(SCENARIO), 1.0).await;

@@ -9,6 +9,8 @@
 //! `PROPTEST_CASES=100000 cargo test --release --test fuzz_requests` runs it longer. Cases it found are kept at the
 //! bottom as plain regression tests.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -22,18 +24,7 @@ use vcpu_balancer::pb;
 use vcpu_balancer::pb::agent_server::Agent;
 
 const PCPUS: u32 = 4;
-const SCENARIO: &str = r#"
-pcpus = 4
-[[domain]]
-name = "vm1"
-vcpus = 2
-affinity = [0]
-load = 50
-[[domain]]
-name = "vm2"
-vcpus = 1
-load = 20
-"#;
+const SCENARIO: &str = common::SMALL_HOST;
 
 type Placement = BTreeMap<String, Vec<Vec<u32>>>;
 

@@ -56,6 +56,19 @@ impl SimAgent {
     }
 }
 
+/// A small host for contract tests: 4 pCPUs, `vm1` with 2 vCPUs pinned to pCPU 0 and `vm2` unpinned.
+pub const SMALL_HOST: &str = r#"
+pcpus = 4
+[[domain]]
+name = "vm1"
+vcpus = 2
+affinity = [0]
+load = 50
+[[domain]]
+name = "vm2"
+load = 20
+"#;
+
 /// A built-in scenario by name.
 pub fn builtin(name: &str) -> Scenario {
     vcpu_balancer::hypervisor::sim::scenario::builtin(name).expect("built-in scenario")
