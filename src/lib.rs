@@ -7,6 +7,7 @@
 //! - [`hypervisor`]: the `Hypervisor` trait and its backends: `libvirt` (feature `libvirt`) and `sim`.
 //! - [`agent`]: the gRPC service, generic over a `Hypervisor`, plus health and reflection.
 //! - [`controller`]: usage maths and policy (pure), the per-host loop, the gRPC client, reports, the demo.
+//! - [`metrics`]: Prometheus metrics of both binaries; [`http`]: `/metrics`, the status page and `/api/state`.
 //! - [`shutdown`]: SIGINT/SIGTERM handling shared by both binaries.
 //!
 //! The binaries in `agent/` and `controller/` only parse flags, set up tracing and call into this library.
@@ -16,7 +17,9 @@ pub mod agent;
 pub mod controller;
 pub mod convert;
 pub mod error;
+pub mod http;
 pub mod hypervisor;
+pub mod metrics;
 pub mod model;
 pub mod pb;
 pub mod shutdown;

@@ -12,6 +12,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+pub mod metrics_layer;
+
 use crate::convert;
 use crate::hypervisor::Hypervisor;
 use crate::model::PinRequest;
@@ -112,6 +114,16 @@ pub async fn serve<H: Hypervisor>(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with_metrics(hv, listener, shutdown, None).await
+}
+
+/// [`serve`], and when `metrics` is given, every `vcpu.v1.Agent` call is timed and its errors counted.
+pub async fn serve_with_metrics<H: Hypervisor>(
+    hv: Arc<H>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    metrics: Option<Arc<crate::metrics::AgentMetrics>>,
+) -> Result<(), tonic::transport::Error> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AgentServer<AgentService<H>>>().await;
@@ -130,6 +142,7 @@ pub async fn serve<H: Hypervisor>(
     let incoming = TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .timeout(SERVER_REQUEST_TIMEOUT)
+        .layer(metrics_layer::MetricsLayer::new(metrics))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(svc)

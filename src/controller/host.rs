@@ -85,11 +85,14 @@ pub async fn run_host(
                 cfg.dry_run,
             )
         } else {
-            tokio::select! {
+            let started = Instant::now();
+            let mut r = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 r = one_round(&mut client, &cfg, &mut st, round) => r,
-            }
+            };
+            r.duration = Some(started.elapsed());
+            r
         };
         report.log();
         if out.send(report).await.is_err() {

@@ -58,6 +58,9 @@ pub struct RoundReport {
     /// Pins the agent refused, with its message.
     pub pins_failed: Vec<String>,
     pub dry_run: bool,
+    /// How long the round took (for the round-duration histogram); not part of the JSON line.
+    #[serde(skip)]
+    pub duration: Option<std::time::Duration>,
 }
 
 impl RoundReport {
@@ -88,6 +91,7 @@ impl RoundReport {
             pins_applied: 0,
             pins_failed: Vec::new(),
             dry_run,
+            duration: None,
         }
     }
 
@@ -103,6 +107,7 @@ impl RoundReport {
             pins_applied: 0,
             pins_failed: Vec::new(),
             dry_run,
+            duration: None,
         }
     }
 
