@@ -6,8 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
+use vcpu_balancer::hypervisor::instrumented::Instrumented;
 use vcpu_balancer::hypervisor::sim::{scenario, MonotonicClock, Scenario, SimHypervisor};
+use vcpu_balancer::hypervisor::Hypervisor;
+use vcpu_balancer::metrics::AgentMetrics;
 use vcpu_balancer::telemetry::{self, LogFormat};
 
 /// Exit code for invalid configuration (sysexits EX_USAGE).
@@ -28,8 +31,8 @@ struct Cli {
     #[arg(long, env = "VCPU_AGENT_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], vcpu_balancer::DEFAULT_AGENT_PORT)))]
     listen: SocketAddr,
     /// Which hypervisor to serve.
-    #[arg(long, env = "VCPU_AGENT_BACKEND", value_enum)]
-    backend: Backend,
+    #[arg(long, env = "VCPU_AGENT_BACKEND", value_enum, required = true)]
+    backend: Option<Backend>,
     /// libvirt connection URI (backend libvirt).
     #[arg(long, env = "VCPU_AGENT_URI", default_value = "qemu:///system")]
     uri: String,
@@ -42,6 +45,33 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, env = "VCPU_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Serve Prometheus metrics on this address at /metrics, e.g. 0.0.0.0:9182.
+    #[arg(long, env = "VCPU_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Print a shell completion script on stdout and exit.
+    #[arg(long, value_name = "SHELL", exclusive = true)]
+    completions: Option<clap_complete::Shell>,
+    /// Print the man page (roff) on stdout and exit; used to build the Debian package.
+    #[arg(long, hide = true, exclusive = true)]
+    man: bool,
+}
+
+/// Serves `hv`, timed and counted at the `Hypervisor` boundary when metrics are on.
+async fn serve_backend<H: Hypervisor>(
+    hv: Arc<H>,
+    backend: &'static str,
+    listener: tokio::net::TcpListener,
+    metrics: Option<Arc<AgentMetrics>>,
+) -> anyhow::Result<()> {
+    let shutdown = vcpu_balancer::shutdown::signal();
+    match metrics {
+        Some(m) => {
+            let hv = Arc::new(Instrumented::new(hv, backend, m.clone()));
+            vcpu_balancer::agent::serve_with_metrics(hv, listener, shutdown, Some(m)).await?;
+        }
+        None => vcpu_balancer::agent::serve(hv, listener, shutdown).await?,
+    }
+    Ok(())
 }
 
 fn load_scenario(arg: &str) -> anyhow::Result<Scenario> {
@@ -59,7 +89,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
-    match cli.backend {
+    let metrics = match cli.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            let m = AgentMetrics::new();
+            let router = vcpu_balancer::http::metrics_router(m.clone());
+            tokio::spawn(vcpu_balancer::http::serve(l, router, vcpu_balancer::shutdown::signal()));
+            Some(m)
+        }
+        None => None,
+    };
+    match cli.backend.context("--backend is required")? {
         Backend::Sim => {
             let sc = load_scenario(&cli.scenario)?;
             let name = cli.sim_hostname.unwrap_or_else(|| {
@@ -67,14 +107,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             tracing::info!(scenario = %cli.scenario, pcpus = sc.pcpus, domains = sc.domains.len(), "simulated host");
             let hv = Arc::new(SimHypervisor::new(&sc, name, Arc::new(MonotonicClock::new())));
-            vcpu_balancer::agent::serve(hv, listener, vcpu_balancer::shutdown::signal()).await?;
+            serve_backend(hv, "sim", listener, metrics).await?;
         }
         Backend::Libvirt => {
             #[cfg(feature = "libvirt")]
             {
                 let hv = Arc::new(vcpu_balancer::hypervisor::libvirt::LibvirtHypervisor::new(&cli.uri));
                 tracing::info!(uri = %cli.uri, "libvirt backend");
-                vcpu_balancer::agent::serve(hv, listener, vcpu_balancer::shutdown::signal()).await?;
+                serve_backend(hv, "libvirt", listener, metrics).await?;
             }
             #[cfg(not(feature = "libvirt"))]
             anyhow::bail!(
@@ -91,6 +131,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    if cli.man || cli.completions.is_some() {
+        let mut c = Cli::command();
+        let mut out = std::io::stdout();
+        match cli.completions {
+            Some(shell) => clap_complete::generate(shell, &mut c, "vcpu-agent", &mut out),
+            None => {
+                if let Err(e) = clap_mangen::Man::new(c).render(&mut out) {
+                    eprintln!("vcpu-agent: error: {e}");
+                    std::process::exit(EX_USAGE);
+                }
+            }
+        }
+        return;
+    }
     telemetry::init(cli.log_format, "info");
     if let Err(e) = run(cli).await {
         eprintln!("vcpu-agent: error: {e:#}");

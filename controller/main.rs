@@ -2,12 +2,18 @@
 //! or runs the simulated demo. Parses flags, sets up tracing and signals, and hands over to the library.
 
 use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-
-use clap::{Args, Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vcpu_balancer::controller::{self, client, demo, policy, show, AgentClient, LoopConfig};
+use vcpu_balancer::controller::config::{self, ControllerConfig, Overrides, RunSettings};
+use vcpu_balancer::controller::state::{ConfigView, StateStore};
+use vcpu_balancer::controller::{self, demo, policy, show, AgentClient, LoopConfig, Observers};
+use vcpu_balancer::metrics::ControllerMetrics;
 use vcpu_balancer::model::{parse_cpu_list, PinRequest};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
@@ -17,8 +23,6 @@ const EX_USAGE: i32 = 64;
 const EX_UNAVAILABLE: i32 = 69;
 /// How long a graceful shutdown may take before the controller exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// Shortest interval accepted: shorter ones measure mostly noise.
-const MIN_INTERVAL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Parser)]
 #[command(name = "vcpu-controller", version, about = "vcpu-balancer controller: keeps the pCPUs of KVM hosts evenly loaded")]
@@ -40,6 +44,13 @@ enum Cmd {
     Pin(PinArgs),
     /// Run the controller on simulated hosts in this process (no hypervisor needed).
     Demo(DemoArgs),
+    /// Print a shell completion script on stdout (e.g. `vcpu-controller completions bash`).
+    Completions {
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout; used to build the Debian package.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -54,14 +65,27 @@ struct PolicyArgs {
 
 #[derive(Debug, Args)]
 struct RunArgs {
+    /// Config file (TOML); flags and their environment variables override it. SIGHUP re-reads its host list.
+    #[arg(long, env = "VCPU_CONFIG")]
+    config: Option<PathBuf>,
     /// Agent address (HOST, HOST:PORT or http://HOST:PORT); repeat for several hosts, or comma-separate in the env.
-    #[arg(long = "host", env = "VCPU_HOSTS", value_delimiter = ',', required = true)]
+    #[arg(long = "host", env = "VCPU_HOSTS", value_delimiter = ',', required_unless_present = "config")]
     hosts: Vec<String>,
-    /// Time between rounds (e.g. 2s, 500ms).
-    #[arg(long, env = "VCPU_INTERVAL", default_value = "2s", value_parser = parse_interval)]
-    interval: Duration,
-    #[command(flatten)]
-    policy: PolicyArgs,
+    /// Time between rounds (e.g. 2s, 500ms) [default: 2s].
+    #[arg(long, env = "VCPU_INTERVAL", value_parser = parse_interval)]
+    interval: Option<Duration>,
+    /// Act when busiest − freest pCPU usage exceeds this many points [default: 10].
+    #[arg(long, env = "VCPU_THRESHOLD", value_parser = parse_threshold)]
+    threshold: Option<f64>,
+    /// Apply the literal 10% rule, which can move the same load back and forth forever (see README).
+    #[arg(long, env = "VCPU_NO_GUARD")]
+    no_guard: bool,
+    /// Serve the status page and /api/state (and /metrics) on this address, e.g. 127.0.0.1:9180.
+    #[arg(long, env = "VCPU_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics on this address at /metrics, e.g. 0.0.0.0:9181.
+    #[arg(long, env = "VCPU_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Stop after this many rounds per host.
     #[arg(long, env = "VCPU_ROUNDS")]
     rounds: Option<u64>,
@@ -71,9 +95,9 @@ struct RunArgs {
     /// Print one JSON object per host per round on stdout.
     #[arg(long)]
     json: bool,
-    /// Deadline of each RPC.
-    #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
-    rpc_timeout: Duration,
+    /// Deadline of each RPC [default: 800ms].
+    #[arg(long, env = "VCPU_RPC_TIMEOUT", value_parser = parse_duration)]
+    rpc_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -127,27 +151,16 @@ struct DemoArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 2s, 500ms)"))?;
-    if d.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(d)
+    config::parse_duration(s)
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d < MIN_INTERVAL {
-        return Err(format!("must be at least {MIN_INTERVAL:?}"));
-    }
-    Ok(d)
+    config::parse_interval(s)
 }
 
 fn parse_threshold(s: &str) -> Result<f64, String> {
     let t: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if !(0.0..=100.0).contains(&t) {
-        return Err("must be between 0 and 100 (points of one pCPU)".into());
-    }
-    Ok(t)
+    config::check_threshold(t)
 }
 
 /// A parsed pCPU list argument.
@@ -158,22 +171,76 @@ fn parse_pcpus(s: &str) -> Result<CpuList, String> {
     parse_cpu_list(s).map(CpuList)
 }
 
+/// Prints the man page or a completion script of this binary.
+fn print_generated(cmd: &Cmd) -> anyhow::Result<i32> {
+    let mut c = Cli::command();
+    let mut out = std::io::stdout();
+    match cmd {
+        Cmd::Completions { shell } => clap_complete::generate(*shell, &mut c, "vcpu-controller", &mut out),
+        _ => clap_mangen::Man::new(c).render(&mut out)?,
+    }
+    Ok(0)
+}
+
 fn policy_of(p: &PolicyArgs) -> policy::PolicyConfig {
     policy::PolicyConfig { threshold: p.threshold, guard: !p.no_guard }
 }
 
 async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
-    for h in &a.hosts {
-        client::normalize_address(h)?;
+    let file = match &a.config {
+        Some(p) => ControllerConfig::from_file(p)?,
+        None => ControllerConfig::default(),
+    };
+    let flags = Overrides {
+        hosts: a.hosts.clone(),
+        interval: a.interval,
+        rpc_timeout: a.rpc_timeout,
+        threshold: a.threshold,
+        no_guard: a.no_guard,
+        dry_run: a.dry_run,
+        http_listen: a.http_listen,
+        metrics_listen: a.metrics_listen,
+    };
+    let set = RunSettings::resolve(&flags, &file).map_err(anyhow::Error::msg)?;
+    for h in &set.hosts {
+        controller::client::normalize_address(h)?;
     }
-    if a.rpc_timeout * 2 > a.interval {
-        tracing::warn!(rpc_timeout = ?a.rpc_timeout, interval = ?a.interval,
+    if set.rpc_timeout * 2 > set.interval {
+        tracing::warn!(rpc_timeout = ?set.rpc_timeout, interval = ?set.interval,
             "two RPC deadlines do not fit in one interval; slow hosts will skip ticks");
     }
-    let cfg = LoopConfig { interval: a.interval, policy: policy_of(&a.policy), dry_run: a.dry_run, rounds: a.rounds };
-    let (tx, mut rx) = controller::report_channel(a.hosts.len());
+    if set.tls != config::TlsPaths::default() {
+        tracing::warn!("tls paths are checked but not used yet: TLS support is not in this build");
+    }
+    let cfg = LoopConfig { interval: set.interval, policy: set.policy, dry_run: set.dry_run, rounds: a.rounds };
     let stop = CancellationToken::new();
-    let ctl = tokio::spawn(controller::run(a.hosts.clone(), a.rpc_timeout, cfg, tx, stop.clone()));
+    let metrics = (set.metrics_listen.is_some() || set.http_listen.is_some()).then(ControllerMetrics::new);
+    let state = set.http_listen.map(|_| {
+        StateStore::new(ConfigView {
+            interval_ms: set.interval.as_millis() as u64,
+            threshold: set.policy.threshold,
+            guard: set.policy.guard,
+            dry_run: set.dry_run,
+        })
+    });
+    // Bind before starting any host, so a busy port refuses the command before anything is pinned. The status
+    // page serves /metrics too, so the same fixed address for both means one listener.
+    let mut servers = Vec::new();
+    if let (Some(addr), Some(st)) = (set.http_listen, &state) {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let router = vcpu_balancer::http::status_router(st.clone(), metrics.clone());
+        servers.push(tokio::spawn(vcpu_balancer::http::serve(l, router, stop.clone().cancelled_owned())));
+    }
+    if let (Some(addr), Some(m)) = (set.metrics_listen.filter(|a| a.port() == 0 || Some(*a) != set.http_listen), &metrics) {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let router = vcpu_balancer::http::metrics_router(Arc::clone(m));
+        servers.push(tokio::spawn(vcpu_balancer::http::serve(l, router, stop.clone().cancelled_owned())));
+    }
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let hup = tokio::spawn(config::reload_on_sighup(set.clone(), flags, a.config.clone(), reload_tx));
+    let (tx, mut rx) = controller::report_channel(set.hosts.len());
+    let obs = Observers { state, metrics };
+    let ctl = tokio::spawn(controller::run_dynamic(set.hosts.clone(), set.rpc_timeout, cfg, obs, reload_rx, tx, stop.clone()));
     let json = a.json;
     let printer = tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
@@ -186,8 +253,8 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
             }
         }
     });
-    tokio::select! {
-        r = ctl => r??,
+    let result = tokio::select! {
+        r = ctl => r,
         () = vcpu_balancer::shutdown::signal() => {
             stop.cancel();
             if tokio::time::timeout(SHUTDOWN_GRACE, printer).await.is_err() {
@@ -195,8 +262,15 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
             }
             return Ok(0);
         }
-    }
+    };
+    hup.abort();
+    result??;
     let _ = printer.await;
+    // `--rounds` ended the balancing: the status page and metrics stop with it.
+    stop.cancel();
+    for s in servers {
+        let _ = s.await;
+    }
     Ok(0)
 }
 
@@ -257,6 +331,7 @@ async fn main() {
         Cmd::Show(a) => cmd_show(a).await,
         Cmd::Pin(a) => cmd_pin(a).await,
         Cmd::Demo(a) => cmd_demo(a).await,
+        c @ (Cmd::Completions { .. } | Cmd::Man) => print_generated(&c),
     };
     match r {
         Ok(code) => std::process::exit(code),
