@@ -186,8 +186,19 @@ fn agent_metrics_listener_and_json_logs() {
         .unwrap();
     let err = lines_of(child.stderr.take().unwrap());
     let _child = Killed(child);
-    let metrics = wait_log(&err, "http listening")["fields"]["addr"].as_str().unwrap().to_string();
-    let grpc = wait_log(&err, "agent listening")["fields"]["addr"].as_str().unwrap().to_string();
+    // The two listeners start concurrently, so their lines come in either order.
+    let (mut metrics, mut grpc) = (None, None);
+    while metrics.is_none() || grpc.is_none() {
+        let line = err.recv_timeout(STUCK).expect("the agent logs its listeners");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let addr = v["fields"]["addr"].as_str().map(str::to_string);
+        match v["fields"]["message"].as_str() {
+            Some("http listening") => metrics = addr,
+            Some("agent listening") => grpc = addr,
+            _ => {}
+        }
+    }
+    let (metrics, grpc) = (metrics.unwrap(), grpc.unwrap());
     let show = Command::new(CONTROLLER).args(["show", "--host", &grpc, "--window", "100ms"]).output().unwrap();
     assert!(show.status.success(), "{}", text(&show.stderr));
     let (status, body) = http_get(&metrics, "/metrics");
