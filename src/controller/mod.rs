@@ -5,7 +5,8 @@
 //! - [`host`]: one task per host, owning that host's previous sample.
 //! - [`report`]: what a round produced, as a log line or JSON.
 //! - [`show`]: one-shot views for operators (`show`, `pin`).
-//! - [`state`]: the live state behind the status page; [`config`]: the controller's config file.
+//! - [`supervisor`]: the set of host tasks, changed by reloads; [`state`]: the live state behind the status page;
+//!   [`config`]: the controller's config file.
 //! - [`demo`]: simulated agents in-process with the controller on them.
 
 pub mod client;
@@ -16,10 +17,9 @@ pub mod policy;
 pub mod report;
 pub mod show;
 pub mod state;
+pub mod supervisor;
 pub mod usage;
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -28,11 +28,10 @@ use tokio_util::sync::CancellationToken;
 pub use client::{AgentClient, ClientError};
 pub use host::LoopConfig;
 pub use report::RoundReport;
-
-use crate::metrics::ControllerMetrics;
+pub use supervisor::{run_dynamic, Observers};
 
 /// Reports buffered per host before a slow consumer makes host tasks wait.
-const REPORT_BUFFER_PER_HOST: usize = 16;
+pub(crate) const REPORT_BUFFER_PER_HOST: usize = 16;
 
 /// Checks every host address first (a typo refuses the whole command, before anything is pinned), then runs one
 /// task per host until each has done `cfg.rounds` rounds or `shutdown` is cancelled. Reports go to `out`.
@@ -45,169 +44,7 @@ pub async fn run(
 ) -> Result<(), ClientError> {
     // No reloads: the sender is dropped at once, so the set of hosts never changes.
     let (_, reload) = mpsc::channel(1);
-    run_dynamic(hosts, rpc_timeout, cfg, Observers::default(), reload, out, shutdown).await
-}
-
-/// Where the run loop records each report besides `out`: the status page's state and the metrics.
-#[derive(Clone, Default)]
-pub struct Observers {
-    pub state: Option<state::StateStore>,
-    pub metrics: Option<Arc<ControllerMetrics>>,
-}
-
-/// What travels from the host tasks to the recorder. `Removed` goes through the same channel as the reports, so
-/// it comes after the last report of the host's task and the host's state is not brought back by a late report.
-enum Msg {
-    Report(Box<RoundReport>),
-    Removed(String),
-}
-
-/// One running host task.
-struct Running {
-    stop: CancellationToken,
-    id: tokio::task::Id,
-}
-
-/// [`run`] with a host list that changes while it runs: each `Vec<String>` received on `reload` is the new host
-/// list. Hosts added start (first round is a baseline), hosts removed stop after their RPC in flight, and the
-/// others keep running untouched, with their baselines. A list with an invalid address is refused whole and the
-/// current hosts keep running. Returns when every host has done `cfg.rounds` rounds, or after `shutdown` once
-/// every host task has stopped.
-pub async fn run_dynamic(
-    hosts: Vec<String>,
-    rpc_timeout: Duration,
-    cfg: LoopConfig,
-    obs: Observers,
-    mut reload: mpsc::Receiver<Vec<String>>,
-    out: mpsc::Sender<RoundReport>,
-    shutdown: CancellationToken,
-) -> Result<(), ClientError> {
-    for h in &hosts {
-        AgentClient::new(h, rpc_timeout)?;
-    }
-    let (tx, rx) = mpsc::channel(REPORT_BUFFER_PER_HOST * hosts.len().max(1));
-    let recorder = tokio::spawn(record(rx, obs.clone(), out));
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut running: HashMap<String, Running> = HashMap::new();
-    // Tasks asked to stop, by task id, until they have.
-    let mut stopping: HashMap<tokio::task::Id, String> = HashMap::new();
-    let start = |host: &str, tasks: &mut tokio::task::JoinSet<()>, running: &mut HashMap<String, Running>| {
-        let Ok(mut client) = AgentClient::new(host, rpc_timeout) else { return };
-        if let Some(m) = &obs.metrics {
-            client = client.with_metrics(m.clone());
-        }
-        if let Some(s) = &obs.state {
-            s.add_host(host);
-        }
-        let (tx, stop) = (tx.clone(), shutdown.child_token());
-        let (cfg, task_stop) = (cfg.clone(), stop.clone());
-        // The task ends only after its last report is in the recorder's channel, so a `Removed` sent after the
-        // task has joined always comes after that report.
-        let id = tasks
-            .spawn(async move {
-                let (rtx, mut rrx) = mpsc::channel::<RoundReport>(REPORT_BUFFER_PER_HOST);
-                let forward = async move {
-                    while let Some(r) = rrx.recv().await {
-                        if tx.send(Msg::Report(Box::new(r))).await.is_err() {
-                            break;
-                        }
-                    }
-                };
-                tokio::join!(host::run_host(client, cfg, rtx, task_stop), forward);
-            })
-            .id();
-        running.insert(host.to_string(), Running { stop, id });
-    };
-    for h in dedup(hosts) {
-        start(&h, &mut tasks, &mut running);
-    }
-    let mut reload_open = true;
-    loop {
-        if let Some(m) = &obs.metrics {
-            m.set_hosts_configured(running.len());
-        }
-        if tasks.is_empty() && (cfg.rounds.is_some() || !reload_open || shutdown.is_cancelled()) {
-            break;
-        }
-        tokio::select! {
-            joined = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                let id = match joined {
-                    Some(Ok((id, ()))) => id,
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "host task panicked");
-                        e.id()
-                    }
-                    None => continue,
-                };
-                if let Some(host) = stopping.remove(&id) {
-                    // Re-added while it was stopping: the new task owns the host's state now.
-                    if !running.contains_key(&host) {
-                        let _ = tx.send(Msg::Removed(host)).await;
-                    }
-                } else {
-                    running.retain(|_, r| r.id != id);
-                }
-            }
-            new = reload.recv(), if reload_open && !shutdown.is_cancelled() => {
-                let Some(new) = new else {
-                    reload_open = false;
-                    continue;
-                };
-                if let Some(bad) = new.iter().find_map(|h| AgentClient::new(h, rpc_timeout).err()) {
-                    tracing::error!(error = %bad, "reload refused; the current hosts keep running");
-                    continue;
-                }
-                let new = dedup(new);
-                let gone: Vec<String> = running.keys().filter(|h| !new.contains(h)).cloned().collect();
-                for h in gone {
-                    if let Some(r) = running.remove(&h) {
-                        tracing::info!(host = %h, "host removed from the host list; stopping it");
-                        r.stop.cancel();
-                        stopping.insert(r.id, h);
-                    }
-                }
-                let added: Vec<String> = new.into_iter().filter(|h| !running.contains_key(h)).collect();
-                for h in &added {
-                    tracing::info!(host = %h, "host added to the host list; starting it");
-                    start(h, &mut tasks, &mut running);
-                }
-            }
-            () = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
-        }
-    }
-    drop(tx);
-    let _ = recorder.await;
-    Ok(())
-}
-
-/// The host list without repeats, in the given order.
-fn dedup(hosts: Vec<String>) -> Vec<String> {
-    let mut seen = std::collections::HashSet::new();
-    hosts.into_iter().filter(|h| seen.insert(h.clone())).collect()
-}
-
-/// Records every report in the state and the metrics, then passes it on to `out`.
-async fn record(mut rx: mpsc::Receiver<Msg>, obs: Observers, out: mpsc::Sender<RoundReport>) {
-    while let Some(msg) = rx.recv().await {
-        match msg {
-            Msg::Report(r) => {
-                if let Some(s) = &obs.state {
-                    s.record(&r);
-                }
-                if let Some(m) = &obs.metrics {
-                    m.observe_round(&r);
-                }
-                // A consumer that went away does not stop the balancing.
-                let _ = out.send(*r).await;
-            }
-            Msg::Removed(host) => {
-                let pcpus = obs.state.as_ref().map(|s| s.remove_host(&host)).unwrap_or_default();
-                if let Some(m) = &obs.metrics {
-                    m.forget_host(&host, &pcpus);
-                }
-            }
-        }
-    }
+    supervisor::run_dynamic(hosts, rpc_timeout, cfg, Observers::default(), reload, out, shutdown).await
 }
 
 /// A channel sized for `hosts` hosts.
