@@ -7,10 +7,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, ValueEnum};
+use vcpu_balancer::agent::fleet;
+use vcpu_balancer::agent::ServeOptions;
 use vcpu_balancer::hypervisor::instrumented::Instrumented;
 use vcpu_balancer::hypervisor::sim::{scenario, MonotonicClock, Scenario, SimHypervisor};
 use vcpu_balancer::hypervisor::Hypervisor;
 use vcpu_balancer::metrics::AgentMetrics;
+use vcpu_balancer::security::{self, PinPolicy, TlsFiles};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
 /// Exit code for invalid configuration (sysexits EX_USAGE).
@@ -42,9 +45,31 @@ struct Cli {
     /// Hostname the simulated host reports (backend sim; default: this machine's name with a "sim-" prefix).
     #[arg(long, env = "VCPU_AGENT_SIM_HOSTNAME")]
     sim_hostname: Option<String>,
+    /// Serve this many simulated hosts from this process, on consecutive ports (backend sim).
+    #[arg(long, env = "VCPU_AGENT_SIM_HOSTS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    sim_hosts: u16,
+    /// First port of the simulated fleet (default: the --listen port; 0 = any free ports).
+    #[arg(long, env = "VCPU_AGENT_LISTEN_BASE")]
+    listen_base: Option<u16>,
     /// Log format on stderr.
     #[arg(long, env = "VCPU_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// This agent's TLS certificate (PEM); with --tls-key and --tls-ca turns on mutual TLS.
+    #[arg(long, env = "VCPU_AGENT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// This agent's TLS private key (PEM).
+    #[arg(long, env = "VCPU_AGENT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that must have signed every client's certificate.
+    #[arg(long, env = "VCPU_AGENT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client identity (certificate CN or DNS SAN) allowed to pin; repeat, or comma-separate in the env. Others may
+    /// only read. Default with TLS: "vcpu-controller".
+    #[arg(long = "pin-allow", env = "VCPU_AGENT_PIN_ALLOW", value_delimiter = ',')]
+    pin_allow: Vec<String>,
+    /// Serve plaintext on a non-loopback address (anyone who reaches the port can pin: firewall it).
+    #[arg(long, env = "VCPU_AGENT_INSECURE")]
+    insecure: bool,
     /// Serve Prometheus metrics on this address at /metrics, e.g. 0.0.0.0:9182.
     #[arg(long, env = "VCPU_AGENT_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -61,15 +86,15 @@ async fn serve_backend<H: Hypervisor>(
     hv: Arc<H>,
     backend: &'static str,
     listener: tokio::net::TcpListener,
-    metrics: Option<Arc<AgentMetrics>>,
+    opts: ServeOptions,
 ) -> anyhow::Result<()> {
     let shutdown = vcpu_balancer::shutdown::signal();
-    match metrics {
+    match opts.metrics.clone() {
         Some(m) => {
-            let hv = Arc::new(Instrumented::new(hv, backend, m.clone()));
-            vcpu_balancer::agent::serve_with_metrics(hv, listener, shutdown, Some(m)).await?;
+            let hv = Arc::new(Instrumented::new(hv, backend, m));
+            vcpu_balancer::agent::serve_with(hv, listener, opts, shutdown).await?;
         }
-        None => vcpu_balancer::agent::serve(hv, listener, shutdown).await?,
+        None => vcpu_balancer::agent::serve_with(hv, listener, opts, shutdown).await?,
     }
     Ok(())
 }
@@ -86,10 +111,52 @@ fn load_scenario(arg: &str) -> anyhow::Result<Scenario> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let tls = TlsFiles::from_flags(cli.tls_cert.clone(), cli.tls_key.clone(), cli.tls_ca.clone())?;
+    security::check_listen(cli.listen, tls.is_some(), cli.insecure)?;
+    if !cli.pin_allow.is_empty() && tls.is_none() {
+        anyhow::bail!("--pin-allow needs TLS: without client certificates there are no identities to allow");
+    }
+    let mut opts = ServeOptions {
+        tls: tls.as_ref().map(TlsFiles::server_config).transpose()?,
+        pins: PinPolicy::for_agent(tls.is_some(), &cli.pin_allow),
+        metrics: None,
+    };
+    if tls.is_none() {
+        tracing::warn!(listen = %cli.listen, "serving plaintext: every client that reaches this port may pin");
+    }
+    if cli.sim_hosts > 1 || cli.listen_base.is_some() {
+        if cli.backend != Some(Backend::Sim) {
+            anyhow::bail!("--sim-hosts and --listen-base only apply to --backend sim");
+        }
+        if tls.is_some() {
+            anyhow::bail!("a simulated fleet (--sim-hosts) serves plaintext only; drop the TLS flags");
+        }
+        if cli.metrics_listen.is_some() {
+            anyhow::bail!("a simulated fleet (--sim-hosts) serves no metrics; drop --metrics-listen");
+        }
+        let sc = load_scenario(&cli.scenario)?;
+        fleet::raise_fd_limit();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            vcpu_balancer::shutdown::signal().await;
+            s.cancel();
+        });
+        let base = cli.listen_base.unwrap_or(cli.listen.port());
+        let n = usize::from(cli.sim_hosts);
+        fleet::serve_sim_fleet(&sc, n, cli.listen.ip(), base, stop, |addrs| {
+            let first = addrs.first().map(ToString::to_string).unwrap_or_default();
+            let last = addrs.last().map(ToString::to_string).unwrap_or_default();
+            tracing::info!(hosts = n, first = %first, last = %last, scenario = %cli.scenario, "simulated fleet listening");
+        })
+        .await?;
+        tracing::info!("agent stopped");
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
-    let metrics = match cli.metrics_listen {
+    opts.metrics = match cli.metrics_listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
             let m = AgentMetrics::new();
@@ -107,14 +174,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             tracing::info!(scenario = %cli.scenario, pcpus = sc.pcpus, domains = sc.domains.len(), "simulated host");
             let hv = Arc::new(SimHypervisor::new(&sc, name, Arc::new(MonotonicClock::new())));
-            serve_backend(hv, "sim", listener, metrics).await?;
+            serve_backend(hv, "sim", listener, opts).await?;
         }
         Backend::Libvirt => {
             #[cfg(feature = "libvirt")]
             {
                 let hv = Arc::new(vcpu_balancer::hypervisor::libvirt::LibvirtHypervisor::new(&cli.uri));
                 tracing::info!(uri = %cli.uri, "libvirt backend");
-                serve_backend(hv, "libvirt", listener, metrics).await?;
+                serve_backend(hv, "libvirt", listener, opts).await?;
             }
             #[cfg(not(feature = "libvirt"))]
             anyhow::bail!(

@@ -10,10 +10,14 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vcpu_balancer::controller::config::{self, ControllerConfig, Overrides, RunSettings};
+use tonic::transport::ClientTlsConfig;
+use vcpu_balancer::certs;
+use vcpu_balancer::controller::config::{self, ControllerConfig, Overrides, RunSettings, TlsPaths};
+use vcpu_balancer::controller::policy::{Constraints, DomainMatcher, PolicyKind};
 use vcpu_balancer::controller::state::{ConfigView, StateStore};
-use vcpu_balancer::controller::{self, demo, policy, show, AgentClient, LoopConfig, Observers};
+use vcpu_balancer::controller::{self, demo, evaluate, policy, show, AgentClient, ClientSettings, LoopConfig, Observers};
 use vcpu_balancer::metrics::ControllerMetrics;
+use vcpu_balancer::security::TlsFiles;
 use vcpu_balancer::model::{parse_cpu_list, PinRequest};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
@@ -44,6 +48,10 @@ enum Cmd {
     Pin(PinArgs),
     /// Run the controller on simulated hosts in this process (no hypervisor needed).
     Demo(DemoArgs),
+    /// Evaluate policies on scenario files in virtual time and print a table of balancing metrics.
+    Evaluate(EvaluateArgs),
+    /// Make a CA and mutual-TLS certificates for the agents and the controller of a small fleet.
+    Certs(CertsArgs),
     /// Print a shell completion script on stdout (e.g. `vcpu-controller completions bash`).
     Completions {
         shell: clap_complete::Shell,
@@ -53,14 +61,94 @@ enum Cmd {
     Man,
 }
 
+/// Mutual TLS to the agents: all three or none.
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// The controller's TLS certificate (PEM); with --tls-key and --tls-ca turns on mutual TLS.
+    #[arg(long, env = "VCPU_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The controller's TLS private key (PEM).
+    #[arg(long, env = "VCPU_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that must have signed every agent's certificate.
+    #[arg(long, env = "VCPU_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn client_config(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let files = TlsFiles::from_flags(self.tls_cert.clone(), self.tls_key.clone(), self.tls_ca.clone())?;
+        Ok(files.as_ref().map(TlsFiles::client_config).transpose()?)
+    }
+}
+
+#[derive(Debug, Args)]
+struct CertsArgs {
+    /// Directory to write into (created if missing; existing files are never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// Agent host, exactly as the controller dials it (DNS name or IP address, no port); repeat.
+    #[arg(long = "host", value_delimiter = ',', required = true)]
+    hosts: Vec<String>,
+    /// The controller's identity; agents let it pin by default only if it is the default.
+    #[arg(long, default_value = vcpu_balancer::security::DEFAULT_PIN_IDENTITY)]
+    controller_name: String,
+    /// Also make a read-only client certificate with this identity (e.g. for monitoring); repeat.
+    #[arg(long = "reader", value_delimiter = ',')]
+    readers: Vec<String>,
+}
+
 #[derive(Debug, Args)]
 struct PolicyArgs {
+    /// Balancing policy: seed (the literal 10% rule), guarded (the 10% rule with the guard) or converge.
+    #[arg(long, env = "VCPU_POLICY", default_value_t = policy::DEFAULT_POLICY, value_parser = parse_policy)]
+    policy: PolicyKind,
     /// Act when busiest − freest pCPU usage exceeds this many points.
     #[arg(long, env = "VCPU_THRESHOLD", default_value_t = policy::DEFAULT_THRESHOLD, value_parser = parse_threshold)]
     threshold: f64,
-    /// Apply the literal 10% rule, which can move the same load back and forth forever (see README).
+    /// Same as --policy seed (kept for compatibility): the literal 10% rule, which can move the same load back
+    /// and forth forever (see README).
     #[arg(long, env = "VCPU_NO_GUARD")]
     no_guard: bool,
+    #[command(flatten)]
+    constraints: ConstraintArgs,
+}
+
+#[derive(Debug, Args)]
+struct ConstraintArgs {
+    /// Never move or pin domains matching this name glob (e.g. 'db-*') or UUID; repeat for several.
+    #[arg(long = "exclude", env = "VCPU_EXCLUDE", value_delimiter = ',')]
+    exclude: Vec<String>,
+    /// pCPUs that are never a target (e.g. 0-1); vCPUs found there are moved off when possible.
+    #[arg(long = "reserve-pcpus", env = "VCPU_RESERVE_PCPUS", value_parser = parse_pcpus)]
+    reserve_pcpus: Option<CpuList>,
+    /// Move vCPUs that someone else pinned since the controller's last pin (by default they are left alone).
+    #[arg(long, env = "VCPU_OVERRIDE_MANUAL")]
+    override_manual: bool,
+}
+
+#[derive(Debug, Args)]
+struct EvaluateArgs {
+    /// Directory of scenario files; every *.toml in it is a scenario.
+    #[arg(long, default_value = "scenarios")]
+    scenarios: PathBuf,
+    /// Policies to evaluate, comma-separated or repeated.
+    #[arg(long = "policy", value_delimiter = ',', default_value = "seed,guarded,converge", value_parser = parse_policy)]
+    policies: Vec<PolicyKind>,
+    /// Rounds per scenario and policy.
+    #[arg(long, default_value_t = evaluate::DEFAULT_EVAL_ROUNDS)]
+    rounds: u64,
+    /// Virtual time between rounds.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Balanced means busiest − freest pCPU usage at or under this many points.
+    #[arg(long, default_value_t = policy::DEFAULT_THRESHOLD, value_parser = parse_threshold)]
+    threshold: f64,
+    #[command(flatten)]
+    constraints: ConstraintArgs,
+    /// One JSON object per scenario and policy instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -74,12 +162,19 @@ struct RunArgs {
     /// Time between rounds (e.g. 2s, 500ms) [default: 2s].
     #[arg(long, env = "VCPU_INTERVAL", value_parser = parse_interval)]
     interval: Option<Duration>,
+    /// Balancing policy: seed (the literal 10% rule), guarded (the 10% rule with the guard) or converge
+    /// [default: converge].
+    #[arg(long, env = "VCPU_POLICY", value_parser = parse_policy)]
+    policy: Option<PolicyKind>,
     /// Act when busiest − freest pCPU usage exceeds this many points [default: 10].
     #[arg(long, env = "VCPU_THRESHOLD", value_parser = parse_threshold)]
     threshold: Option<f64>,
-    /// Apply the literal 10% rule, which can move the same load back and forth forever (see README).
+    /// Same as --policy seed (kept for compatibility): the literal 10% rule, which can move the same load back
+    /// and forth forever (see README).
     #[arg(long, env = "VCPU_NO_GUARD")]
     no_guard: bool,
+    #[command(flatten)]
+    constraints: ConstraintArgs,
     /// Serve the status page and /api/state (and /metrics) on this address, e.g. 127.0.0.1:9180.
     #[arg(long, env = "VCPU_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
@@ -98,6 +193,11 @@ struct RunArgs {
     /// Deadline of each RPC [default: 800ms].
     #[arg(long, env = "VCPU_RPC_TIMEOUT", value_parser = parse_duration)]
     rpc_timeout: Option<Duration>,
+    /// Most RPCs in flight at once across all hosts [default: 256].
+    #[arg(long, env = "VCPU_MAX_INFLIGHT", value_parser = parse_positive)]
+    max_inflight: Option<usize>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +211,8 @@ struct ShowArgs {
     /// Deadline of each RPC.
     #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
     rpc_timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +235,8 @@ struct PinArgs {
     /// Deadline of the RPC.
     #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     rpc_timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +260,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
     config::parse_interval(s)
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number greater than zero")),
+    }
 }
 
 fn parse_threshold(s: &str) -> Result<f64, String> {
@@ -182,11 +293,26 @@ fn print_generated(cmd: &Cmd) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+fn parse_policy(s: &str) -> Result<PolicyKind, String> {
+    s.parse()
+}
+
+fn constraints_of(c: &ConstraintArgs) -> Constraints {
+    Constraints {
+        exclude: c.exclude.iter().map(|e| DomainMatcher::parse(e)).collect(),
+        reserved: c.reserve_pcpus.as_ref().map(|l| l.0.clone()).unwrap_or_default(),
+        override_manual: c.override_manual,
+    }
+}
+
 fn policy_of(p: &PolicyArgs) -> policy::PolicyConfig {
-    policy::PolicyConfig { threshold: p.threshold, guard: !p.no_guard }
+    // --no-guard predates --policy and means exactly the literal rule.
+    let kind = if p.no_guard { PolicyKind::Seed } else { p.policy };
+    policy::PolicyConfig { kind, threshold: p.threshold, constraints: constraints_of(&p.constraints) }
 }
 
 async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
+    vcpu_balancer::agent::fleet::raise_fd_limit();
     let file = match &a.config {
         Some(p) => ControllerConfig::from_file(p)?,
         None => ControllerConfig::default(),
@@ -195,31 +321,45 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         hosts: a.hosts.clone(),
         interval: a.interval,
         rpc_timeout: a.rpc_timeout,
+        max_inflight: a.max_inflight,
+        policy: a.policy,
         threshold: a.threshold,
         no_guard: a.no_guard,
+        exclude: a.constraints.exclude.clone(),
+        reserve_pcpus: a.constraints.reserve_pcpus.as_ref().map(|l| l.0.clone()),
+        override_manual: a.constraints.override_manual,
         dry_run: a.dry_run,
         http_listen: a.http_listen,
         metrics_listen: a.metrics_listen,
+        tls: TlsPaths { cert: a.tls.tls_cert.clone(), key: a.tls.tls_key.clone(), ca: a.tls.tls_ca.clone() },
     };
     let set = RunSettings::resolve(&flags, &file).map_err(anyhow::Error::msg)?;
+    let clients = ClientSettings {
+        rpc_timeout: set.rpc_timeout,
+        tls: set.tls.as_ref().map(TlsFiles::client_config).transpose()?,
+    };
+    // Every address is checked before any host is contacted: a typo refuses the whole command.
     for h in &set.hosts {
-        controller::client::normalize_address(h)?;
+        clients.client(h)?;
     }
     if set.rpc_timeout * 2 > set.interval {
         tracing::warn!(rpc_timeout = ?set.rpc_timeout, interval = ?set.interval,
             "two RPC deadlines do not fit in one interval; slow hosts will skip ticks");
     }
-    if set.tls != config::TlsPaths::default() {
-        tracing::warn!("tls paths are checked but not used yet: TLS support is not in this build");
-    }
-    let cfg = LoopConfig { interval: set.interval, policy: set.policy, dry_run: set.dry_run, rounds: a.rounds };
+    let cfg = LoopConfig {
+        interval: set.interval,
+        policy: set.policy.clone(),
+        dry_run: set.dry_run,
+        rounds: a.rounds,
+        max_inflight: set.max_inflight,
+    };
     let stop = CancellationToken::new();
     let metrics = (set.metrics_listen.is_some() || set.http_listen.is_some()).then(ControllerMetrics::new);
     let state = set.http_listen.map(|_| {
         StateStore::new(ConfigView {
             interval_ms: set.interval.as_millis() as u64,
             threshold: set.policy.threshold,
-            guard: set.policy.guard,
+            policy: set.policy.kind.as_str().to_string(),
             dry_run: set.dry_run,
         })
     });
@@ -240,7 +380,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     let hup = tokio::spawn(config::reload_on_sighup(set.clone(), flags, a.config.clone(), reload_tx));
     let (tx, mut rx) = controller::report_channel(set.hosts.len());
     let obs = Observers { state, metrics };
-    let ctl = tokio::spawn(controller::run_dynamic(set.hosts.clone(), set.rpc_timeout, cfg, obs, reload_rx, tx, stop.clone()));
+    let ctl = tokio::spawn(controller::run_dynamic(set.hosts.clone(), clients, cfg, obs, reload_rx, tx, stop.clone()));
     let json = a.json;
     let printer = tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
@@ -275,10 +415,10 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
 }
 
 async fn cmd_show(a: ShowArgs) -> anyhow::Result<i32> {
-    let mut c = AgentClient::new(&a.host, a.rpc_timeout)?;
+    let mut c = AgentClient::with_tls(&a.host, a.rpc_timeout, a.tls.client_config()?.as_ref())?;
     let info = c.host_info().await?;
     let u = show::sample(&mut c, a.window).await?;
-    let spread = policy::decide(&u, &policy::PolicyConfig::default()).spread;
+    let spread = policy::decide_once(&u, &policy::PolicyConfig::default()).spread;
     println!(
         "{} ({} backend, {} pCPUs online of {}), usage over {:?}, spread {:.1}",
         info.hostname,
@@ -293,7 +433,7 @@ async fn cmd_show(a: ShowArgs) -> anyhow::Result<i32> {
 }
 
 async fn cmd_pin(a: PinArgs) -> anyhow::Result<i32> {
-    let mut c = AgentClient::new(&a.host, a.rpc_timeout)?;
+    let mut c = AgentClient::with_tls(&a.host, a.rpc_timeout, a.tls.client_config()?.as_ref())?;
     let pin = PinRequest { domain: a.domain.clone(), vcpu: a.vcpu, pcpus: a.pcpu.0.clone(), persist: a.persist };
     match c.pin_vcpu(pin).await {
         Ok(()) => {
@@ -320,17 +460,54 @@ async fn cmd_demo(a: DemoArgs) -> anyhow::Result<i32> {
     Ok(if outcomes.values().all(demo::HostOutcome::done) { 0 } else { 1 })
 }
 
+fn cmd_evaluate(a: EvaluateArgs) -> anyhow::Result<i32> {
+    let scenarios = evaluate::load_dir(&a.scenarios)?;
+    if scenarios.is_empty() {
+        anyhow::bail!("{}: no *.toml scenario files", a.scenarios.display());
+    }
+    let mut results = Vec::new();
+    for (name, sc) in &scenarios {
+        for &kind in &a.policies {
+            let cfg = policy::PolicyConfig { kind, threshold: a.threshold, constraints: constraints_of(&a.constraints) };
+            results.push(evaluate::evaluate(name, sc, &cfg, a.rounds, a.interval));
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        for r in &results {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+    } else {
+        write!(out, "{}", evaluate::table(&results))?;
+    }
+    Ok(0)
+}
+
+fn cmd_certs(a: CertsArgs) -> anyhow::Result<i32> {
+    let spec = certs::FleetSpec { hosts: a.hosts, controller: a.controller_name, readers: a.readers };
+    for w in certs::generate_fleet(&a.out, &spec)? {
+        println!("{}  {}", w.path.display(), w.what);
+    }
+    println!(
+        "next: copy ca.crt and agent-HOST.crt/.key to each host (vcpu-agent --tls-cert --tls-key --tls-ca), and run \
+         the controller with --tls-cert controller.crt --tls-key controller.key --tls-ca ca.crt"
+    );
+    Ok(0)
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     // The demo prints its own tables on stdout; per-round log lines would only repeat them.
-    let level = if matches!(cli.cmd, Cmd::Demo(_)) { "warn" } else { "info" };
+    let level = if matches!(cli.cmd, Cmd::Demo(_) | Cmd::Evaluate(_)) { "warn" } else { "info" };
     telemetry::init(cli.log_format, level);
     let r = match cli.cmd {
         Cmd::Run(a) => cmd_run(a).await,
         Cmd::Show(a) => cmd_show(a).await,
         Cmd::Pin(a) => cmd_pin(a).await,
         Cmd::Demo(a) => cmd_demo(a).await,
+        Cmd::Evaluate(a) => cmd_evaluate(a),
+        Cmd::Certs(a) => cmd_certs(a),
         c @ (Cmd::Completions { .. } | Cmd::Man) => print_generated(&c),
     };
     match r {

@@ -24,6 +24,7 @@ pub fn code_of(kind: ErrorKind) -> Code {
         ErrorKind::NotFound => Code::NotFound,
         ErrorKind::InvalidArgument => Code::InvalidArgument,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::Internal => Code::Internal,
     }
@@ -174,6 +175,11 @@ pub fn domain_arg(domain: &str) -> Result<(), AgentError> {
     if domain.len() > MAX_DOMAIN_LEN {
         return Err(AgentError::InvalidArgument(format!("domain is longer than {MAX_DOMAIN_LEN} bytes")));
     }
+    // libvirt's C API cannot take a NUL, and no domain name or UUID holds a control character: refuse them here so
+    // every backend answers the same INVALID_ARGUMENT instead of a backend-specific failure.
+    if domain.chars().any(char::is_control) {
+        return Err(AgentError::InvalidArgument(format!("domain {domain:?} contains a control character")));
+    }
     Ok(())
 }
 
@@ -237,6 +243,7 @@ mod tests {
             (AgentError::PcpuOutOfRange { domain: "x".into(), vcpu: 0, pcpu: 9, npcpus: 2 }, Code::InvalidArgument),
             (AgentError::PcpuOffline { domain: "x".into(), vcpu: 0, pcpu: 1 }, Code::InvalidArgument),
             (AgentError::EmptyPcpuList { domain: "x".into(), vcpu: 0 }, Code::InvalidArgument),
+            (AgentError::PermissionDenied("reader".into()), Code::PermissionDenied),
             (AgentError::Unavailable("down".into()), Code::Unavailable),
             (AgentError::Internal("?".into()), Code::Internal),
         ];

@@ -10,6 +10,8 @@ pub enum ErrorKind {
     NotFound,
     InvalidArgument,
     FailedPrecondition,
+    /// The caller is known but its identity may not do this (a read-only client asking to pin).
+    PermissionDenied,
     Unavailable,
     Internal,
 }
@@ -31,6 +33,8 @@ pub enum AgentError {
     EmptyPcpuList { domain: String, vcpu: u32 },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     #[error("hypervisor unavailable: {0}")]
     Unavailable(String),
     #[error("hypervisor error: {0}")]
@@ -48,6 +52,7 @@ impl AgentError {
             | AgentError::PcpuOffline { .. }
             | AgentError::EmptyPcpuList { .. }
             | AgentError::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            AgentError::PermissionDenied(_) => ErrorKind::PermissionDenied,
             AgentError::Unavailable(_) => ErrorKind::Unavailable,
             AgentError::Internal(_) => ErrorKind::Internal,
         }

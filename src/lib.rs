@@ -7,6 +7,8 @@
 //! - [`hypervisor`]: the `Hypervisor` trait and its backends: `libvirt` (feature `libvirt`) and `sim`.
 //! - [`agent`]: the gRPC service, generic over a `Hypervisor`, plus health and reflection.
 //! - [`controller`]: usage maths and policy (pure), the per-host loop, the gRPC client, reports, the demo.
+//! - [`certs`]: a private CA and the certificates of a small fleet (`vcpu-controller certs`).
+//! - [`security`]: mutual TLS settings, the pin allow-list and the plaintext listen check.
 //! - [`metrics`]: Prometheus metrics of both binaries; [`http`]: `/metrics`, the status page and `/api/state`.
 //! - [`shutdown`]: SIGINT/SIGTERM handling shared by both binaries.
 //!
@@ -14,6 +16,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod certs;
 pub mod controller;
 pub mod convert;
 pub mod error;
@@ -22,6 +25,7 @@ pub mod hypervisor;
 pub mod metrics;
 pub mod model;
 pub mod pb;
+pub mod security;
 pub mod shutdown;
 pub mod telemetry;
 

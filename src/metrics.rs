@@ -244,6 +244,12 @@ pub struct AgentMetrics {
     hv_errors: Family<HypervisorErrorLabels, Counter>,
 }
 
+impl std::fmt::Debug for AgentMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentMetrics").finish_non_exhaustive()
+    }
+}
+
 impl AgentMetrics {
     pub fn new() -> Arc<AgentMetrics> {
         let mut registry = Registry::with_prefix(PREFIX);

@@ -174,3 +174,16 @@ async fn health_and_reflection_are_served() {
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
     agent.stop().await;
 }
+
+/// A request over the agent's decoding limit is refused by the transport (OUT_OF_RANGE) before any handler runs, and
+/// changes nothing.
+#[tokio::test]
+async fn oversized_requests_are_refused_unread() {
+    let (_agent, mut c) = setup().await;
+    let before = affinity(&mut c, "vm1").await;
+    let big = "x".repeat(vcpu_balancer::agent::MAX_DECODING_MESSAGE_SIZE / 4);
+    let pins = (0..5).map(|_| pin(&big, 0, &[1])).chain([pin("vm1", 0, &[3])]).collect();
+    let e = c.apply_pins(pb::ApplyPinsRequest { pins }).await.unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e}");
+    assert_eq!(affinity(&mut c, "vm1").await, before);
+}

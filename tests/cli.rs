@@ -83,7 +83,12 @@ fn run_json_output() {
     assert!(r["spread"].as_f64().unwrap() > 90.0);
     assert_eq!(r["action"]["type"], "move");
     assert_eq!(r["action"]["from"], 0);
-    assert_eq!(r["pins_applied"], 1);
+    // The default policy (converge) moves six of the eight 40 % vCPUs off pCPU 0 at once, two per other pCPU;
+    // `action` shows the first move and `moves` lists them all.
+    let moves = r["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), 6, "{r}");
+    assert!(moves.iter().all(|m| m["from"] == 0 && m["to"] != 0), "{r}");
+    assert_eq!(r["pins_applied"], 6);
     // The human lines go to stderr, one per host per round.
     assert!(text(&out.stderr).matches(" round ").count() >= 3, "{}", text(&out.stderr));
 }
@@ -110,7 +115,7 @@ fn bad_input_is_refused() {
     let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario"]).arg(&bad).output().unwrap();
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("line 4"), "{}", text(&out.stderr));
-    let out = Command::new(AGENT).args(["--backend", "sim", "--scenario", "no-such"]).output().unwrap();
+    let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario", "no-such"]).output().unwrap();
     assert!(text(&out.stderr).contains("not a built-in scenario"), "{}", text(&out.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -133,4 +138,100 @@ fn agent_without_libvirt_says_how_to_rebuild() {
     let out = Command::new(AGENT).args(["--backend", "libvirt", "--listen", "127.0.0.1:0"]).output().unwrap();
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--features libvirt"), "{}", text(&out.stderr));
+}
+
+/// `evaluate` prints a row per scenario and policy, the same every run, and `--policy` picks the policies.
+#[test]
+fn evaluate_is_deterministic_and_filters_policies() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios");
+    let args = ["evaluate", "--scenarios", dir, "--rounds", "40"];
+    let a = controller(&args);
+    assert!(a.status.success(), "{}", text(&a.stderr));
+    assert_eq!(text(&a.stdout), text(&controller(&args).stdout), "same input, same output");
+    let files = std::fs::read_dir(dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "toml")).count();
+    assert_eq!(text(&a.stdout).lines().count(), 2 + 3 * files, "{}", text(&a.stdout));
+    let j = controller(&["evaluate", "--scenarios", dir, "--rounds", "40", "--policy", "guarded", "--json"]);
+    let rows: Vec<serde_json::Value> = text(&j.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), files);
+    assert!(rows.iter().all(|r| r["policy"] == "guarded"));
+    let bad = controller(&["evaluate", "--scenarios", dir, "--policy", "best"]);
+    assert!(!bad.status.success() && text(&bad.stderr).contains("unknown policy"), "{}", text(&bad.stderr));
+}
+
+/// `--no-guard` is `--policy seed`: on all-on-one both move exactly one vCPU in the first computed round.
+#[test]
+fn no_guard_is_an_alias_of_seed_and_policy_is_selectable() {
+    for extra in [&["--no-guard"][..], &["--policy", "seed"][..], &["--policy", "guarded"][..]] {
+        let agent = Agent::start("all-on-one");
+        let mut args = vec!["run", "--host", agent.addr.as_str(), "--rounds", "2", "--interval", "200ms", "--json"];
+        args.extend_from_slice(extra);
+        let out = controller(&args);
+        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        let last: serde_json::Value = serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+        assert_eq!(last["moves"].as_array().unwrap().len(), 1, "{extra:?}: {last}");
+    }
+}
+
+/// Plaintext off loopback is refused with the reason; `--insecure` serves anyway.
+#[test]
+fn agent_refuses_plaintext_off_loopback() {
+    let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "0.0.0.0:0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("refusing to serve plaintext") && err.contains("--insecure") && err.contains("--tls-cert"), "{err}");
+    let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--tls-cert", "x.crt"]).output().unwrap();
+    assert!(text(&out.stderr).contains("--tls-key, --tls-ca"), "half a TLS config is refused: {}", text(&out.stderr));
+    let agent = common::AgentProcess::start_on("0.0.0.0:0", &["--backend", "sim", "--insecure"]);
+    let port = agent.addr.rsplit(':').next().unwrap();
+    let local = format!("127.0.0.1:{port}");
+    let show = controller(&["show", "--host", &local, "--window", "200ms"]);
+    assert!(show.status.success(), "{}", text(&show.stderr));
+}
+
+/// Two minutes to a secure fleet: `certs`, an agent with TLS, the controller pins; a reader is refused with 69.
+#[test]
+fn certs_then_mutual_tls_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("vcpu-cli-certs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let out = controller(&["certs", "--out", d, "--host", "127.0.0.1", "--reader", "monitor"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("agent-127.0.0.1.crt"), "{}", text(&out.stdout));
+    let again = controller(&["certs", "--out", d, "--host", "127.0.0.1"]);
+    assert!(!again.status.success() && text(&again.stderr).contains("refusing to overwrite"), "{}", text(&again.stderr));
+
+    let f = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let (cert, key, ca) = (f("agent-127.0.0.1.crt"), f("agent-127.0.0.1.key"), f("ca.crt"));
+    let agent = common::AgentProcess::start(&[
+        "--backend", "sim", "--scenario", "balanced", "--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca,
+    ]);
+    let tls = |who: &str| vec!["--tls-cert".to_string(), f(&format!("{who}.crt")), "--tls-key".into(), f(&format!("{who}.key")), "--tls-ca".into(), f("ca.crt")];
+    let pin = |who: &str, pcpu: &str| {
+        let mut a: Vec<String> = ["pin", "--host", &agent.addr, "--domain", "vm1", "--vcpu", "0", "--pcpu", pcpu].iter().map(|s| s.to_string()).collect();
+        a.extend(tls(who));
+        Command::new(CONTROLLER).args(&a).output().unwrap()
+    };
+    let ok = pin("controller", "2");
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    let refused = pin("reader-monitor", "3");
+    assert_eq!(refused.status.code(), Some(69));
+    assert!(text(&refused.stderr).contains("PermissionDenied"), "{}", text(&refused.stderr));
+    let plain = controller(&["pin", "--host", &agent.addr, "--domain", "vm1", "--vcpu", "0", "--pcpu", "3", "--rpc-timeout", "2s"]);
+    assert!(!plain.status.success(), "plaintext pinned on a TLS agent");
+    // Only the controller's pin took effect.
+    let mut show: Vec<String> = ["show", "--host", &agent.addr, "--window", "200ms"].iter().map(|s| s.to_string()).collect();
+    show.extend(tls("reader-monitor"));
+    let s = Command::new(CONTROLLER).args(&show).output().unwrap();
+    assert!(s.status.success(), "a reader may show: {}", text(&s.stderr));
+    let table = text(&s.stdout);
+    assert!(table.lines().find(|l| l.contains("pCPU   2")).unwrap().contains("vm1/0"), "{table}");
+    // `run` over TLS: samples and decides like over plaintext.
+    let mut run: Vec<String> = ["run", "--host", &agent.addr, "--rounds", "2", "--interval", "200ms", "--json"].iter().map(|s| s.to_string()).collect();
+    run.extend(tls("controller"));
+    let r = Command::new(CONTROLLER).args(&run).output().unwrap();
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let rounds: Vec<serde_json::Value> = text(&r.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rounds.len(), 2);
+    assert_ne!(rounds[1]["action"]["type"], "error", "{}", text(&r.stdout));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

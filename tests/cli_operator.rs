@@ -266,3 +266,49 @@ fn completions_and_man_pages() {
     let out = Command::new(AGENT).args(["--man", "--backend", "sim"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The config file's `[policy]` and `[tls]` tables reach the running controller: with the fleet's certificates in
+/// `[tls]` it balances a TLS agent, and without them the same agent refuses it (so TLS really came from the file).
+#[test]
+fn config_file_policy_and_tls_reach_a_tls_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("fleet");
+    let out = Command::new(CONTROLLER).args(["certs", "--host", "127.0.0.1", "--out"]).arg(&certs).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let p = |f: &str| certs.join(f).display().to_string();
+    let agent = common::AgentProcess::start(&[
+        "--backend",
+        "sim",
+        "--scenario",
+        "all-on-one",
+        "--tls-cert",
+        &p("agent-127.0.0.1.crt"),
+        "--tls-key",
+        &p("agent-127.0.0.1.key"),
+        "--tls-ca",
+        &p("ca.crt"),
+    ]);
+    let base = format!(
+        "hosts = [\"{}\"]\ninterval = \"100ms\"\nrpc_timeout = \"2s\"\n[policy]\nname = \"seed\"\nexclude = [\"nothing-*\"]\n",
+        agent.addr
+    );
+    let run = |toml: &str| -> Vec<serde_json::Value> {
+        let cfg = dir.path().join("controller.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        let out = Command::new(CONTROLLER).args(["run", "--json", "--rounds", "3", "--config"]).arg(&cfg).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let tls = format!(
+        "{base}[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+        p("controller.crt"),
+        p("controller.key"),
+        p("ca.crt")
+    );
+    let reports = run(&tls);
+    assert_eq!(reports.len(), 3, "{reports:?}");
+    assert!(reports.iter().all(|r| r["action"]["type"] != "error"), "{reports:?}");
+    assert!(reports.iter().any(|r| r["action"]["type"] == "move"), "all-on-one needs a move: {reports:?}");
+    let reports = run(&base);
+    assert!(reports.iter().all(|r| r["action"]["type"] == "error"), "plaintext to a TLS agent: {reports:?}");
+}

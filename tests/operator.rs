@@ -60,13 +60,13 @@ async fn reload_starts_added_hosts_stops_removed_ones_and_keeps_baselines() {
     let state = StateStore::default();
     let metrics = ControllerMetrics::new();
     let obs = Observers { state: Some(state.clone()), metrics: Some(metrics.clone()) };
-    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: None };
+    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: None, ..Default::default() };
     let (reload_tx, reload_rx) = mpsc::channel(1);
     let (tx, mut rx) = controller::report_channel(3);
     let stop = CancellationToken::new();
     let ctl = tokio::spawn(controller::run_dynamic(
         vec![ha.clone(), hb.clone()],
-        RPC_TIMEOUT,
+        controller::ClientSettings::plaintext(RPC_TIMEOUT),
         cfg,
         obs,
         reload_rx,
@@ -120,7 +120,7 @@ async fn reload_starts_added_hosts_stops_removed_ones_and_keeps_baselines() {
 async fn status_api_and_metrics_over_http_show_moves_and_down_hosts() {
     let a = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
     let dead = common::dead_address().await;
-    let state = StateStore::new(ConfigView { interval_ms: 100, threshold: 10.0, guard: true, dry_run: false });
+    let state = StateStore::new(ConfigView { interval_ms: 100, threshold: 10.0, policy: "converge".into(), dry_run: false });
     let metrics = ControllerMetrics::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = listener.local_addr().unwrap().to_string();
@@ -130,13 +130,13 @@ async fn status_api_and_metrics_over_http_show_moves_and_down_hosts() {
         vcpu_balancer::http::status_router(state.clone(), Some(metrics.clone())),
         stop.clone().cancelled_owned(),
     ));
-    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: Some(12) };
+    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: Some(12), ..Default::default() };
     let (_reload_tx, reload_rx) = mpsc::channel(1);
     let (tx, mut rx) = controller::report_channel(2);
     let obs = Observers { state: Some(state.clone()), metrics: Some(metrics.clone()) };
     let ctl = tokio::spawn(controller::run_dynamic(
         vec![a.addr.clone(), dead.clone()],
-        RPC_TIMEOUT,
+        controller::ClientSettings::plaintext(RPC_TIMEOUT),
         cfg,
         obs,
         reload_rx,

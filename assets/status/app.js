@@ -118,7 +118,7 @@ function render(st) {
   const c = st.config, down = st.hosts.filter(h => !h.up).length;
   document.getElementById("summary").textContent =
     st.hosts.length + " hosts, " + down + " down \u00b7 interval " + (c.interval_ms / 1000) + " s \u00b7 threshold " +
-    c.threshold + " \u00b7 guard " + (c.guard ? "on" : "off") + (c.dry_run ? " \u00b7 DRY RUN" : "") +
+    c.threshold + " \u00b7 policy " + c.policy + (c.dry_run ? " \u00b7 DRY RUN" : "") +
     " \u00b7 v" + st.version + " \u00b7 updated " + fmtTime(st.now_ms);
   renderDown(st);
   renderHosts(st);

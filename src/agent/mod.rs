@@ -1,7 +1,8 @@
 //! The agent's gRPC service, generic over a [`Hypervisor`], and the server that hosts it with health and reflection.
 //!
 //! Every handler follows the same path: take the request, check its shape (`convert`), call the backend, convert
-//! the reply. Backend errors become statuses through the one mapping in `convert.rs`.
+//! the reply. Backend errors become statuses through the one mapping in `convert.rs`. The pin RPCs first check the
+//! caller's certificate against the pin allow-list ([`PinPolicy`]), so a read-only client changes nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +20,9 @@ use crate::hypervisor::Hypervisor;
 use crate::model::PinRequest;
 use crate::pb;
 use crate::pb::agent_server::{Agent, AgentServer};
+use crate::security::{self, PinPolicy};
+
+pub mod fleet;
 
 /// Longest a request may run on the agent before it is cancelled; a libvirt call stuck longer than this is not
 /// going to help a balancing round.
@@ -33,12 +37,35 @@ pub struct AgentService<H: Hypervisor> {
     hv: Arc<H>,
     /// Random per process: tells the controller that the monotonic clock behind `sample_time_ns` restarted.
     instance: String,
+    pins: PinPolicy,
 }
 
 impl<H: Hypervisor> AgentService<H> {
+    /// A service on which anyone may pin (plaintext; see [`PinPolicy::Anyone`]).
     pub fn new(hv: Arc<H>) -> Self {
+        Self::with_pin_policy(hv, PinPolicy::Anyone)
+    }
+
+    /// A service on which only callers allowed by `pins` may pin.
+    pub fn with_pin_policy(hv: Arc<H>, pins: PinPolicy) -> Self {
         let instance = format!("{:016x}", rand::random::<u64>());
-        AgentService { hv, instance }
+        AgentService { hv, instance, pins }
+    }
+
+    // Checked before the request is even decoded into pins, so a refused caller learns nothing about the host and
+    // changes nothing. Returns who the caller is, for the audit log of every pin.
+    fn may_pin<T>(&self, req: &Request<T>, method: &'static str) -> Result<String, Status> {
+        let certs = req.peer_certs();
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+        self.pins.check(certs.as_deref().map(Vec::as_slice)).map_err(|e| {
+            warn!(method, peer = %peer, error = %e, "pin refused");
+            Status::from(e)
+        })?;
+        let names = certs.as_deref().and_then(|c| c.first()).map(|leaf| security::identities(leaf.as_ref()));
+        Ok(match names {
+            Some(n) if !n.is_empty() => format!("{}@{peer}", n[0]),
+            _ => peer,
+        })
     }
 }
 
@@ -77,11 +104,12 @@ impl<H: Hypervisor> Agent for AgentService<H> {
     }
 
     async fn pin_vcpu(&self, req: Request<pb::PinVcpuRequest>) -> Result<Response<pb::PinVcpuResponse>, Status> {
+        let client = self.may_pin(&req, "PinVcpu")?;
         let pin = PinRequest::try_from(req.into_inner())?;
         let mut results = self.hv.apply_pins(std::slice::from_ref(&pin)).await?;
         match results.pop() {
             Some(Ok(())) => {
-                info!(domain = %pin.domain, vcpu = pin.vcpu, pcpus = ?pin.pcpus, "pinned by request");
+                info!(client = %client, domain = %pin.domain, vcpu = pin.vcpu, pcpus = ?pin.pcpus, "pinned by request");
                 Ok(Response::new(pb::PinVcpuResponse {}))
             }
             Some(Err(e)) => Err(e.into()),
@@ -93,6 +121,7 @@ impl<H: Hypervisor> Agent for AgentService<H> {
         &self,
         req: Request<pb::ApplyPinsRequest>,
     ) -> Result<Response<pb::ApplyPinsResponse>, Status> {
+        let client = self.may_pin(&req, "ApplyPins")?;
         let pins = convert::pins_from_pb(req.into_inner().pins)?;
         let results = self.hv.apply_pins(&pins).await?;
         if results.len() != pins.len() {
@@ -100,7 +129,7 @@ impl<H: Hypervisor> Agent for AgentService<H> {
         }
         for (pin, r) in pins.iter().zip(&results) {
             match r {
-                Ok(()) => info!(domain = %pin.domain, vcpu = pin.vcpu, pcpus = ?pin.pcpus, "pinned"),
+                Ok(()) => info!(client = %client, domain = %pin.domain, vcpu = pin.vcpu, pcpus = ?pin.pcpus, "pinned"),
                 Err(e) => warn!(domain = %pin.domain, vcpu = pin.vcpu, error = %e, "pin failed"),
             }
         }
@@ -108,21 +137,67 @@ impl<H: Hypervisor> Agent for AgentService<H> {
     }
 }
 
-/// Serves the agent service, gRPC health and reflection on `listener` until `shutdown` resolves.
+/// How the agent is exposed: plaintext with anyone pinning, or mutual TLS with a pin allow-list.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Mutual TLS; `None` serves plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Who may pin.
+    pub pins: PinPolicy,
+    /// When set, every `vcpu.v1.Agent` call is timed and its errors counted (see [`metrics_layer`]).
+    pub metrics: Option<Arc<crate::metrics::AgentMetrics>>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions { tls: None, pins: PinPolicy::Anyone, metrics: None }
+    }
+}
+
+/// Serves the agent service, gRPC health and reflection on `listener`, in plaintext, until `shutdown` resolves.
 pub async fn serve<H: Hypervisor>(
     hv: Arc<H>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    serve_with_metrics(hv, listener, shutdown, None).await
+    serve_with(hv, listener, ServeOptions::default(), shutdown).await
 }
 
-/// [`serve`], and when `metrics` is given, every `vcpu.v1.Agent` call is timed and its errors counted.
+/// [`serve`] without the per-server start-up log line (a fleet of simulated hosts logs once for all).
+pub async fn serve_quiet<H: Hypervisor>(
+    hv: Arc<H>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    serve_inner(hv, listener, ServeOptions::default(), shutdown, false).await
+}
+
+/// [`serve`], and every `vcpu.v1.Agent` call is timed and its errors counted in `metrics`.
 pub async fn serve_with_metrics<H: Hypervisor>(
     hv: Arc<H>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
     metrics: Option<Arc<crate::metrics::AgentMetrics>>,
+) -> Result<(), tonic::transport::Error> {
+    serve_with(hv, listener, ServeOptions { metrics, ..ServeOptions::default() }, shutdown).await
+}
+
+/// Serves like [`serve`], with TLS, a pin allow-list and metrics as `opts` say.
+pub async fn serve_with<H: Hypervisor>(
+    hv: Arc<H>,
+    listener: TcpListener,
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    serve_inner(hv, listener, opts, shutdown, true).await
+}
+
+async fn serve_inner<H: Hypervisor>(
+    hv: Arc<H>,
+    listener: TcpListener,
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    announce: bool,
 ) -> Result<(), tonic::transport::Error> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -132,17 +207,23 @@ pub async fn serve_with_metrics<H: Hypervisor>(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor sets are valid");
-    let svc = AgentServer::new(AgentService::new(hv))
+    let tls = opts.tls.is_some();
+    let svc = AgentServer::new(AgentService::with_pin_policy(hv, opts.pins.clone()))
         .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
     match addr {
-        Some(a) => info!(addr = %a, "agent listening"),
+        Some(a) if announce => info!(addr = %a, tls, pin_allow = ?opts.pins, "agent listening"),
+        Some(a) => tracing::debug!(addr = %a, tls, "agent listening"),
         None => info!("agent listening"),
     }
     let incoming = TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = opts.tls {
+        builder = builder.tls_config(t)?;
+    }
+    builder
         .timeout(SERVER_REQUEST_TIMEOUT)
-        .layer(metrics_layer::MetricsLayer::new(metrics))
+        .layer(metrics_layer::MetricsLayer::new(opts.metrics))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(svc)

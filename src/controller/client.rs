@@ -1,9 +1,10 @@
 //! The controller's gRPC client for one agent: one lazily connected channel reused across rounds, and a deadline
-//! on every call (sent to the agent as `grpc-timeout` too, so it stops working on a call nobody waits for).
+//! on every call (sent to the agent as `grpc-timeout` too, so it stops working on a call nobody waits for). With
+//! mutual TLS the address becomes `https://`, and rustls checks the agent's certificate against the dialled host.
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
 use crate::convert;
@@ -48,16 +49,25 @@ impl ClientError {
 
 /// Turns `HOST`, `HOST:PORT` or `http://HOST:PORT` into a URI, adding the default agent port when none is given.
 pub fn normalize_address(host: &str) -> Result<String, ClientError> {
+    normalize_address_for(host, false)
+}
+
+/// Like [`normalize_address`]; with `tls` the scheme is `https`, and an explicit `http://` is refused, because
+/// tonic would silently talk plaintext to it.
+pub fn normalize_address_for(host: &str, tls: bool) -> Result<String, ClientError> {
     let bad = |reason: &str| ClientError::BadAddress { host: host.to_string(), reason: reason.to_string() };
     let h = host.trim();
     if h.is_empty() {
         return Err(bad("empty host"));
     }
+    let default_scheme = if tls { "https" } else { "http" };
     let (scheme, rest) = match h.split_once("://") {
+        Some(("http", _)) if tls => return Err(bad("http:// is plaintext, but TLS is configured (use https:// or none)")),
+        Some(("https", _)) if !tls => return Err(bad("https:// needs --tls-cert, --tls-key and --tls-ca")),
         Some(("http", r)) => ("http", r),
         Some(("https", r)) => ("https", r),
-        Some((s, _)) => return Err(bad(&format!("unsupported scheme {s:?} (use http:// or none)"))),
-        None => ("http", h),
+        Some((s, _)) => return Err(bad(&format!("unsupported scheme {s:?} (use {default_scheme}:// or none)"))),
+        None => (default_scheme, h),
     };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.contains('/') || rest.contains(char::is_whitespace) {
@@ -95,14 +105,24 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// A client for `host`; connects on first use, so a host that is down does not delay start-up.
+    /// A plaintext client for `host`; connects on first use, so a host that is down does not delay start-up.
     pub fn new(host: &str, timeout: Duration) -> Result<AgentClient, ClientError> {
-        let uri = normalize_address(host)?;
-        let endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| ClientError::BadAddress { host: host.to_string(), reason: e.to_string() })?
+        Self::with_tls(host, timeout, None)
+    }
+
+    /// A client for `host`, over mutual TLS when `tls` is given (the agent's certificate must name the host part
+    /// of `host`).
+    pub fn with_tls(host: &str, timeout: Duration, tls: Option<&ClientTlsConfig>) -> Result<AgentClient, ClientError> {
+        let bad = |e: &dyn std::fmt::Display| ClientError::BadAddress { host: host.to_string(), reason: e.to_string() };
+        let uri = normalize_address_for(host, tls.is_some())?;
+        let mut endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| bad(&e))?
             .connect_timeout(CONNECT_TIMEOUT.min(timeout))
             .timeout(timeout)
             .tcp_nodelay(true);
+        if let Some(t) = tls {
+            endpoint = endpoint.tls_config(t.clone()).map_err(|e| bad(&e))?;
+        }
         let inner = PbClient::new(endpoint.connect_lazy()).max_decoding_message_size(MAX_REPLY_SIZE);
         Ok(AgentClient { host: host.to_string(), inner, timeout, metrics: None })
     }
@@ -194,8 +214,11 @@ mod tests {
         assert_eq!(normalize_address("http://h:1/").unwrap(), "http://h:1");
         assert_eq!(normalize_address("[::1]:9").unwrap(), "http://[::1]:9");
         assert_eq!(normalize_address("[::1]").unwrap(), "http://[::1]:50151");
-        for bad in ["", "h:99999", "h:x", "ftp://h", "::1", "a b", "h/x"] {
+        for bad in ["", "h:99999", "h:x", "ftp://h", "::1", "a b", "h/x", "https://h"] {
             assert!(normalize_address(bad).is_err(), "{bad:?} accepted");
         }
+        assert_eq!(normalize_address_for("hv1", true).unwrap(), "https://hv1:50151");
+        assert_eq!(normalize_address_for("https://10.0.0.1:7", true).unwrap(), "https://10.0.0.1:7");
+        assert!(normalize_address_for("http://hv1", true).is_err(), "plaintext scheme accepted with TLS");
     }
 }

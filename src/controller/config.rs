@@ -7,18 +7,25 @@
 //! interval = "2s"
 //! rpc_timeout = "800ms"
 //! dry_run = false
+//! max_inflight = 256                # most RPCs in flight at once across all hosts
 //! http_listen = "127.0.0.1:9180"    # status page and /api/state
 //! metrics_listen = "0.0.0.0:9181"   # Prometheus /metrics
 //! [policy]
+//! name = "converge"                 # seed, guarded or converge
 //! threshold = 10                    # points of one pCPU
-//! guard = true
-//! [tls]                             # used when TLS support lands; checked to be readable files now
+//! exclude = ["db-*"]                # never move these domains (name glob or UUID)
+//! reserve_pcpus = "0-1"             # never a target
+//! override_manual = false           # move vCPUs someone else pinned
+//! [tls]                             # mutual TLS to the agents: all three or none
 //! cert = "/etc/vcpu-balancer/controller.crt"
 //! key = "/etc/vcpu-balancer/controller.key"
 //! ca = "/etc/vcpu-balancer/ca.crt"
 //! ```
 //!
-//! Errors name the line: unknown keys, wrong types, bad durations or addresses, thresholds outside 0..=100.
+//! `guard = false` in `[policy]` is the older spelling of `name = "seed"`.
+//!
+//! Errors name the line: unknown keys, wrong types, bad durations, addresses, policy names or pCPU lists,
+//! thresholds outside 0..=100, TLS paths that are not readable files.
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -28,7 +35,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::controller::client::normalize_address;
+use crate::controller::client::normalize_address_for;
+use crate::controller::policy::{Constraints, DomainMatcher, PolicyConfig, PolicyKind};
+use crate::model::parse_cpu_list;
+use crate::security::TlsFiles;
 
 /// Shortest interval accepted: shorter ones measure mostly noise.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
@@ -46,7 +56,7 @@ pub enum ConfigError {
     Parse { origin: String, message: String },
 }
 
-/// TLS file paths, passed through for the TLS support being built separately.
+/// TLS file paths (all three or none, checked when the settings are resolved with the flags).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TlsPaths {
     pub cert: Option<PathBuf>,
@@ -61,8 +71,12 @@ pub struct ControllerConfig {
     pub interval: Option<Duration>,
     pub rpc_timeout: Option<Duration>,
     pub dry_run: Option<bool>,
+    pub max_inflight: Option<usize>,
+    pub policy: Option<PolicyKind>,
     pub threshold: Option<f64>,
-    pub guard: Option<bool>,
+    pub exclude: Option<Vec<String>>,
+    pub reserve_pcpus: Option<Vec<u32>>,
+    pub override_manual: Option<bool>,
     pub http_listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
     pub tls: TlsPaths,
@@ -75,6 +89,7 @@ struct Raw {
     interval: Option<Spanned<String>>,
     rpc_timeout: Option<Spanned<String>>,
     dry_run: Option<bool>,
+    max_inflight: Option<Spanned<i64>>,
     http_listen: Option<Spanned<String>>,
     metrics_listen: Option<Spanned<String>>,
     policy: Option<RawPolicy>,
@@ -84,8 +99,12 @@ struct Raw {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
+    name: Option<Spanned<String>>,
     threshold: Option<Spanned<f64>>,
-    guard: Option<bool>,
+    guard: Option<Spanned<bool>>,
+    exclude: Option<Vec<Spanned<String>>>,
+    reserve_pcpus: Option<Spanned<String>>,
+    override_manual: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -151,7 +170,10 @@ impl ControllerConfig {
         if let Some(hosts) = raw.hosts {
             let mut list = Vec::new();
             for h in hosts.into_inner() {
-                normalize_address(h.get_ref()).map_err(|e| invalid(h.span(), "hosts", e.message()))?;
+                // Plaintext or TLS is only known once the flags are merged in; the client checks the scheme then.
+                normalize_address_for(h.get_ref(), false)
+                    .or_else(|_| normalize_address_for(h.get_ref(), h.get_ref().starts_with("https://")))
+                    .map_err(|e| invalid(h.span(), "hosts", e.message()))?;
                 list.push(h.into_inner());
             }
             cfg.hosts = Some(list);
@@ -162,6 +184,11 @@ impl ControllerConfig {
         if let Some(t) = raw.rpc_timeout {
             cfg.rpc_timeout = Some(parse_duration(t.get_ref()).map_err(|m| invalid(t.span(), "rpc_timeout", m))?);
         }
+        if let Some(n) = raw.max_inflight {
+            let v = usize::try_from(*n.get_ref()).ok().filter(|v| *v > 0);
+            cfg.max_inflight =
+                Some(v.ok_or_else(|| invalid(n.span(), "max_inflight", "must be a whole number greater than zero".into()))?);
+        }
         let addr = |s: Spanned<String>, key: &str| -> Result<SocketAddr, ConfigError> {
             s.get_ref().parse().map_err(|e| invalid(s.span(), key, format!("{e} (expected IP:PORT, e.g. 127.0.0.1:9180)")))
         };
@@ -171,10 +198,37 @@ impl ControllerConfig {
             if let Some(t) = p.threshold {
                 cfg.threshold = Some(check_threshold(*t.get_ref()).map_err(|m| invalid(t.span(), "threshold", m))?);
             }
-            cfg.guard = p.guard;
+            let name = match p.name {
+                Some(n) => Some(n.get_ref().parse::<PolicyKind>().map_err(|m| invalid(n.span(), "name", m))?),
+                None => None,
+            };
+            cfg.policy = match p.guard {
+                // `guard = false` predates `name` and means exactly the literal rule, like `--no-guard`.
+                Some(g) if !*g.get_ref() => {
+                    if name.is_some_and(|k| k != PolicyKind::Seed) {
+                        return Err(invalid(g.span(), "guard", "false means name = \"seed\", which contradicts name".into()));
+                    }
+                    Some(PolicyKind::Seed)
+                }
+                _ => name,
+            };
+            if let Some(list) = p.exclude {
+                let mut v = Vec::new();
+                for e in list {
+                    if e.get_ref().trim().is_empty() {
+                        return Err(invalid(e.span(), "exclude", "empty pattern".into()));
+                    }
+                    v.push(e.into_inner());
+                }
+                cfg.exclude = Some(v);
+            }
+            if let Some(r) = p.reserve_pcpus {
+                cfg.reserve_pcpus = Some(parse_cpu_list(r.get_ref()).map_err(|m| invalid(r.span(), "reserve_pcpus", m))?);
+            }
+            cfg.override_manual = p.override_manual;
         }
         if let Some(t) = raw.tls {
-            // TLS is not wired yet; checking the paths now means a typo is found before TLS depends on it.
+            // Checked here so the error names the line; whether all three are given is checked with the flags.
             let path = |s: Spanned<String>, key: &str| -> Result<PathBuf, ConfigError> {
                 let p = PathBuf::from(s.get_ref());
                 if !p.is_file() {
@@ -202,22 +256,31 @@ mod tests {
         let ca = dir.path().join("ca.crt");
         std::fs::write(&ca, "x").unwrap();
         let text = format!(
-            "hosts = [\"hv1\", \"hv2:7000\"]\ninterval = \"500ms\"\nrpc_timeout = \"200ms\"\ndry_run = true\n\
-             http_listen = \"127.0.0.1:9180\"\nmetrics_listen = \"[::1]:9181\"\n[policy]\nthreshold = 12.5\nguard = false\n\
-             [tls]\nca = {:?}\n",
+            "hosts = [\"hv1\", \"hv2:7000\", \"https://hv3\"]\ninterval = \"500ms\"\nrpc_timeout = \"200ms\"\n\
+             dry_run = true\nmax_inflight = 32\nhttp_listen = \"127.0.0.1:9180\"\nmetrics_listen = \"[::1]:9181\"\n\
+             [policy]\nname = \"guarded\"\nthreshold = 12.5\nexclude = [\"db-*\"]\nreserve_pcpus = \"0-1,4\"\n\
+             override_manual = true\n[tls]\nca = {:?}\n",
             ca.display().to_string()
         );
         let c = ControllerConfig::parse(&text, "c.toml").unwrap();
-        assert_eq!(c.hosts, Some(vec!["hv1".to_string(), "hv2:7000".to_string()]));
+        assert_eq!(c.hosts, Some(vec!["hv1".to_string(), "hv2:7000".to_string(), "https://hv3".to_string()]));
         assert_eq!(c.interval, Some(Duration::from_millis(500)));
         assert_eq!(c.rpc_timeout, Some(Duration::from_millis(200)));
         assert_eq!(c.dry_run, Some(true));
+        assert_eq!(c.max_inflight, Some(32));
+        assert_eq!(c.policy, Some(PolicyKind::Guarded));
         assert_eq!(c.threshold, Some(12.5));
-        assert_eq!(c.guard, Some(false));
+        assert_eq!(c.exclude, Some(vec!["db-*".to_string()]));
+        assert_eq!(c.reserve_pcpus, Some(vec![0, 1, 4]));
+        assert_eq!(c.override_manual, Some(true));
         assert_eq!(c.http_listen, Some("127.0.0.1:9180".parse().unwrap()));
         assert_eq!(c.metrics_listen, Some("[::1]:9181".parse().unwrap()));
         assert_eq!(c.tls.ca, Some(ca));
         assert_eq!(ControllerConfig::parse("", "e").unwrap(), ControllerConfig::default());
+        // The older `guard = false` is the seed policy.
+        let c = ControllerConfig::parse("[policy]\nguard = false\n", "c").unwrap();
+        assert_eq!(c.policy, Some(PolicyKind::Seed));
+        assert_eq!(ControllerConfig::parse("[policy]\nguard = true\n", "c").unwrap().policy, None);
     }
 
     #[test]
@@ -230,6 +293,10 @@ mod tests {
             ("interval = 2\n", 1, "invalid type"),
             ("http_listen = \"localhost\"\n", 1, "http_listen"),
             ("[tls]\ncert = \"/nonexistent/c.crt\"\n", 2, "not a readable file"),
+            ("[policy]\nname = \"fastest\"\n", 2, "unknown policy"),
+            ("[policy]\nname = \"converge\"\nguard = false\n", 3, "contradicts"),
+            ("[policy]\nreserve_pcpus = \"3-1\"\n", 2, "reserve_pcpus"),
+            ("max_inflight = 0\n", 1, "greater than zero"),
         ] {
             match ControllerConfig::parse(text, "c.toml") {
                 Err(ConfigError::Invalid { line: l, message, .. }) => {
@@ -248,13 +315,22 @@ pub struct Overrides {
     pub hosts: Vec<String>,
     pub interval: Option<Duration>,
     pub rpc_timeout: Option<Duration>,
+    pub max_inflight: Option<usize>,
+    pub policy: Option<PolicyKind>,
     pub threshold: Option<f64>,
-    /// `--no-guard` can only turn the guard off.
+    /// `--no-guard` (the older `--policy seed`) can only select the literal rule.
     pub no_guard: bool,
+    /// `--exclude`: replaces the file's list when given.
+    pub exclude: Vec<String>,
+    pub reserve_pcpus: Option<Vec<u32>>,
+    /// `--override-manual` can only turn it on.
+    pub override_manual: bool,
     /// `--dry-run` can only turn dry-run on.
     pub dry_run: bool,
     pub http_listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
+    /// `--tls-cert`, `--tls-key`, `--tls-ca`: each replaces the file's.
+    pub tls: TlsPaths,
 }
 
 /// The settings `run` uses: flags over the file over the defaults.
@@ -265,21 +341,54 @@ pub struct RunSettings {
     pub hosts_from_flags: bool,
     pub interval: Duration,
     pub rpc_timeout: Duration,
-    pub policy: crate::controller::policy::PolicyConfig,
+    pub max_inflight: usize,
+    pub policy: PolicyConfig,
     pub dry_run: bool,
     pub http_listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
-    pub tls: TlsPaths,
+    /// Mutual TLS to the agents; `None` = plaintext.
+    pub tls: Option<TlsFiles>,
 }
 
 impl RunSettings {
-    /// Merges `flags` over `file` over the defaults. Fails when no host is given anywhere.
+    /// Merges `flags` over `file` over the defaults. Fails when no host is given anywhere, or when TLS is given
+    /// only in part.
     pub fn resolve(flags: &Overrides, file: &ControllerConfig) -> Result<RunSettings, String> {
         let hosts_from_flags = !flags.hosts.is_empty();
         let hosts = if hosts_from_flags { flags.hosts.clone() } else { file.hosts.clone().unwrap_or_default() };
         if hosts.is_empty() {
             return Err("no host to balance: give --host (or VCPU_HOSTS) or `hosts` in the config file".into());
         }
+        let kind = if flags.no_guard {
+            PolicyKind::Seed
+        } else {
+            flags.policy.or(file.policy).unwrap_or(crate::controller::policy::DEFAULT_POLICY)
+        };
+        let exclude = if flags.exclude.is_empty() { file.exclude.clone().unwrap_or_default() } else { flags.exclude.clone() };
+        let constraints = Constraints {
+            exclude: exclude.iter().map(|e| DomainMatcher::parse(e)).collect(),
+            reserved: flags.reserve_pcpus.clone().or_else(|| file.reserve_pcpus.clone()).unwrap_or_default(),
+            override_manual: flags.override_manual || file.override_manual.unwrap_or(false),
+        };
+        let tls = match (
+            flags.tls.cert.clone().or_else(|| file.tls.cert.clone()),
+            flags.tls.key.clone().or_else(|| file.tls.key.clone()),
+            flags.tls.ca.clone().or_else(|| file.tls.ca.clone()),
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
+            (c, k, a) => {
+                let missing: Vec<&str> = [("cert", c.is_none()), ("key", k.is_none()), ("ca", a.is_none())]
+                    .into_iter()
+                    .filter_map(|(n, m)| m.then_some(n))
+                    .collect();
+                return Err(format!(
+                    "TLS needs all three of cert, key and ca (--tls-cert/--tls-key/--tls-ca or [tls] in the config \
+                     file); missing: {}",
+                    missing.join(", ")
+                ));
+            }
+        };
         Ok(RunSettings {
             hosts,
             hosts_from_flags,
@@ -288,17 +397,22 @@ impl RunSettings {
                 .rpc_timeout
                 .or(file.rpc_timeout)
                 .unwrap_or(crate::controller::client::DEFAULT_RPC_TIMEOUT),
-            policy: crate::controller::policy::PolicyConfig {
+            max_inflight: flags
+                .max_inflight
+                .or(file.max_inflight)
+                .unwrap_or(crate::controller::host::DEFAULT_MAX_INFLIGHT),
+            policy: PolicyConfig {
+                kind,
                 threshold: flags
                     .threshold
                     .or(file.threshold)
                     .unwrap_or(crate::controller::policy::DEFAULT_THRESHOLD),
-                guard: !flags.no_guard && file.guard.unwrap_or(true),
+                constraints,
             },
             dry_run: flags.dry_run || file.dry_run.unwrap_or(false),
             http_listen: flags.http_listen.or(file.http_listen),
             metrics_listen: flags.metrics_listen.or(file.metrics_listen),
-            tls: file.tls.clone(),
+            tls,
         })
     }
 
@@ -361,7 +475,7 @@ mod merge_tests {
     #[test]
     fn flags_override_the_file_which_overrides_defaults() {
         let file = ControllerConfig::parse(
-            "hosts = [\"a\", \"b\"]\ninterval = \"5s\"\n[policy]\nthreshold = 20\nguard = false\n",
+            "hosts = [\"a\", \"b\"]\ninterval = \"5s\"\n[policy]\nthreshold = 20\nguard = false\nexclude = [\"db-*\"]\n",
             "c",
         )
         .unwrap();
@@ -370,12 +484,16 @@ mod merge_tests {
         assert!(!s.hosts_from_flags);
         assert_eq!(s.interval, Duration::from_secs(5));
         assert_eq!(s.policy.threshold, 20.0);
-        assert!(!s.policy.guard);
+        assert_eq!(s.policy.kind, PolicyKind::Seed);
+        assert_eq!(s.policy.constraints.exclude, vec![DomainMatcher::parse("db-*")]);
         assert_eq!(s.rpc_timeout, crate::controller::client::DEFAULT_RPC_TIMEOUT);
+        assert_eq!(s.max_inflight, crate::controller::host::DEFAULT_MAX_INFLIGHT);
+        assert_eq!(s.tls, None);
         let flags = Overrides {
             hosts: vec!["c".into()],
             interval: Some(Duration::from_secs(1)),
             threshold: Some(5.0),
+            exclude: vec!["web-*".into()],
             ..Default::default()
         };
         let s = RunSettings::resolve(&flags, &file).unwrap();
@@ -383,7 +501,29 @@ mod merge_tests {
         assert!(s.hosts_from_flags);
         assert_eq!(s.interval, Duration::from_secs(1));
         assert_eq!(s.policy.threshold, 5.0);
+        assert_eq!(s.policy.constraints.exclude, vec![DomainMatcher::parse("web-*")]);
         assert!(RunSettings::resolve(&Overrides::default(), &ControllerConfig::default()).is_err());
+        // Without guard = false the default policy applies; --policy overrides the file's name.
+        let file = ControllerConfig::parse("hosts = [\"a\"]\n[policy]\nname = \"guarded\"\n", "c").unwrap();
+        assert_eq!(RunSettings::resolve(&Overrides::default(), &file).unwrap().policy.kind, PolicyKind::Guarded);
+        let flags = Overrides { policy: Some(PolicyKind::Converge), ..Default::default() };
+        assert_eq!(RunSettings::resolve(&flags, &file).unwrap().policy.kind, PolicyKind::Converge);
+    }
+
+    #[test]
+    fn tls_flags_override_the_file_and_all_three_are_needed() {
+        let file = ControllerConfig {
+            hosts: Some(vec!["a".into()]),
+            tls: TlsPaths { cert: Some("f.crt".into()), key: Some("f.key".into()), ca: Some("f-ca.crt".into()) },
+            ..Default::default()
+        };
+        let s = RunSettings::resolve(&Overrides::default(), &file).unwrap();
+        assert_eq!(s.tls, Some(TlsFiles { cert: "f.crt".into(), key: "f.key".into(), ca: "f-ca.crt".into() }));
+        let flags = Overrides { tls: TlsPaths { cert: Some("x.crt".into()), ..Default::default() }, ..Default::default() };
+        assert_eq!(RunSettings::resolve(&flags, &file).unwrap().tls.unwrap().cert, PathBuf::from("x.crt"));
+        let partial = ControllerConfig { tls: TlsPaths { ca: None, ..file.tls.clone() }, ..file };
+        let e = RunSettings::resolve(&Overrides::default(), &partial).unwrap_err();
+        assert!(e.contains("missing: ca"), "{e}");
     }
 
     #[test]

@@ -67,7 +67,9 @@ impl HostOutcome {
     }
 
     fn record(&mut self, r: &RoundReport, threshold: f64) {
-        self.moves += u64::from(r.action.kind == ActionType::Move && r.pins_applied > 0);
+        if r.pins_applied > 0 {
+            self.moves += r.moves.len() as u64;
+        }
         self.pin_changes += r.pins_applied as u64;
         if r.action.kind == ActionType::Error {
             self.errors += 1;
@@ -103,13 +105,9 @@ pub fn render_round(r: &RoundReport, label: &str) -> String {
         ActionType::None | ActionType::Move => {
             s.push_str(&format!(" spread {:>5.1}", r.spread.unwrap_or(0.0)));
             if r.action.kind == ActionType::Move {
-                s.push_str(&format!(
-                    "  move {} vCPU {}: pCPU {} -> {}",
-                    r.action.domain.as_deref().unwrap_or("?"),
-                    r.action.vcpu.unwrap_or(0),
-                    r.action.from.unwrap_or(0),
-                    r.action.to.unwrap_or(0)
-                ));
+                let moves: Vec<String> =
+                    r.moves.iter().map(|m| format!("{} vCPU {}: pCPU {} -> {}", m.domain, m.vcpu, m.from, m.to)).collect();
+                s.push_str(&format!("  move {}", moves.join(", ")));
             } else if r.pins_applied > 0 {
                 s.push_str("  no move");
             } else {
@@ -152,9 +150,9 @@ pub async fn run_demo<W: Write + Send>(
         labels.insert(addr.clone(), (hostname, name.clone()));
         hosts.push(addr);
     }
-    writeln!(out, "controller: interval {:?}, threshold {}, guard {}\n", cfg.interval, cfg.policy.threshold, if cfg.policy.guard { "on" } else { "off" })?;
+    writeln!(out, "controller: interval {:?}, threshold {}, policy {}\n", cfg.interval, cfg.policy.threshold, cfg.policy.kind)?;
 
-    let loop_cfg = LoopConfig { interval: cfg.interval, policy: cfg.policy, dry_run: false, rounds: Some(cfg.max_rounds) };
+    let loop_cfg = LoopConfig { interval: cfg.interval, policy: cfg.policy.clone(), dry_run: false, rounds: Some(cfg.max_rounds), ..Default::default() };
     let (tx, mut rx) = crate::controller::report_channel(hosts.len());
     let stop_controller = CancellationToken::new();
     let controller = tokio::spawn(crate::controller::run(hosts.clone(), DEMO_RPC_TIMEOUT, loop_cfg, tx, stop_controller.clone()));

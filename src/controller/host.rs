@@ -1,15 +1,18 @@
 //! One task per host: every interval, sample the host, compute usage against the previous sample (which this task
-//! alone owns), decide, and apply the plan in one `ApplyPins`. A host that fails is retried with jittered
+//! alone owns), decide, and apply the plan in one `ApplyPins`. The task also owns the policy's state for its host,
+//! including the last pin it applied to each vCPU, which is how a pin made by someone else is recognised. A host that fails is retried with jittered
 //! exponential backoff and comes back with a fresh baseline; other hosts never wait for it.
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::client::AgentClient;
-use crate::controller::policy::{self, PolicyConfig};
+use crate::controller::policy::{self, PolicyConfig, PolicyState};
 use crate::controller::report::{ActionReport, ActionType, RoundReport};
 use crate::controller::usage;
 use crate::model::HostStats;
@@ -29,11 +32,23 @@ pub struct LoopConfig {
     pub dry_run: bool,
     /// Stop after this many rounds (ticks) per host; `None` = until shutdown.
     pub rounds: Option<u64>,
+    /// Most RPCs in flight at once across all hosts: bounds the controller's sockets, memory and CPU bursts when
+    /// a large fleet ticks together.
+    pub max_inflight: usize,
 }
+
+/// Default bound on concurrent RPCs across all hosts.
+pub const DEFAULT_MAX_INFLIGHT: usize = 256;
 
 impl Default for LoopConfig {
     fn default() -> Self {
-        LoopConfig { interval: DEFAULT_INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: None }
+        LoopConfig {
+            interval: DEFAULT_INTERVAL,
+            policy: PolicyConfig::default(),
+            dry_run: false,
+            rounds: None,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+        }
     }
 }
 
@@ -48,15 +63,44 @@ pub fn backoff_delay(interval: Duration, failures: u32, j: f64) -> Duration {
 /// State a host task keeps between rounds.
 struct HostState {
     prev: Option<HostStats>,
+    /// Kept across outages: the pins the controller applied are still the host's business when it comes back.
+    policy: PolicyState,
     failures: u32,
     next_attempt: Option<Instant>,
     was_down: bool,
 }
 
+impl HostState {
+    fn new() -> Self {
+        HostState { prev: None, policy: PolicyState::default(), failures: 0, next_attempt: None, was_down: false }
+    }
+}
+
+/// One host's round, without the timer: what the loop runs each tick, and what benchmarks drive directly.
+pub struct HostWorker {
+    client: AgentClient,
+    cfg: LoopConfig,
+    inflight: Arc<Semaphore>,
+    st: HostState,
+}
+
+impl HostWorker {
+    pub fn new(client: AgentClient, cfg: LoopConfig, inflight: Arc<Semaphore>) -> Self {
+        HostWorker { client, cfg, inflight, st: HostState::new() }
+    }
+
+    /// Samples the host, decides and applies; the previous sample stays in this worker for the next round.
+    pub async fn round(&mut self, round: u64) -> RoundReport {
+        one_round(&mut self.client, &self.cfg, &self.inflight, &mut self.st, round).await
+    }
+}
+
 /// Runs the loop for one host until `rounds` are done or `shutdown` is cancelled; each round's report goes to `out`.
+/// Every RPC first takes a permit from `inflight`, shared by all hosts.
 pub async fn run_host(
     mut client: AgentClient,
     cfg: LoopConfig,
+    inflight: Arc<Semaphore>,
     out: mpsc::Sender<RoundReport>,
     shutdown: CancellationToken,
 ) {
@@ -64,14 +108,16 @@ pub async fn run_host(
     let mut ticker = tokio::time::interval(cfg.interval);
     // A round that overruns its interval makes the loop skip the ticks it missed rather than fire them in a burst.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let mut st = HostState { prev: None, failures: 0, next_attempt: None, was_down: false };
+    let mut st = HostState::new();
     let mut round: u64 = 0;
+    let mut skipped: u64 = 0;
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
+        let started = Instant::now();
         if cfg.rounds.is_some_and(|n| round >= n) {
             break;
         }
@@ -85,15 +131,23 @@ pub async fn run_host(
                 cfg.dry_run,
             )
         } else {
-            let started = Instant::now();
             let mut r = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                r = one_round(&mut client, &cfg, &mut st, round) => r,
+                r = one_round(&mut client, &cfg, &inflight, &mut st, round) => r,
             };
             r.duration = Some(started.elapsed());
             r
         };
+        let mut report = report;
+        report.skipped_ticks = std::mem::take(&mut skipped);
+        // Rounds never pile up: ticks that came while this round ran are skipped (MissedTickBehavior::Skip), and
+        // the next report says how many.
+        let overran = (started.elapsed().as_nanos() / cfg.interval.as_nanos().max(1)) as u64;
+        if overran > 0 {
+            tracing::warn!(host = %host, round, skipped = overran, "round overran its interval; skipping ticks");
+            skipped = overran;
+        }
         report.log();
         if out.send(report).await.is_err() {
             break;
@@ -101,9 +155,19 @@ pub async fn run_host(
     }
 }
 
-async fn one_round(client: &mut AgentClient, cfg: &LoopConfig, st: &mut HostState, round: u64) -> RoundReport {
+async fn one_round(
+    client: &mut AgentClient,
+    cfg: &LoopConfig,
+    inflight: &Semaphore,
+    st: &mut HostState,
+    round: u64,
+) -> RoundReport {
     let host = client.host().to_string();
-    let cur = match client.get_stats().await {
+    let stats = {
+        let _permit = inflight.acquire().await.expect("the semaphore is never closed");
+        client.get_stats().await
+    };
+    let cur = match stats {
         Ok(s) => s,
         Err(e) => return failed(st, cfg, &host, round, e.to_string()),
     };
@@ -123,25 +187,41 @@ async fn one_round(client: &mut AgentClient, cfg: &LoopConfig, st: &mut HostStat
     for (domain, why) in &u.fresh {
         tracing::info!(host = %host, domain = %domain, reason = why, "fresh baseline for domain");
     }
-    let plan = policy::decide(&u, &cfg.policy);
+    let (plan, mut next) = policy::decide(&u, &cfg.policy, &st.policy);
+    if cfg.dry_run {
+        // Nothing is moved in a dry run, so nothing may cool down: each round shows what a real run would do now.
+        next.last_moved.clone_from(&st.policy.last_moved);
+    }
+    st.policy = next;
+    for h in &plan.newly_manual {
+        tracing::info!(host = %host, domain = %h.domain, vcpu = h.vcpu, pcpu = h.pcpu,
+            "vCPU pinned by someone else since the controller's last pin: left where it is (--override-manual takes it back)");
+    }
     let mut report = RoundReport::from_plan(&host, round, &u, &plan, cfg.dry_run);
     if cfg.dry_run || plan.pins.is_empty() {
         return report;
     }
-    match client.apply_pins(&plan.pins).await {
+    let applied = {
+        let _permit = inflight.acquire().await.expect("the semaphore is never closed");
+        client.apply_pins(&plan.pins).await
+    };
+    match applied {
         Ok(results) => {
             for (pin, r) in plan.pins.iter().zip(results) {
                 match r {
-                    Ok(()) => report.pins_applied += 1,
+                    Ok(()) => {
+                        report.pins_applied += 1;
+                        st.policy.record_applied(pin);
+                    }
                     Err(s) => report.pins_failed.push(format!("{} vCPU {}: {}", pin.domain, pin.vcpu, s.message())),
                 }
             }
             // A refused pin means the sample is stale (a domain went away): the next round re-reads the host.
-            if let Some(m) = &plan.movement {
-                let moved_ok = !report.pins_failed.iter().any(|f| f.starts_with(&format!("{} vCPU {}:", m.uuid, m.vcpu)));
-                if !moved_ok {
-                    report.action.reason.push_str(" (pin refused by the agent)");
-                }
+            let refused = |m: &policy::Move| {
+                report.pins_failed.iter().any(|f| f.starts_with(&format!("{} vCPU {}:", m.uuid, m.vcpu)))
+            };
+            if plan.moves.iter().any(refused) {
+                report.action.reason.push_str(" (pin refused by the agent)");
             }
         }
         Err(e) => {

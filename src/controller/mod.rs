@@ -8,10 +8,12 @@
 //! - [`supervisor`]: the set of host tasks, changed by reloads; [`state`]: the live state behind the status page;
 //!   [`config`]: the controller's config file.
 //! - [`demo`]: simulated agents in-process with the controller on them.
+//! - [`evaluate`]: policies on simulated hosts in virtual time, with balancing metrics.
 
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod evaluate;
 pub mod host;
 pub mod policy;
 pub mod report;
@@ -28,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub use client::{AgentClient, ClientError};
 pub use host::LoopConfig;
 pub use report::RoundReport;
-pub use supervisor::{run_dynamic, Observers};
+pub use supervisor::{run_dynamic, ClientSettings, Observers};
 
 /// Reports buffered per host before a slow consumer makes host tasks wait.
 pub(crate) const REPORT_BUFFER_PER_HOST: usize = 16;
@@ -42,9 +44,22 @@ pub async fn run(
     out: mpsc::Sender<RoundReport>,
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
+    let clients = hosts.iter().map(|h| AgentClient::new(h, rpc_timeout)).collect::<Result<Vec<_>, _>>()?;
+    run_clients(clients, cfg, out, shutdown).await;
+    Ok(())
+}
+
+/// Runs one task per client (for example TLS clients made with [`AgentClient::with_tls`]) like [`run`], through
+/// the same supervisor as [`run_dynamic`], with a host set that never changes.
+pub async fn run_clients(
+    clients: Vec<AgentClient>,
+    cfg: LoopConfig,
+    out: mpsc::Sender<RoundReport>,
+    shutdown: CancellationToken,
+) {
     // No reloads: the sender is dropped at once, so the set of hosts never changes.
     let (_, reload) = mpsc::channel(1);
-    supervisor::run_dynamic(hosts, rpc_timeout, cfg, Observers::default(), reload, out, shutdown).await
+    supervisor::supervise(clients, None, cfg, Observers::default(), reload, out, shutdown).await;
 }
 
 /// A channel sized for `hosts` hosts.

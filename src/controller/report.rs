@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::controller::policy::Plan;
+use crate::controller::policy::{Held, Move, Plan};
 use crate::controller::usage::{HostUsage, PcpuUsage};
 use crate::model::PcpuId;
 
@@ -53,6 +53,10 @@ pub struct RoundReport {
     pub vcpus: Vec<VcpuReport>,
     pub spread: Option<f64>,
     pub action: ActionReport,
+    /// Every move of the round (`action` shows the first; `converge` may make several).
+    pub moves: Vec<Move>,
+    /// vCPUs a constraint kept the policy away from (excluded domains, manual pins).
+    pub held: Vec<Held>,
     /// Pins the agent applied this round (pins that change nothing are never sent).
     pub pins_applied: usize,
     /// Pins the agent refused, with its message.
@@ -61,12 +65,14 @@ pub struct RoundReport {
     /// How long the round took (for the round-duration histogram); not part of the JSON line.
     #[serde(skip)]
     pub duration: Option<std::time::Duration>,
+    /// Ticks skipped before this round because the previous round overran its interval.
+    pub skipped_ticks: u64,
 }
 
 impl RoundReport {
     /// A report with usage from a computed round.
     pub fn from_plan(host: &str, round: u64, u: &HostUsage, plan: &Plan, dry_run: bool) -> Self {
-        let action = match &plan.movement {
+        let action = match plan.movement() {
             Some(m) => ActionReport {
                 kind: ActionType::Move,
                 domain: Some(m.domain.clone()),
@@ -88,10 +94,13 @@ impl RoundReport {
                 .collect(),
             spread: Some(plan.spread),
             action,
+            moves: plan.moves.clone(),
+            held: plan.held.clone(),
             pins_applied: 0,
             pins_failed: Vec::new(),
             dry_run,
             duration: None,
+            skipped_ticks: 0,
         }
     }
 
@@ -104,10 +113,13 @@ impl RoundReport {
             vcpus: Vec::new(),
             spread: None,
             action,
+            moves: Vec::new(),
+            held: Vec::new(),
             pins_applied: 0,
             pins_failed: Vec::new(),
             dry_run,
             duration: None,
+            skipped_ticks: 0,
         }
     }
 
@@ -124,7 +136,7 @@ impl RoundReport {
             ActionType::Error => tracing::warn!(host = %self.host, round = self.round, action = %kind, reason = %a.reason, "round failed"),
             ActionType::Move => tracing::info!(
                 host = %self.host, round = self.round, spread = format!("{:.1}", self.spread.unwrap_or(0.0)),
-                action = %kind, domain = a.domain.as_deref().unwrap_or(""), vcpu = a.vcpu.unwrap_or(0),
+                action = %kind, moves = self.moves.len(), domain = a.domain.as_deref().unwrap_or(""), vcpu = a.vcpu.unwrap_or(0),
                 from = a.from.unwrap_or(0), pcpu = a.to.unwrap_or(0), pins_applied = self.pins_applied,
                 dry_run = self.dry_run, pcpus = %self.pcpu_summary(), reason = %a.reason, "round"),
             _ => tracing::info!(

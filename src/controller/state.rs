@@ -60,7 +60,8 @@ pub struct Decision {
 pub struct ConfigView {
     pub interval_ms: u64,
     pub threshold: f64,
-    pub guard: bool,
+    /// The balancing policy's name (seed, guarded, converge).
+    pub policy: String,
     pub dry_run: bool,
 }
 

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::ClientTlsConfig;
 
 use crate::controller::client::{AgentClient, ClientError};
 use crate::controller::host::{self, LoopConfig};
@@ -35,39 +36,77 @@ struct Running {
     id: tokio::task::Id,
 }
 
+/// How the supervisor makes the client of a host: the same way for the hosts given at start and for those a
+/// reload adds, so a host added on SIGHUP talks mutual TLS exactly like the others.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// Deadline of each RPC.
+    pub rpc_timeout: Duration,
+    /// Mutual TLS to the agents; `None` = plaintext.
+    pub tls: Option<ClientTlsConfig>,
+}
+
+impl ClientSettings {
+    /// Plaintext clients with this RPC deadline.
+    pub fn plaintext(rpc_timeout: Duration) -> Self {
+        ClientSettings { rpc_timeout, tls: None }
+    }
+
+    /// The client of `host` (checks the address; connects on first use).
+    pub fn client(&self, host: &str) -> Result<AgentClient, ClientError> {
+        AgentClient::with_tls(host, self.rpc_timeout, self.tls.as_ref())
+    }
+}
+
 /// [`crate::controller::run`] with a host list that changes while it runs: each `Vec<String>` received on
-/// `reload` is the new host list. Hosts added start (first round is a baseline), hosts removed stop after their RPC in flight, and the
-/// others keep running untouched, with their baselines. A list with an invalid address is refused whole and the
-/// current hosts keep running. Returns when every host has done `cfg.rounds` rounds, or after `shutdown` once
-/// every host task has stopped.
+/// `reload` is the new host list. Hosts added start (first round is a baseline), hosts removed stop after their
+/// RPC in flight, and the others keep running untouched, with their baselines. Every address is checked first (a
+/// typo refuses the whole command); a reloaded list with an invalid address is refused whole and the current hosts
+/// keep running. Returns when every host has done `cfg.rounds` rounds, or after `shutdown` once every host task has
+/// stopped.
 pub async fn run_dynamic(
     hosts: Vec<String>,
-    rpc_timeout: Duration,
+    clients: ClientSettings,
+    cfg: LoopConfig,
+    obs: Observers,
+    reload: mpsc::Receiver<Vec<String>>,
+    out: mpsc::Sender<RoundReport>,
+    shutdown: CancellationToken,
+) -> Result<(), ClientError> {
+    let initial = hosts.iter().map(|h| clients.client(h)).collect::<Result<Vec<_>, _>>()?;
+    supervise(initial, Some(clients), cfg, obs, reload, out, shutdown).await;
+    Ok(())
+}
+
+/// Runs one task per client in `initial` and applies the host lists received on `reload`, making the clients of
+/// added hosts with `factory` (without one, reloads are refused). One semaphore of `cfg.max_inflight` permits is
+/// shared by every host task, those a reload starts included.
+pub(crate) async fn supervise(
+    initial: Vec<AgentClient>,
+    factory: Option<ClientSettings>,
     cfg: LoopConfig,
     obs: Observers,
     mut reload: mpsc::Receiver<Vec<String>>,
     out: mpsc::Sender<RoundReport>,
     shutdown: CancellationToken,
-) -> Result<(), ClientError> {
-    for h in &hosts {
-        AgentClient::new(h, rpc_timeout)?;
-    }
-    let (tx, rx) = mpsc::channel(REPORT_BUFFER_PER_HOST * hosts.len().max(1));
+) {
+    let inflight = Arc::new(Semaphore::new(cfg.max_inflight.max(1)));
+    let (tx, rx) = mpsc::channel(REPORT_BUFFER_PER_HOST * initial.len().max(1));
     let recorder = tokio::spawn(record(rx, obs.clone(), out));
     let mut tasks = tokio::task::JoinSet::new();
     let mut running: HashMap<String, Running> = HashMap::new();
     // Tasks asked to stop, by task id, until they have.
     let mut stopping: HashMap<tokio::task::Id, String> = HashMap::new();
-    let start = |host: &str, tasks: &mut tokio::task::JoinSet<()>, running: &mut HashMap<String, Running>| {
-        let Ok(mut client) = AgentClient::new(host, rpc_timeout) else { return };
+    let start = |mut client: AgentClient, tasks: &mut tokio::task::JoinSet<()>, running: &mut HashMap<String, Running>| {
+        let host = client.host().to_string();
         if let Some(m) = &obs.metrics {
             client = client.with_metrics(m.clone());
         }
         if let Some(s) = &obs.state {
-            s.add_host(host);
+            s.add_host(&host);
         }
         let (tx, stop) = (tx.clone(), shutdown.child_token());
-        let (cfg, task_stop) = (cfg.clone(), stop.clone());
+        let (cfg, task_stop, inflight) = (cfg.clone(), stop.clone(), inflight.clone());
         // The task ends only after its last report is in the recorder's channel, so a `Removed` sent after the
         // task has joined always comes after that report.
         let id = tasks
@@ -80,13 +119,16 @@ pub async fn run_dynamic(
                         }
                     }
                 };
-                tokio::join!(host::run_host(client, cfg, rtx, task_stop), forward);
+                tokio::join!(host::run_host(client, cfg, inflight, rtx, task_stop), forward);
             })
             .id();
-        running.insert(host.to_string(), Running { stop, id });
+        running.insert(host, Running { stop, id });
     };
-    for h in dedup(hosts) {
-        start(&h, &mut tasks, &mut running);
+    let mut seen = std::collections::HashSet::new();
+    for client in initial {
+        if seen.insert(client.host().to_string()) {
+            start(client, &mut tasks, &mut running);
+        }
     }
     let mut reload_open = true;
     loop {
@@ -120,11 +162,21 @@ pub async fn run_dynamic(
                     reload_open = false;
                     continue;
                 };
-                if let Some(bad) = new.iter().find_map(|h| AgentClient::new(h, rpc_timeout).err()) {
-                    tracing::error!(error = %bad, "reload refused; the current hosts keep running");
+                let Some(factory) = &factory else {
+                    tracing::error!("reload refused: this controller was started with fixed clients");
                     continue;
-                }
+                };
                 let new = dedup(new);
+                // Clients for the added hosts are made before anything changes: one bad address refuses the list.
+                let added: Result<Vec<AgentClient>, ClientError> =
+                    new.iter().filter(|h| !running.contains_key(*h)).map(|h| factory.client(h)).collect();
+                let added = match added {
+                    Ok(a) => a,
+                    Err(bad) => {
+                        tracing::error!(error = %bad, "reload refused; the current hosts keep running");
+                        continue;
+                    }
+                };
                 let gone: Vec<String> = running.keys().filter(|h| !new.contains(h)).cloned().collect();
                 for h in gone {
                     if let Some(r) = running.remove(&h) {
@@ -133,10 +185,9 @@ pub async fn run_dynamic(
                         stopping.insert(r.id, h);
                     }
                 }
-                let added: Vec<String> = new.into_iter().filter(|h| !running.contains_key(h)).collect();
-                for h in &added {
-                    tracing::info!(host = %h, "host added to the host list; starting it");
-                    start(h, &mut tasks, &mut running);
+                for client in added {
+                    tracing::info!(host = %client.host(), "host added to the host list; starting it");
+                    start(client, &mut tasks, &mut running);
                 }
             }
             () = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
@@ -144,7 +195,6 @@ pub async fn run_dynamic(
     }
     drop(tx);
     let _ = recorder.await;
-    Ok(())
 }
 
 /// The host list without repeats, in the given order.

@@ -35,6 +35,19 @@ impl SimAgent {
         SimAgent { addr, hv, stop, task }
     }
 
+    /// Serves an existing simulated hypervisor on `bind` with TLS and a pin policy as `opts` say.
+    pub async fn start_opts(hv: Arc<SimHypervisor>, bind: &str, opts: vcpu_balancer::agent::ServeOptions) -> SimAgent {
+        let listener = TcpListener::bind(bind).await.expect("bind loopback");
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let h = hv.clone();
+        let task = tokio::spawn(async move {
+            vcpu_balancer::agent::serve_with(h, listener, opts, s.cancelled_owned()).await.expect("agent serves");
+        });
+        SimAgent { addr, hv, stop, task }
+    }
+
     /// Stops serving and waits until the port is closed.
     pub async fn stop(self) -> Arc<SimHypervisor> {
         self.stop.cancel();
@@ -70,11 +83,16 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `vcpu-agent` with `args` (plus `--listen 127.0.0.1:0 --log-format json`).
     pub fn start(args: &[&str]) -> AgentProcess {
+        Self::start_on("127.0.0.1:0", args)
+    }
+
+    /// Starts `vcpu-agent` with `args` listening on `listen`.
+    pub fn start_on(listen: &str, args: &[&str]) -> AgentProcess {
         use std::io::{BufRead, BufReader};
         use std::process::{Command, Stdio};
         let mut child = Command::new(env!("CARGO_BIN_EXE_vcpu-agent"))
             .args(args)
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--listen", listen, "--log-format", "json"])
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()

@@ -44,6 +44,21 @@ const KEEPALIVE_COUNT: u32 = 3;
 /// daemon.
 const MAX_PARALLEL_READS: usize = 4;
 
+/// Longest any one backend call (a whole stats sample included) may take before the agent answers UNAVAILABLE.
+/// libvirt has no per-call timeout; a daemon that hangs without dying would otherwise hold RPCs until keepalive
+/// gives up (about 20 s). The blocking work itself cannot be interrupted and finishes in the background.
+pub const LIBVIRT_CALL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Bounds `fut` by [`LIBVIRT_CALL_DEADLINE`].
+async fn with_deadline<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, AgentError>>,
+) -> Result<T, AgentError> {
+    tokio::time::timeout(LIBVIRT_CALL_DEADLINE, fut).await.unwrap_or_else(|_| {
+        Err(AgentError::Unavailable(format!("libvirt did not answer {what} within {LIBVIRT_CALL_DEADLINE:?}")))
+    })
+}
+
 /// A [`Hypervisor`] backed by libvirt.
 ///
 /// Cloning is cheap and clones share the connection.
@@ -82,21 +97,11 @@ impl LibvirtHypervisor {
         F: FnOnce(&Inner) -> Result<T, AgentError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(join_error)?
-    }
-}
-
-#[async_trait]
-impl Hypervisor for LibvirtHypervisor {
-    async fn host_info(&self) -> Result<HostInfo, AgentError> {
-        self.blocking(Inner::host_info).await
+        with_deadline("a call", async move { tokio::task::spawn_blocking(move || f(&inner)).await.map_err(join_error)? })
+            .await
     }
 
-    async fn list_domains(&self) -> Result<Vec<DomainSummary>, AgentError> {
-        self.blocking(Inner::list_domains).await
-    }
-
-    async fn stats(&self) -> Result<HostStats, AgentError> {
+    async fn sample(&self) -> Result<HostStats, AgentError> {
         let (conn, node, domains) = self.blocking(Inner::running_domains).await?;
         let listed_ns = monotonic_ns();
         let nchunks = domains.len().clamp(1, MAX_PARALLEL_READS);
@@ -133,6 +138,21 @@ impl Hypervisor for LibvirtHypervisor {
             agent_instance: String::new(),
             domains: out,
         })
+    }
+}
+
+#[async_trait]
+impl Hypervisor for LibvirtHypervisor {
+    async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        self.blocking(Inner::host_info).await
+    }
+
+    async fn list_domains(&self) -> Result<Vec<DomainSummary>, AgentError> {
+        self.blocking(Inner::list_domains).await
+    }
+
+    async fn stats(&self) -> Result<HostStats, AgentError> {
+        with_deadline("a stats sample", self.sample()).await
     }
 
     async fn placement(&self, domain: &str) -> Result<DomainPlacement, AgentError> {

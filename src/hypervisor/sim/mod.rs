@@ -6,6 +6,7 @@
 //! ([`SimHypervisor::set_unavailable`]).
 
 pub mod model;
+pub mod rng;
 pub mod scenario;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

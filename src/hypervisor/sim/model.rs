@@ -12,8 +12,12 @@
 //!   balancer's job, and this keeps every run reproducible.
 //! - Cumulative vCPU times are integrated exactly between events (pins, phase changes, samples); pins take effect
 //!   at once.
+//! - With `noise` (points), each sample reports every vCPU's time increment since the previous sample changed by a
+//!   uniform, zero-mean, seeded amount of at most `noise` % of the window (never below zero, so counters never go
+//!   back). The exact times stay available ([`SimHost::stats_exact`]) so an evaluation can judge the true balance.
 
 use crate::error::AgentError;
+use crate::hypervisor::sim::rng::SplitMix64;
 use crate::hypervisor::sim::scenario::{DomainSpec, LoadProfile, Scenario};
 use crate::hypervisor::validate_pin;
 use crate::model::{DomainPlacement, DomainStats, DomainSummary, PcpuId, PinRequest, VcpuPlacement, VcpuStats};
@@ -25,6 +29,10 @@ struct SimVcpu {
     affinity: Vec<PcpuId>,
     pcpu: PcpuId,
     time_ns: f64,
+    /// What samples report (equals `time_ns` without noise).
+    reported_ns: f64,
+    /// `time_ns` at the previous sample, to perturb only the increment.
+    sampled_ns: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +53,9 @@ pub struct SimHost {
     domains: Vec<SimDomain>,
     now_ns: u64,
     next_id: u32,
+    noise: f64,
+    rng: SplitMix64,
+    last_sample_ns: u64,
 }
 
 /// A deterministic UUID for a domain name, so runs and tests are reproducible.
@@ -89,7 +100,15 @@ pub fn fair_shares(demands: &[f64]) -> Vec<f64> {
 impl SimHost {
     /// A host in the state the scenario describes, at model time `now_ns`.
     pub fn new(scenario: &Scenario, now_ns: u64) -> SimHost {
-        let mut host = SimHost { npcpus: scenario.pcpus, domains: Vec::new(), now_ns, next_id: 1 };
+        let mut host = SimHost {
+            npcpus: scenario.pcpus,
+            domains: Vec::new(),
+            now_ns,
+            next_id: 1,
+            noise: scenario.noise,
+            rng: SplitMix64::new(scenario.seed),
+            last_sample_ns: now_ns,
+        };
         for spec in &scenario.domains {
             host.add_domain(spec, now_ns).expect("scenario was validated against its own pCPU count");
         }
@@ -143,7 +162,7 @@ impl SimHost {
         for _ in 0..spec.vcpus {
             // Place one at a time so that a domain's own vCPUs spread too.
             let pcpu = self.least_crowded_with(&affinity, &dom);
-            dom.vcpus.push(SimVcpu { affinity: affinity.clone(), pcpu, time_ns: 0.0 });
+            dom.vcpus.push(SimVcpu { affinity: affinity.clone(), pcpu, time_ns: 0.0, reported_ns: 0.0, sampled_ns: 0.0 });
         }
         self.domains.push(dom);
         Ok(())
@@ -183,6 +202,8 @@ impl SimHost {
         d.started_ns = now;
         for v in &mut d.vcpus {
             v.time_ns = 0.0;
+            v.reported_ns = 0.0;
+            v.sampled_ns = 0.0;
         }
         Ok(())
     }
@@ -245,9 +266,33 @@ impl SimHost {
         out
     }
 
-    /// A sample of every domain at `now_ns`.
+    /// A sample of every domain at `now_ns`, with the scenario's measurement noise if it has some.
     pub fn stats(&mut self, now_ns: u64) -> Vec<DomainStats> {
         self.advance_to(now_ns);
+        let window = (self.now_ns - self.last_sample_ns.min(self.now_ns)) as f64;
+        self.last_sample_ns = self.now_ns;
+        for d in &mut self.domains {
+            for v in &mut d.vcpus {
+                if self.noise > 0.0 {
+                    let jitter = self.rng.range_f64(-1.0, 1.0) * self.noise / 100.0 * window;
+                    v.reported_ns += (v.time_ns - v.sampled_ns + jitter).max(0.0);
+                } else {
+                    v.reported_ns = v.time_ns;
+                }
+                v.sampled_ns = v.time_ns;
+            }
+        }
+        self.sample(|v| v.reported_ns)
+    }
+
+    /// A sample of every domain at `now_ns` with the exact times, whatever the noise; it does not count as a
+    /// sample for the noise.
+    pub fn stats_exact(&mut self, now_ns: u64) -> Vec<DomainStats> {
+        self.advance_to(now_ns);
+        self.sample(|v| v.time_ns)
+    }
+
+    fn sample(&self, time: impl Fn(&SimVcpu) -> f64) -> Vec<DomainStats> {
         let mut out: Vec<DomainStats> = self
             .domains
             .iter()
@@ -258,7 +303,7 @@ impl SimHost {
                     .enumerate()
                     .map(|(i, v)| VcpuStats {
                         index: i as u32,
-                        time_ns: v.time_ns as u64,
+                        time_ns: time(v) as u64,
                         pcpu: v.pcpu,
                         affinity: v.affinity.clone(),
                     })
@@ -267,7 +312,7 @@ impl SimHost {
                     uuid: d.uuid.clone(),
                     name: d.name.clone(),
                     id: d.id,
-                    cpu_time_ns: d.vcpus.iter().map(|v| v.time_ns as u64).sum(),
+                    cpu_time_ns: d.vcpus.iter().map(|v| time(v) as u64).sum(),
                     vcpus,
                 }
             })
@@ -427,6 +472,29 @@ mod tests {
         assert_ne!(before.id, after.id);
         assert!(after.vcpus[0].time_ns < before.vcpus[0].time_ns);
         assert_eq!(before.uuid, h.placement(&before.uuid).unwrap().uuid);
+    }
+
+    #[test]
+    fn noise_is_bounded_seeded_and_leaves_exact_times_alone() {
+        let text = "pcpus = 1\nnoise = 5\nseed = 3\n[[domain]]\nname=\"a\"\nload=50\n";
+        let run = || {
+            let mut h = host(text);
+            (1..=50u64).map(|k| { let s = h.stats(k * S); (s[0].vcpus[0].time_ns, h.stats_exact(k * S)[0].vcpus[0].time_ns) }).collect::<Vec<_>>()
+        };
+        let a = run();
+        assert_eq!(a, run(), "same seed, same samples");
+        let mut prev = (0u64, 0u64);
+        let mut differs = false;
+        for &(noisy, exact) in &a {
+            let u = (noisy - prev.0) as f64 / S as f64 * 100.0;
+            assert!((45.0 - 1e-6..=55.0 + 1e-6).contains(&u), "usage {u} outside 50 +- 5");
+            assert_eq!(exact - prev.1, S / 2, "exact times are untouched");
+            differs |= (u - 50.0).abs() > 0.1;
+            prev = (noisy, exact);
+        }
+        assert!(differs, "noise = 5 changed nothing");
+        let mut quiet = host("pcpus = 1\n[[domain]]\nname=\"a\"\nload=50\n");
+        assert_eq!(quiet.stats(S)[0].vcpus[0].time_ns, S / 2);
     }
 
     proptest! {

@@ -11,6 +11,13 @@
 //! # phases = [ { load = 100, secs = 20 }, { load = 10, secs = 20 } ]
 //! ```
 //!
+//! Two optional top-level keys make bigger or harder hosts reproducible from a seed:
+//! - `random = { seed = 7, vcpus = 200, min = 5, max = 40 }` adds `vcpus` one-vCPU domains `r000`, `r001`, ...
+//!   with constant loads drawn uniformly in `min..=max`, each pinned to a pCPU drawn uniformly.
+//! - `noise = 5` perturbs every sample: each vCPU's time increment since the previous sample is changed by up to
+//!   ±5 points of the window (uniform, zero-mean, seeded by `seed`, default 0), never below 0, so that measured
+//!   usage is noisy the way real counters read over short windows are.
+//!
 //! Errors name the line: unknown keys, loads outside 0..=100, affinities naming pCPUs the host does not have.
 
 use std::ops::Range;
@@ -19,6 +26,7 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::hypervisor::sim::rng::SplitMix64;
 use crate::model::PcpuId;
 
 /// Most pCPUs a simulated host may have.
@@ -83,15 +91,34 @@ pub struct Scenario {
     pub pcpus: u32,
     pub hostname: Option<String>,
     pub domains: Vec<DomainSpec>,
+    /// Measurement noise, in points of one pCPU per sample window (0 = exact).
+    pub noise: f64,
+    /// Seed of the measurement noise.
+    pub seed: u64,
 }
+
+/// Most measurement noise a scenario may ask for, in points.
+pub const MAX_NOISE: f64 = 50.0;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawScenario {
     pcpus: Spanned<u32>,
     hostname: Option<String>,
+    noise: Option<Spanned<f64>>,
+    seed: Option<u64>,
+    random: Option<Spanned<RawRandom>>,
     #[serde(default)]
     domain: Vec<Spanned<RawDomain>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRandom {
+    seed: u64,
+    vcpus: u32,
+    min: f64,
+    max: f64,
 }
 
 #[derive(Deserialize)]
@@ -219,7 +246,33 @@ impl Scenario {
             };
             domains.push(DomainSpec { name, uuid: d.uuid, vcpus, affinity, load });
         }
-        Ok(Scenario { pcpus, hostname: raw.hostname, domains })
+        if let Some(r) = raw.random {
+            let span = r.span();
+            let r = r.into_inner();
+            if !(0.0..=100.0).contains(&r.min) || !(r.min..=100.0).contains(&r.max) {
+                return Err(invalid(span, format!("random loads need 0 <= min <= max <= 100, got {}..{}", r.min, r.max)));
+            }
+            if r.vcpus == 0 || r.vcpus > MAX_SIM_VCPUS {
+                return Err(invalid(span, format!("random vcpus must be 1..={MAX_SIM_VCPUS}, got {}", r.vcpus)));
+            }
+            let mut rng = SplitMix64::new(r.seed);
+            for i in 0..r.vcpus {
+                let name = format!("r{i:03}");
+                if !names.insert(name.clone()) {
+                    return Err(invalid(span, format!("random domain {name:?} clashes with a [[domain]]")));
+                }
+                // Round to a tenth of a point so that the generated loads read well in reports.
+                let load = (rng.range_f64(r.min, r.max) * 10.0).round() / 10.0;
+                let pcpu = rng.below(pcpus);
+                domains.push(DomainSpec { name, uuid: None, vcpus: 1, affinity: Some(vec![pcpu]), load: LoadProfile::Constant(load) });
+            }
+        }
+        let noise = match raw.noise {
+            None => 0.0,
+            Some(n) if (0.0..=MAX_NOISE).contains(n.get_ref()) => *n.get_ref(),
+            Some(n) => return Err(invalid(n.span(), format!("noise must be 0..={MAX_NOISE} points, got {}", n.get_ref()))),
+        };
+        Ok(Scenario { pcpus, hostname: raw.hostname, domains, noise, seed: raw.seed.unwrap_or(0) })
     }
 }
 
@@ -258,6 +311,39 @@ mod tests {
             let s = Scenario::parse(text, name).unwrap();
             assert!(!s.domains.is_empty(), "{name}");
         }
+    }
+
+    /// Every file shipped in scenarios/, built in or not, parses (the evaluation table reads them all).
+    #[test]
+    fn every_shipped_file_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let s = Scenario::from_file(&p).unwrap_or_else(|e| panic!("{e}"));
+                assert!(!s.domains.is_empty(), "{}", p.display());
+                n += 1;
+            }
+        }
+        assert!(n >= BUILTIN.len() + 6, "only {n} scenario files");
+    }
+
+    #[test]
+    fn random_hosts_are_seeded_and_within_bounds() {
+        let text = "pcpus = 8\nrandom = { seed = 5, vcpus = 50, min = 10, max = 20 }\n";
+        let a = Scenario::parse(text, "t").unwrap();
+        assert_eq!(a, Scenario::parse(text, "t").unwrap());
+        assert_eq!(a.domains.len(), 50);
+        for d in &a.domains {
+            let LoadProfile::Constant(l) = d.load else { panic!("{d:?}") };
+            assert!((10.0..=20.0).contains(&l), "{d:?}");
+            assert!(d.affinity.as_ref().is_some_and(|a| a.len() == 1 && a[0] < 8), "{d:?}");
+        }
+        let other = Scenario::parse("pcpus = 8\nrandom = { seed = 6, vcpus = 50, min = 10, max = 20 }\n", "t").unwrap();
+        assert_ne!(a.domains, other.domains, "the seed matters");
+        assert!(Scenario::parse("pcpus = 8\nrandom = { seed = 5, vcpus = 5, min = 30, max = 20 }\n", "t").is_err());
+        assert!(Scenario::parse("pcpus = 8\nnoise = 80\n[[domain]]\nname = \"a\"\nload = 1\n", "t").is_err());
     }
 
     #[test]

@@ -1,0 +1,618 @@
+//! The balancing policies: one round's usage (and the policy's own state) in, a plan (and the next state) out.
+//! Pure: no I/O, no clock, deterministic.
+//!
+//! Three policies share the same input, output and constraints (see README, "The policy"):
+//! - [`PolicyKind::Seed`]: the literal "10 % rule": if the spread exceeds the threshold, move the busiest vCPU of
+//!   the busiest pCPU to the freest pCPU. Kept for reference: taken literally it can move the same load back and
+//!   forth forever.
+//! - [`PolicyKind::Guarded`]: the same rule, but it only moves a vCPU lighter than the spread (see
+//!   [`tenpercent`]), so every move narrows the gap and no placement can come back.
+//! - [`PolicyKind::Converge`]: several moves or swaps per round, each re-evaluated after the previous one, with
+//!   a per-vCPU cooldown (see [`converge`]).
+//!
+//! Constraints, honoured by every policy, are applied here once so that no policy can forget them:
+//! excluded domains and vCPUs an operator pinned by hand are never moved or pinned; reserved pCPUs are never a
+//! target and are not counted in the spread; vCPUs found on a reserved pCPU are moved off when possible.
+//! Only pins that change something are produced: a vCPU already pinned to exactly its target is left alone.
+
+pub mod constraints;
+pub mod converge;
+pub mod tenpercent;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+pub use constraints::{Constraints, DomainMatcher};
+
+use crate::controller::usage::{HostUsage, VcpuUsage};
+use crate::model::{PcpuId, PinRequest};
+
+/// Default threshold on the spread, in percentage points of one pCPU.
+pub const DEFAULT_THRESHOLD: f64 = 10.0;
+
+/// Which policy decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// The literal 10 % rule (no guard).
+    Seed,
+    /// The 10 % rule with the guard.
+    Guarded,
+    /// Several moves and swaps per round, with a cooldown.
+    Converge,
+}
+
+/// The default policy: see POLICIES.md for the evaluation that chose it.
+pub const DEFAULT_POLICY: PolicyKind = PolicyKind::Converge;
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 3] = [PolicyKind::Seed, PolicyKind::Guarded, PolicyKind::Converge];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Seed => "seed",
+            PolicyKind::Guarded => "guarded",
+            PolicyKind::Converge => "converge",
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        PolicyKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown policy {s:?} (have: seed, guarded, converge)"))
+    }
+}
+
+/// Policy settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyConfig {
+    pub kind: PolicyKind,
+    /// Act only when the spread is above this many points.
+    pub threshold: f64,
+    pub constraints: Constraints,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig { kind: DEFAULT_POLICY, threshold: DEFAULT_THRESHOLD, constraints: Constraints::default() }
+    }
+}
+
+impl PolicyConfig {
+    /// The default settings with another policy.
+    pub fn with_kind(kind: PolicyKind) -> Self {
+        PolicyConfig { kind, ..Default::default() }
+    }
+}
+
+/// A vCPU, as the policies key it: (domain UUID, vCPU index).
+pub type VcpuKey = (String, u32);
+
+/// What a policy remembers between rounds for one host. The per-host task owns it and passes it to
+/// [`decide`], which returns the next one; nothing else keeps state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicyState {
+    /// Rounds decided so far.
+    pub round: u64,
+    /// The last pin this controller applied to each vCPU. A vCPU whose affinity differs from it was pinned by
+    /// someone else since.
+    pub last_pins: BTreeMap<VcpuKey, Vec<PcpuId>>,
+    /// Round at which each vCPU was last moved, and the pCPU it left (for [`converge`]'s cooldown and its
+    /// no-return rule).
+    pub last_moved: BTreeMap<VcpuKey, (u64, PcpuId)>,
+    /// vCPUs already reported as pinned by hand, so the log says it once, not every round.
+    pub manual_reported: BTreeSet<VcpuKey>,
+    /// Smoothed usage of each vCPU (for [`converge`]).
+    pub smoothed: BTreeMap<VcpuKey, f64>,
+    /// Whether the previous round's spread was over the threshold (for [`converge`]'s hold).
+    pub was_over: bool,
+}
+
+impl PolicyState {
+    /// Records a pin the agent applied.
+    pub fn record_applied(&mut self, pin: &PinRequest) {
+        self.last_pins.insert((pin.domain.clone(), pin.vcpu), pin.pcpus.clone());
+    }
+}
+
+/// A vCPU moved to another pCPU.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Move {
+    pub domain: String,
+    pub uuid: String,
+    pub vcpu: u32,
+    pub from: PcpuId,
+    pub to: PcpuId,
+    pub usage: f64,
+}
+
+/// Why a vCPU was left alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeldWhy {
+    /// Its domain matches `--exclude`.
+    Excluded,
+    /// Someone else changed its affinity since the controller last pinned it.
+    Manual,
+}
+
+/// A vCPU a constraint kept the policy away from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Held {
+    pub domain: String,
+    pub vcpu: u32,
+    pub pcpu: PcpuId,
+    pub why: HeldWhy,
+}
+
+/// What the policy decided for one host in one round.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    /// Spread over the pCPUs that may be targets (online, not reserved).
+    pub spread: f64,
+    pub busiest: Option<PcpuId>,
+    pub freest: Option<PcpuId>,
+    /// In the order decided; a vCPU appears at most once, from where it runs to where it goes.
+    pub moves: Vec<Move>,
+    /// Why: shown in logs and in the JSON `action.reason`.
+    pub reason: String,
+    /// vCPUs left alone by a constraint.
+    pub held: Vec<Held>,
+    /// vCPUs newly found pinned by hand (for a one-time log line).
+    pub newly_manual: Vec<Held>,
+    /// Pins that change something, keyed by domain UUID.
+    pub pins: Vec<PinRequest>,
+}
+
+impl Plan {
+    /// The first move, if any (the only one for `seed` and `guarded`).
+    pub fn movement(&self) -> Option<&Move> {
+        self.moves.first()
+    }
+}
+
+/// A round as the policies see it, after the constraints: which vCPUs they may move and where.
+#[derive(Debug)]
+pub struct View<'a> {
+    pub u: &'a HostUsage,
+    /// Usage of every online pCPU, in id order.
+    pub load: Vec<(PcpuId, f64)>,
+    /// Online pCPUs that are not reserved: the only targets, and the ones the spread is taken over.
+    pub allowed: BTreeSet<PcpuId>,
+    /// Indices into `u.vcpus` of the vCPUs a policy may move: known usage, not held.
+    pub movable: Vec<usize>,
+}
+
+impl View<'_> {
+    /// (busiest, freest) allowed pCPUs with their usage; ties go to the lowest id.
+    pub fn extremes(&self) -> Option<((PcpuId, f64), (PcpuId, f64))> {
+        extremes(self.load.iter().filter(|(id, _)| self.allowed.contains(id)).copied())
+    }
+
+    pub fn vcpu(&self, i: usize) -> &VcpuUsage {
+        &self.u.vcpus[i]
+    }
+
+    /// Movable vCPUs sitting on a reserved (or offline) pCPU.
+    pub fn stranded(&self) -> Vec<usize> {
+        self.movable.iter().copied().filter(|&i| !self.allowed.contains(&self.u.vcpus[i].pcpu)).collect()
+    }
+}
+
+/// (highest, lowest) of `(id, usage)` pairs in id order; ties go to the lowest id.
+pub fn extremes(it: impl IntoIterator<Item = (PcpuId, f64)>) -> Option<((PcpuId, f64), (PcpuId, f64))> {
+    let mut it = it.into_iter();
+    let first = it.next()?;
+    let (mut hi, mut lo) = (first, first);
+    for p in it {
+        if p.1 > hi.1 {
+            hi = p;
+        }
+        if p.1 < lo.1 {
+            lo = p;
+        }
+    }
+    Some((hi, lo))
+}
+
+/// What a policy returns before the pins are built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// (index into `u.vcpus`, target pCPU), at most one per vCPU.
+    pub moves: Vec<(usize, PcpuId)>,
+    pub reason: String,
+}
+
+/// Decides one round for one host. `state` is the policy's memory of earlier rounds on this host; the returned
+/// state replaces it (the caller then adds the pins the agent applied with [`PolicyState::record_applied`]).
+pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, PolicyState) {
+    let mut next = prune(u, state);
+    next.round = state.round + 1;
+    let smoothed;
+    let u = if cfg.kind == PolicyKind::Converge {
+        smoothed = converge::smooth(u, &mut next.smoothed);
+        &smoothed
+    } else {
+        u
+    };
+    let c = &cfg.constraints;
+    let mut held = Vec::new();
+    let mut newly_manual = Vec::new();
+    let mut movable = Vec::new();
+    let mut is_held = vec![false; u.vcpus.len()];
+    for (i, v) in u.vcpus.iter().enumerate() {
+        let key = (v.uuid.clone(), v.vcpu);
+        let why = if c.excludes(&v.domain, &v.uuid) {
+            Some(HeldWhy::Excluded)
+        } else if !c.override_manual && next.last_pins.get(&key).is_some_and(|p| *p != v.affinity) {
+            Some(HeldWhy::Manual)
+        } else {
+            None
+        };
+        match why {
+            Some(why) => {
+                is_held[i] = true;
+                let h = Held { domain: v.domain.clone(), vcpu: v.vcpu, pcpu: v.pcpu, why };
+                if why == HeldWhy::Manual && next.manual_reported.insert(key) {
+                    newly_manual.push(h.clone());
+                }
+                held.push(h);
+            }
+            None => {
+                next.manual_reported.remove(&key);
+                if v.usage.is_some() {
+                    movable.push(i);
+                }
+            }
+        }
+    }
+    let allowed: BTreeSet<PcpuId> = u.pcpus.iter().map(|p| p.id).filter(|id| !c.reserved.contains(id)).collect();
+    let view = View { u, load: u.pcpus.iter().map(|p| (p.id, p.usage)).collect(), allowed, movable };
+    let Some(((busiest, hi), (freest, lo))) = view.extremes() else {
+        let reason = if u.pcpus.is_empty() {
+            "host reports no online pCPU".to_string()
+        } else {
+            "every online pCPU is reserved: nothing to balance onto".to_string()
+        };
+        let plan = Plan {
+            spread: 0.0,
+            busiest: None,
+            freest: None,
+            moves: vec![],
+            reason,
+            held,
+            newly_manual,
+            pins: vec![],
+        };
+        return (plan, next);
+    };
+    let spread = hi - lo;
+    next.was_over = spread > cfg.threshold;
+    let d = match cfg.kind {
+        PolicyKind::Seed => tenpercent::decide(&view, cfg.threshold, false),
+        PolicyKind::Guarded => tenpercent::decide(&view, cfg.threshold, true),
+        PolicyKind::Converge => converge::decide(&view, cfg.threshold, state),
+    };
+    let mut target: Vec<Option<PcpuId>> = vec![None; u.vcpus.len()];
+    let mut moves = Vec::new();
+    for &(i, to) in &d.moves {
+        let v = &u.vcpus[i];
+        debug_assert!(!is_held[i] && view.allowed.contains(&to));
+        target[i] = Some(to);
+        next.last_moved.insert((v.uuid.clone(), v.vcpu), (next.round, v.pcpu));
+        moves.push(Move {
+            domain: v.domain.clone(),
+            uuid: v.uuid.clone(),
+            vcpu: v.vcpu,
+            from: v.pcpu,
+            to,
+            usage: v.usage.unwrap_or(0.0),
+        });
+    }
+    let mut reason = d.reason;
+    if !held.is_empty() {
+        let n = |w: HeldWhy| held.iter().filter(|h| h.why == w).count();
+        let (ex, man) = (n(HeldWhy::Excluded), n(HeldWhy::Manual));
+        reason.push_str(&format!("; left alone: {ex} vCPU(s) of excluded domains, {man} vCPU(s) pinned by someone else"));
+    }
+    let pins = u
+        .vcpus
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| !is_held[i])
+        .filter_map(|(i, v)| {
+            let to = match target[i] {
+                Some(to) => to,
+                // Never pin anything onto a reserved pCPU: a vCPU that could not be moved off yet stays unpinned
+                // where it is, and is moved once its usage is known.
+                None if !view.allowed.contains(&v.pcpu) => return None,
+                None => v.pcpu,
+            };
+            (v.affinity.as_slice() != [to]).then(|| PinRequest {
+                domain: v.uuid.clone(),
+                vcpu: v.vcpu,
+                pcpus: vec![to],
+                persist: false,
+            })
+        })
+        .collect();
+    let plan = Plan { spread, busiest: Some(busiest), freest: Some(freest), moves, reason, held, newly_manual, pins };
+    (plan, next)
+}
+
+/// One decision without memory (for one-shot views such as `show`).
+pub fn decide_once(u: &HostUsage, cfg: &PolicyConfig) -> Plan {
+    decide(u, cfg, &PolicyState::default()).0
+}
+
+/// The state without the vCPUs that are gone, and without the pins of domains that restarted: a restarted
+/// domain takes its affinity from its configuration again, which is not an operator's manual pin.
+fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
+    let fresh: BTreeSet<&str> = u.fresh.iter().map(|(name, _)| name.as_str()).collect();
+    let present: BTreeSet<VcpuKey> =
+        u.vcpus.iter().filter(|v| !fresh.contains(v.domain.as_str())).map(|v| (v.uuid.clone(), v.vcpu)).collect();
+    let keep = |k: &VcpuKey| present.contains(k);
+    PolicyState {
+        round: state.round,
+        last_pins: state.last_pins.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        last_moved: state.last_moved.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect(),
+        manual_reported: state.manual_reported.iter().filter(|k| keep(k)).cloned().collect(),
+        smoothed: state.smoothed.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect(),
+        was_over: state.was_over,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::controller::usage::PcpuUsage;
+    use proptest::prelude::*;
+
+    /// A host from `(domain, pcpu, usage, pinned)` vCPUs over `n` pCPUs.
+    pub fn host(n: u32, vcpus: &[(&str, u32, f64, bool)]) -> HostUsage {
+        let vcpus: Vec<VcpuUsage> = vcpus
+            .iter()
+            .map(|(d, p, u, pinned)| VcpuUsage {
+                domain: d.to_string(),
+                uuid: format!("uuid-{d}"),
+                vcpu: 0,
+                pcpu: *p,
+                affinity: if *pinned { vec![*p] } else { (0..n).collect() },
+                usage: Some(*u),
+            })
+            .collect();
+        with_loads(n, vcpus)
+    }
+
+    /// pCPU usages summed from `vcpus`.
+    pub fn with_loads(n: u32, vcpus: Vec<VcpuUsage>) -> HostUsage {
+        let pcpus = (0..n)
+            .map(|id| PcpuUsage { id, usage: vcpus.iter().filter(|v| v.pcpu == id).filter_map(|v| v.usage).sum() })
+            .collect();
+        HostUsage { elapsed_ns: 1, pcpus, vcpus, fresh: vec![] }
+    }
+
+    pub fn cfg(kind: PolicyKind) -> PolicyConfig {
+        PolicyConfig::with_kind(kind)
+    }
+
+    /// pCPU loads after the plan's moves, from the measured usage.
+    pub fn apply(h: &HostUsage, p: &Plan) -> Vec<f64> {
+        let mut loads: Vec<f64> = h.pcpus.iter().map(|p| p.usage).collect();
+        for m in &p.moves {
+            loads[m.from as usize] -= m.usage;
+            loads[m.to as usize] += m.usage;
+        }
+        loads
+    }
+
+    pub fn arb_host() -> impl Strategy<Value = HostUsage> {
+        (1u32..8).prop_flat_map(|n| {
+            proptest::collection::vec((0..n, 0.0f64..=100.0, any::<bool>()), 0..24).prop_map(move |vs| {
+                let names: Vec<String> = (0..vs.len()).map(|i| format!("d{i:02}")).collect();
+                let spec: Vec<(&str, u32, f64, bool)> =
+                    vs.iter().zip(&names).map(|((p, u, pin), n)| (n.as_str(), *p, *u, *pin)).collect();
+                host(n, &spec)
+            })
+        })
+    }
+
+    fn arb_kind() -> impl Strategy<Value = PolicyKind> {
+        prop_oneof![Just(PolicyKind::Seed), Just(PolicyKind::Guarded), Just(PolicyKind::Converge)]
+    }
+
+    #[test]
+    fn policy_names_round_trip() {
+        for k in PolicyKind::ALL {
+            assert_eq!(k.as_str().parse::<PolicyKind>().unwrap(), k);
+        }
+        assert!("ten".parse::<PolicyKind>().unwrap_err().contains("seed, guarded, converge"));
+    }
+
+    #[test]
+    fn excluded_domains_are_never_moved_or_pinned() {
+        // db-1 is the only candidate the 10 % rule would move; excluding it leaves nothing to move.
+        let h = host(2, &[("db-1", 0, 60.0, false), ("web", 0, 30.0, true)]);
+        for k in PolicyKind::ALL {
+            let mut c = cfg(k);
+            c.constraints.exclude = vec![DomainMatcher::parse("db-*")];
+            let p = decide_once(&h, &c);
+            assert!(p.moves.iter().all(|m| m.domain != "db-1"), "{k}: {p:?}");
+            assert!(p.pins.iter().all(|pin| pin.domain != "uuid-db-1"), "{k}: {p:?}");
+            assert_eq!(p.held.len(), 1, "{k}");
+            assert!(p.reason.contains("excluded"), "{k}: {}", p.reason);
+        }
+    }
+
+    #[test]
+    fn excluded_by_uuid() {
+        let mut h = host(2, &[("a", 0, 60.0, false), ("b", 0, 30.0, false)]);
+        h.vcpus[0].uuid = "6f1c2d3e-0000-4000-8000-00000000000a".into();
+        let mut c = cfg(PolicyKind::Guarded);
+        c.constraints.exclude = vec![DomainMatcher::parse("6F1C2D3E-0000-4000-8000-00000000000A")];
+        let p = decide_once(&h, &c);
+        assert!(p.pins.iter().all(|pin| !pin.domain.starts_with("6f1c")), "{p:?}");
+        assert_eq!(p.moves.len(), 1);
+        assert_eq!(p.moves[0].domain, "b");
+    }
+
+    #[test]
+    fn reserved_pcpus_are_never_targets_and_are_emptied() {
+        // pCPU 0 is reserved and holds two vCPUs; pCPU 1 is busy and 2, 3 are idle. Nothing may land on 0.
+        let h = host(4, &[("a", 0, 20.0, true), ("b", 0, 30.0, true), ("c", 1, 50.0, true), ("d", 1, 40.0, true)]);
+        for k in PolicyKind::ALL {
+            let mut c = cfg(k);
+            c.constraints.reserved = vec![0];
+            let mut state = PolicyState::default();
+            let mut cur = h.clone();
+            for _ in 0..6 {
+                let (p, next) = decide(&cur, &c, &state);
+                state = next;
+                assert!(p.pins.iter().all(|pin| pin.pcpus != vec![0]), "{k}: {p:?}");
+                assert!(p.moves.iter().all(|m| m.to != 0), "{k}: {p:?}");
+                // Apply the moves to the input, as the host would.
+                let mut vs = cur.vcpus.clone();
+                for m in &p.moves {
+                    let v = vs.iter_mut().find(|v| v.domain == m.domain).unwrap();
+                    v.pcpu = m.to;
+                    v.affinity = vec![m.to];
+                }
+                cur = with_loads(4, vs);
+            }
+            assert!(cur.vcpus.iter().all(|v| v.pcpu != 0), "{k}: reserved pCPU 0 still holds {:?}", cur.vcpus);
+        }
+    }
+
+    #[test]
+    fn spread_ignores_reserved_pcpus() {
+        // pCPU 0 is reserved and idle: it must not make a balanced host look unbalanced.
+        let h = host(3, &[("a", 1, 40.0, true), ("b", 2, 40.0, true)]);
+        let mut c = cfg(PolicyKind::Guarded);
+        c.constraints.reserved = vec![0];
+        let p = decide_once(&h, &c);
+        assert_eq!(p.spread, 0.0);
+        assert!(p.moves.is_empty() && p.pins.is_empty());
+    }
+
+    #[test]
+    fn all_reserved_means_nothing_to_do() {
+        let h = host(2, &[("a", 0, 90.0, true), ("b", 0, 40.0, true)]);
+        let mut c = cfg(PolicyKind::Converge);
+        c.constraints.reserved = vec![0, 1];
+        let p = decide_once(&h, &c);
+        assert!(p.pins.is_empty() && p.reason.contains("reserved"), "{p:?}");
+    }
+
+    #[test]
+    fn manual_pins_are_left_alone_and_logged_once() {
+        let h = host(2, &[("a", 0, 60.0, true), ("b", 0, 30.0, true), ("c", 1, 0.0, true)]);
+        // The controller pinned "a" to pCPU 1 last time; the operator has since put it on 0.
+        let mut state = PolicyState::default();
+        state.record_applied(&PinRequest { domain: "uuid-a".into(), vcpu: 0, pcpus: vec![1], persist: false });
+        for k in PolicyKind::ALL {
+            let (p, next) = decide(&h, &cfg(k), &state);
+            assert!(p.moves.iter().all(|m| m.domain != "a"), "{k}: {p:?}");
+            assert!(p.pins.iter().all(|pin| pin.domain != "uuid-a"), "{k}: {p:?}");
+            assert_eq!(p.newly_manual.len(), 1, "{k}");
+            assert!(p.reason.contains("pinned by someone else"), "{k}: {}", p.reason);
+            // Next round it is still left alone, but not announced again.
+            let (p2, _) = decide(&h, &cfg(k), &next);
+            assert!(p2.pins.iter().all(|pin| pin.domain != "uuid-a"), "{k}");
+            assert!(p2.newly_manual.is_empty(), "{k}");
+            // --override-manual takes it back.
+            let mut c = cfg(k);
+            c.constraints.override_manual = true;
+            let (p3, _) = decide(&h, &c, &state);
+            assert!(p3.held.is_empty(), "{k}");
+        }
+    }
+
+    #[test]
+    fn own_pins_are_not_mistaken_for_manual_ones() {
+        let h = host(2, &[("a", 0, 40.0, true), ("b", 1, 40.0, true)]);
+        let mut state = PolicyState::default();
+        state.record_applied(&PinRequest { domain: "uuid-a".into(), vcpu: 0, pcpus: vec![0], persist: false });
+        let (p, _) = decide(&h, &cfg(PolicyKind::Converge), &state);
+        assert!(p.held.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn a_restarted_domain_forgets_the_controller_pins() {
+        let mut h = host(2, &[("a", 0, 40.0, false), ("b", 1, 40.0, true)]);
+        h.fresh = vec![("a".into(), "domain restarted (new id)")];
+        h.vcpus[0].usage = None;
+        let mut state = PolicyState::default();
+        state.record_applied(&PinRequest { domain: "uuid-a".into(), vcpu: 0, pcpus: vec![1], persist: false });
+        let (p, next) = decide(&h, &cfg(PolicyKind::Guarded), &state);
+        assert!(p.held.is_empty(), "{p:?}");
+        assert!(next.last_pins.is_empty());
+    }
+
+    #[test]
+    fn no_pcpus_no_plan() {
+        let h = HostUsage { elapsed_ns: 1, pcpus: vec![], vcpus: vec![], fresh: vec![] };
+        for k in PolicyKind::ALL {
+            assert!(decide_once(&h, &cfg(k)).pins.is_empty());
+        }
+    }
+
+    proptest! {
+        /// Spread at or under the threshold: no move, whatever the policy.
+        #[test]
+        fn no_move_when_balanced(h in arb_host(), kind in arb_kind()) {
+            let p = decide_once(&h, &cfg(kind));
+            if p.spread <= DEFAULT_THRESHOLD { prop_assert!(p.moves.is_empty()); }
+        }
+
+        /// Every pin targets one online pCPU, changes something, and only moved vCPUs leave their pCPU.
+        #[test]
+        fn pins_are_minimal_and_in_place(h in arb_host(), kind in arb_kind()) {
+            let p = decide_once(&h, &cfg(kind));
+            for pin in &p.pins {
+                prop_assert_eq!(pin.pcpus.len(), 1);
+                prop_assert!(h.pcpus.iter().any(|c| c.id == pin.pcpus[0]));
+                let v = h.vcpus.iter().find(|v| v.uuid == pin.domain && v.vcpu == pin.vcpu).unwrap();
+                prop_assert!(v.affinity != pin.pcpus);
+                let moved = p.moves.iter().any(|m| m.uuid == v.uuid && m.vcpu == v.vcpu);
+                prop_assert_eq!(pin.pcpus[0] == v.pcpu, !moved);
+            }
+            // A vCPU is moved at most once per round.
+            let keys: BTreeSet<(&str, u32)> = p.moves.iter().map(|m| (m.uuid.as_str(), m.vcpu)).collect();
+            prop_assert_eq!(keys.len(), p.moves.len());
+        }
+
+        /// Constraints hold for every policy on any input: excluded domains are never pinned, and nothing goes
+        /// to a reserved pCPU.
+        #[test]
+        fn constraints_hold(h in arb_host(), kind in arb_kind(), reserved in 0u32..8) {
+            let mut c = cfg(kind);
+            c.constraints.exclude = vec![DomainMatcher::parse("d0*")];
+            c.constraints.reserved = vec![reserved];
+            let p = decide_once(&h, &c);
+            for pin in &p.pins {
+                prop_assert!(!pin.domain.starts_with("uuid-d0"), "{:?}", pin);
+                prop_assert!(pin.pcpus != vec![reserved]);
+            }
+        }
+
+        /// Same input, same plan.
+        #[test]
+        fn deterministic(h in arb_host(), kind in arb_kind()) {
+            let s = PolicyState::default();
+            prop_assert_eq!(decide(&h, &cfg(kind), &s), decide(&h.clone(), &cfg(kind), &s.clone()));
+        }
+    }
+}

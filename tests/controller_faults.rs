@@ -1,0 +1,256 @@
+//! Faults the controller must survive, against simulated agents over real gRPC on loopback: a host down at start,
+//! a hypervisor that goes away mid-run and comes back, an agent restarted between two rounds, a domain restarted or
+//! replaced by another with the same name, and a slow agent. In each case the faulty host is reported, the healthy
+//! host keeps being balanced with no error, and the faulty one resumes from a fresh baseline: no usage is ever
+//! negative or above 100 % of one pCPU.
+//!
+//! Nothing here asserts on wall time: outcomes are read from the round reports.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::SimAgent;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use vcpu_balancer::controller::policy::PolicyConfig;
+use vcpu_balancer::controller::report::{ActionType, RoundReport};
+use vcpu_balancer::controller::{self, LoopConfig};
+use vcpu_balancer::hypervisor::sim::scenario::DomainSpec;
+use vcpu_balancer::hypervisor::sim::{LoadProfile, ScaledClock, SimHypervisor};
+
+const INTERVAL: Duration = Duration::from_millis(100);
+const RPC_TIMEOUT: Duration = Duration::from_millis(400);
+/// Simulated seconds per real second.
+const SPEED: f64 = 20.0;
+
+fn cfg(rounds: u64) -> LoopConfig {
+    LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: Some(rounds), ..Default::default() }
+}
+
+/// Starts the controller on `hosts`; the caller drains the reports and reacts to them.
+fn start(hosts: Vec<String>, rounds: u64) -> (mpsc::Receiver<RoundReport>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = controller::report_channel(hosts.len());
+    let h = tokio::spawn(async move {
+        controller::run(hosts, RPC_TIMEOUT, cfg(rounds), tx, CancellationToken::new()).await.unwrap();
+    });
+    (rx, h)
+}
+
+fn sane_usage(rs: &[RoundReport]) {
+    for r in rs {
+        for v in &r.vcpus {
+            if let Some(u) = v.usage {
+                assert!((0.0..=100.0).contains(&u), "{} round {}: {}/{} usage {u}", r.host, r.round, v.domain, v.vcpu);
+            }
+        }
+        for p in &r.pcpus {
+            assert!(p.usage >= 0.0, "{} round {}: pCPU {} usage {}", r.host, r.round, p.id, p.usage);
+        }
+    }
+}
+
+/// Whether the reports end with a run of at least `n` balanced rounds with no pin change.
+fn settled(reports: &[RoundReport], n: usize) -> bool {
+    let ok = |r: &RoundReport| r.action.kind == ActionType::None && r.pins_applied == 0 && r.spread.is_some_and(|s| s <= 10.0);
+    (0..reports.len()).any(|i| reports.len() >= i + n && reports[i..].iter().all(ok))
+}
+
+/// The healthy host: every round succeeded and it ended balanced.
+fn healthy(rs: &[RoundReport], rounds: u64) {
+    assert_eq!(rs.len() as u64, rounds, "the healthy host did every round");
+    assert!(rs.iter().all(|r| r.action.kind != ActionType::Error), "{rs:#?}");
+    assert!(rs.iter().enumerate().all(|(i, r)| r.round == i as u64 + 1), "rounds in order, none skipped");
+    assert!(settled(rs, 3), "the healthy host was balanced: {:#?}", rs.last());
+}
+
+/// The first round after the last error is a baseline, and usage resumes after it.
+fn recovered(rs: &[RoundReport]) {
+    let first_err = rs.iter().position(|r| r.action.kind == ActionType::Error).expect("the fault was reported");
+    let back = rs[first_err..].iter().position(|r| r.action.kind != ActionType::Error).expect("the host came back") + first_err;
+    assert_eq!(rs[back].action.kind, ActionType::Baseline, "fresh baseline on return: {:#?}", rs[back]);
+    assert!(rs[back].vcpus.iter().all(|v| v.usage.is_none()));
+    assert!(rs[back + 1..].iter().any(|r| r.spread.is_some()), "usage resumed after the baseline");
+}
+
+/// A host down at start is reported in every round until it comes up, then baselined and balanced; the other host
+/// is balanced meanwhile with no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_down_at_start_comes_up_later() {
+    let live = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let late_addr = common::dead_address().await;
+    let rounds = 40;
+    let (mut rx, ctl) = start(vec![late_addr.clone(), live.addr.clone()], rounds);
+    let mut by: BTreeMap<String, Vec<RoundReport>> = BTreeMap::new();
+    let mut late = None;
+    while let Some(r) = rx.recv().await {
+        if r.host == late_addr && r.round == 3 && late.is_none() {
+            let hv = Arc::new(SimHypervisor::new(&common::builtin("split-first-last"), "late", Arc::new(ScaledClock::new(SPEED))));
+            late = Some(SimAgent::start_with(hv, &late_addr).await);
+        }
+        by.entry(r.host.clone()).or_default().push(r);
+    }
+    ctl.await.unwrap();
+    let l = &by[&late_addr];
+    assert!(l[..3].iter().all(|r| r.action.kind == ActionType::Error), "{:#?}", &l[..3]);
+    recovered(l);
+    assert!(settled(l, 3), "the late host was balanced once up: {:#?}", l.last());
+    healthy(&by[&live.addr], rounds);
+    sane_usage(l);
+}
+
+/// A hypervisor that goes away mid-run (the agent answers UNAVAILABLE) and comes back: errors while down, a fresh
+/// baseline on return (the samples on either side of the gap are not compared), the other host unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_dies_mid_run_comes_back_with_a_fresh_baseline() {
+    let live = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let flaky = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let rounds = 40;
+    let (mut rx, ctl) = start(vec![flaky.addr.clone(), live.addr.clone()], rounds);
+    let mut by: BTreeMap<String, Vec<RoundReport>> = BTreeMap::new();
+    while let Some(r) = rx.recv().await {
+        if r.host == flaky.addr && r.round == 5 {
+            flaky.hv.set_unavailable(true);
+        }
+        if r.host == flaky.addr && r.round == 9 {
+            flaky.hv.set_unavailable(false);
+        }
+        by.entry(r.host.clone()).or_default().push(r);
+    }
+    ctl.await.unwrap();
+    let f = &by[&flaky.addr];
+    let first_err = f.iter().find(|r| r.action.kind == ActionType::Error).expect("the outage was reported");
+    assert!(first_err.round > 5 && first_err.action.reason.contains("Unavailable"), "{first_err:#?}");
+    recovered(f);
+    assert!(settled(f, 3), "{:#?}", f.last());
+    healthy(&by[&live.addr], rounds);
+    sane_usage(f);
+}
+
+/// An agent restarted between two rounds (a new process: new instance, its clock and the domains' vCPU times start
+/// over) is never compared with its previous life: the next round is a baseline with no usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_between_rounds_gets_a_fresh_baseline() {
+    let a = SimAgent::start(&common::builtin("split-first-last"), SPEED).await;
+    let addr = a.addr.clone();
+    let (mut rx, ctl) = start(vec![addr.clone()], 30);
+    let mut rs = Vec::new();
+    let mut agent = Some(a);
+    while let Some(r) = rx.recv().await {
+        if r.round == 6 {
+            agent.take().unwrap().stop().await;
+            // The new process's clock starts from zero, so its sample time is far behind the old one's.
+            let hv = Arc::new(SimHypervisor::new(&common::builtin("split-first-last"), "again", Arc::new(ScaledClock::new(SPEED))));
+            agent = Some(SimAgent::start_with(hv, &addr).await);
+        }
+        rs.push(r);
+    }
+    ctl.await.unwrap();
+    // The restart happened when round 6's report arrived; on a busy machine round 7 may have sampled the old process
+    // already, and a connection reset may cost an error round. The new process is baselined within two rounds.
+    let next = rs[6..9]
+        .iter()
+        .find(|r| r.action.kind == ActionType::Baseline)
+        .unwrap_or_else(|| panic!("no baseline after the restart: {:#?}", &rs[6..9]));
+    assert!(
+        next.action.reason.contains("agent restarted") || next.action.reason.contains("first sample"),
+        "{}",
+        next.action.reason
+    );
+    sane_usage(&rs);
+    assert!(settled(&rs, 3), "{:#?}", rs.last());
+}
+
+/// A domain restarted (its vCPU times go back to 0) and a domain replaced by another with the same name (new UUID,
+/// more vCPUs) both get a fresh baseline: no usage for them in the next round, and never a negative or >100 % one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_and_replaced_domains_get_fresh_baselines() {
+    let a = SimAgent::start(&common::builtin("balanced"), SPEED).await;
+    let (mut rx, ctl) = start(vec![a.addr.clone()], 24);
+    let mut rs = Vec::new();
+    while let Some(r) = rx.recv().await {
+        if r.round == 5 {
+            a.hv.with_host(|h, now| h.restart_domain("vm1", now)).unwrap();
+        }
+        if r.round == 10 {
+            a.hv.with_host(|h, now| {
+                h.remove_domain("vm2", now)?;
+                let spec = DomainSpec {
+                    name: "vm2".into(),
+                    uuid: Some("00000000-0000-4000-8000-0000000000f2".into()),
+                    vcpus: 2,
+                    affinity: None,
+                    load: LoadProfile::Constant(100.0),
+                };
+                h.add_domain(&spec, now)
+            })
+            .unwrap();
+        }
+        rs.push(r);
+    }
+    ctl.await.unwrap();
+    // The change is made when round `round`'s report arrives; on a busy machine the next round may already have
+    // sampled, so the fresh baseline is the first round, at most two later, with no usage for the domain.
+    let after = |round: u64, dom: &str| {
+        let r = rs
+            .iter()
+            .filter(|r| r.round > round && r.round <= round + 2)
+            .find(|r| r.vcpus.iter().any(|v| v.domain == dom && v.usage.is_none()))
+            .unwrap_or_else(|| panic!("no fresh baseline for {dom} after round {round}: {rs:#?}"));
+        assert_ne!(r.action.kind, ActionType::Error, "{r:#?}");
+        let vs: Vec<_> = r.vcpus.iter().filter(|v| v.domain == dom).collect();
+        assert!(vs.iter().all(|v| v.usage.is_none()), "round {}: {vs:?}", r.round);
+        // The other domains keep their usage: only the changed one starts over.
+        assert!(r.vcpus.iter().filter(|v| v.domain != dom).all(|v| v.usage.is_some()), "{r:#?}");
+        // And it starts over once: the next round measures it again.
+        let next = rs.iter().find(|n| n.round == r.round + 1).unwrap();
+        assert!(next.vcpus.iter().filter(|v| v.domain == dom).all(|v| v.usage.is_some()), "{next:#?}");
+    };
+    after(5, "vm1");
+    after(10, "vm2");
+    let last = rs.last().unwrap();
+    assert_eq!(last.vcpus.iter().filter(|v| v.domain == "vm2").count(), 2, "the replacement has 2 vCPUs");
+    assert!(last.vcpus.iter().all(|v| v.usage.is_some()), "usage resumed: {last:#?}");
+    sane_usage(&rs);
+}
+
+/// A slow agent (every call slower than the deadline) loses only its own rounds: they are reported as deadline
+/// errors, the other host keeps every round, and the slow one resumes with a fresh baseline once it is fast again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_agent_drops_only_its_own_rounds() {
+    let live = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let slow = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let rounds = 40;
+    let (mut rx, ctl) = start(vec![slow.addr.clone(), live.addr.clone()], rounds);
+    let mut by: BTreeMap<String, Vec<RoundReport>> = BTreeMap::new();
+    let mut slow_round_when_live_done = None;
+    while let Some(r) = rx.recv().await {
+        if r.host == slow.addr && r.round == 3 {
+            slow.hv.set_latency(RPC_TIMEOUT * 2);
+        }
+        if r.host == slow.addr && r.round == 10 {
+            slow.hv.set_latency(Duration::ZERO);
+        }
+        if r.host == live.addr && r.round == rounds {
+            slow_round_when_live_done = by.get(&slow.addr).and_then(|v| v.last()).map(|r| r.round);
+        }
+        by.entry(r.host.clone()).or_default().push(r);
+    }
+    ctl.await.unwrap();
+    let s = &by[&slow.addr];
+    let errors: Vec<_> = s.iter().filter(|r| r.action.kind == ActionType::Error).collect();
+    assert!(!errors.is_empty());
+    assert!(
+        errors.iter().all(|r| r.action.reason.contains("DeadlineExceeded") || r.action.reason.contains("Cancelled") || r.action.reason.contains("backoff")),
+        "{errors:#?}"
+    );
+    recovered(s);
+    // Each timed-out round held the slow host for several intervals (its missed ticks are skipped, not replayed).
+    // Had the live host waited for it, both would have finished together; instead the live host finished well ahead.
+    let behind = slow_round_when_live_done.expect("slow host reported before the live one finished");
+    assert!(behind + 3 <= rounds, "slow host was at round {behind} when the live host finished {rounds}");
+    healthy(&by[&live.addr], rounds);
+    sane_usage(s);
+}

@@ -1,0 +1,310 @@
+//! End to end on real guests: a real libvirtd running tiny KVM (or TCG) guests whose CPU load we control
+//! (`scripts/testbed`), the real `vcpu-agent --backend libvirt`, and the controller. Every check that matters is made
+//! against `virsh` too, not only through the agent.
+//!
+//! These tests need root, libvirtd and the testbed's packages: `scripts/test` (and so CI) sets them up. They run one
+//! at a time (the host has 2 pCPUs, and guests of two tests would skew each other's loads), and each removes its own
+//! guests when it ends, also when it fails.
+#![cfg(feature = "libvirt")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use vcpu_balancer::controller::policy::PolicyConfig;
+use vcpu_balancer::controller::report::{ActionType, RoundReport};
+use vcpu_balancer::controller::{self, LoopConfig};
+use vcpu_balancer::model::parse_cpu_list;
+use vcpu_balancer::pb;
+
+const CONTROLLER: &str = env!("CARGO_BIN_EXE_vcpu-controller");
+const TESTBED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed");
+/// vCPU times move in 10 ms steps, and a guest's duty cycle jitters by some points over a second: rounds of 2 s
+/// keep both well under the 10-point threshold.
+const INTERVAL: Duration = Duration::from_secs(2);
+/// Time a fresh guest needs after `testbed up` returns before its load is steady (the first seconds include the
+/// end of its boot and calibration).
+const SETTLE: Duration = Duration::from_secs(3);
+const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One real-guest test at a time. Each test has its own runtime, so the lock is the async one: it is held across
+/// awaits and a failed test does not poison it.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn virsh(args: &[&str]) -> String {
+    let mut full = vec!["-q", "-c", "qemu:///system"];
+    full.extend_from_slice(args);
+    run("virsh", &full)
+}
+
+/// Per-vCPU affinity from `virsh vcpupin DOM`.
+fn virsh_vcpupin(dom: &str) -> Vec<Vec<u32>> {
+    virsh(&["vcpupin", dom])
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let _vcpu: u32 = it.next()?.trim_end_matches(':').parse().ok()?;
+            parse_cpu_list(it.next()?).ok()
+        })
+        .collect()
+}
+
+/// Per-vCPU current pCPU from `virsh vcpuinfo DOM`.
+fn virsh_vcpu_cpu(dom: &str) -> Vec<u32> {
+    virsh(&["vcpuinfo", dom])
+        .lines()
+        .filter_map(|l| l.strip_prefix("CPU:").map(|v| v.trim().parse().unwrap()))
+        .collect()
+}
+
+/// Per-vCPU cumulative time (ns) from `virsh domstats --vcpu DOM`.
+fn virsh_vcpu_times(dom: &str) -> Vec<u64> {
+    let mut t: BTreeMap<u32, u64> = BTreeMap::new();
+    for l in virsh(&["domstats", "--vcpu", dom]).lines() {
+        let l = l.trim();
+        if let Some(rest) = l.strip_prefix("vcpu.") {
+            if let Some((idx, v)) = rest.split_once(".time=") {
+                t.insert(idx.parse().unwrap(), v.parse().unwrap());
+            }
+        }
+    }
+    t.into_values().collect()
+}
+
+/// Guests of one test, removed on drop (also when the test panics).
+struct Testbed {
+    prefix: String,
+}
+
+impl Testbed {
+    fn up(prefix: &str, guests: &[&str]) -> Testbed {
+        // Leftovers of an earlier, killed run would skew the loads.
+        let _ = Command::new(TESTBED).args(["down", "--prefix", prefix]).output();
+        let tb = Testbed { prefix: prefix.to_string() };
+        tb.add(guests);
+        tb
+    }
+
+    fn add(&self, guests: &[&str]) {
+        let mut args = vec!["up", "--prefix", &self.prefix];
+        args.extend_from_slice(guests);
+        run(TESTBED, &args);
+        std::thread::sleep(SETTLE);
+    }
+
+    fn dom(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = Command::new(TESTBED).args(["down", "--prefix", &self.prefix]).output();
+    }
+}
+
+/// `vcpu-agent --backend libvirt` on 127.0.0.1:0, killed on drop.
+struct Agent;
+
+impl Agent {
+    fn start() -> common::AgentProcess {
+        common::AgentProcess::start(&["--backend", "libvirt", "--uri", "qemu:///system"])
+    }
+}
+
+/// Runs the controller on `addr` for `rounds` rounds; `at_round(n)` runs after round n's report (to change the
+/// world mid-run). Returns the reports in order.
+async fn balance(addr: &str, rounds: u64, mut at_round: impl FnMut(u64)) -> Vec<RoundReport> {
+    let cfg = LoopConfig { interval: INTERVAL, policy: PolicyConfig::default(), dry_run: false, rounds: Some(rounds), ..Default::default() };
+    let (tx, mut rx) = controller::report_channel(1);
+    let ctl = tokio::spawn(controller::run(vec![addr.to_string()], RPC_TIMEOUT, cfg, tx, CancellationToken::new()));
+    let mut out = Vec::new();
+    while let Some(r) = rx.recv().await {
+        let n = r.round;
+        let vcpus: Vec<String> =
+            r.vcpus.iter().map(|v| format!("{}@{}={:.0}", v.domain, v.pcpu, v.usage.unwrap_or(-1.0))).collect();
+        eprintln!(
+            "round {n}: {:?} spread {:.1} pins {} [{}] {}",
+            r.action.kind,
+            r.spread.unwrap_or(f64::NAN),
+            r.pins_applied,
+            vcpus.join(" "),
+            r.action.reason
+        );
+        out.push(r);
+        tokio::task::block_in_place(|| at_round(n));
+    }
+    ctl.await.unwrap().unwrap();
+    out
+}
+
+/// Index of the first round of a stretch of at least `n` balanced rounds without pin changes that lasts to the end.
+fn settled_at(rs: &[RoundReport], n: usize) -> Option<usize> {
+    let ok = |r: &RoundReport| r.action.kind == ActionType::None && r.pins_applied == 0 && r.spread.is_some_and(|s| s <= 10.0);
+    (0..rs.len()).find(|&i| rs.len() >= i + n && rs[i..].iter().all(ok))
+}
+
+fn usage_of(r: &RoundReport, dom: &str) -> Option<f64> {
+    r.vcpus.iter().find(|v| v.domain == dom).and_then(|v| v.usage)
+}
+
+/// 1. The agent reports what libvirt reports: vCPU times (within 2 %), current pCPU and affinity; and the usage it
+///    lets the controller measure matches what the guests run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reports_what_libvirt_reports() {
+    let _s = SERIAL.lock().await;
+    let tb = Testbed::up("vcbe2e1", &["full:100:0", "half:50:1", "idle:0:1"]);
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let a = c.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before: BTreeMap<String, Vec<u64>> = ["full", "half", "idle"].iter().map(|n| (tb.dom(n), virsh_vcpu_times(&tb.dom(n)))).collect();
+    let b = c.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
+    let after: BTreeMap<String, Vec<u64>> = ["full", "half", "idle"].iter().map(|n| (tb.dom(n), virsh_vcpu_times(&tb.dom(n)))).collect();
+    let elapsed = (b.sample_time_ns - a.sample_time_ns) as f64;
+    for (name, want) in [("full", 100.0), ("half", 50.0), ("idle", 0.0)] {
+        let dom = tb.dom(name);
+        let (da, db) = (
+            a.domains.iter().find(|d| d.name == dom).unwrap_or_else(|| panic!("{dom} missing from GetStats")),
+            b.domains.iter().find(|d| d.name == dom).unwrap(),
+        );
+        // Times: the agent's value lies between virsh's before and after, within 2 %.
+        let t = db.vcpus[0].time_ns as f64;
+        let (lo, hi) = (before[&dom][0] as f64, after[&dom][0] as f64);
+        assert!(t >= lo * 0.98 && t <= hi * 1.02, "{dom}: agent {t} vs virsh {lo}..{hi}");
+        assert_eq!(db.vcpus.len(), virsh_vcpu_times(&dom).len());
+        // Placement and affinity as virsh sees them.
+        assert_eq!(db.vcpus[0].pcpu, virsh_vcpu_cpu(&dom)[0], "{dom} current pCPU");
+        assert_eq!(db.vcpus[0].affinity, virsh_vcpupin(&dom)[0], "{dom} affinity");
+        // Usage over the window.
+        let u = (db.vcpus[0].time_ns - da.vcpus[0].time_ns) as f64 / elapsed * 100.0;
+        assert!((u - want).abs() <= 10.0, "{dom}: measured {u:.1}%, runs {want}%");
+        assert!(db.cpu_time_ns >= db.vcpus[0].time_ns, "{dom}: domain time includes its vCPU time");
+    }
+    let info = c.get_host_info(pb::GetHostInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.backend, "libvirt");
+    assert!(info.npcpus >= 1 && !info.online_pcpus.is_empty());
+    assert!(info.library_version.contains("libvirt"), "{}", info.library_version);
+}
+
+/// 2. Two heavy and two light guests, all pinned to pCPU 0: the controller reaches spread <= 10 and then changes no
+///    pin for at least 5 rounds; virsh shows every guest pinned to one pCPU, with both pCPUs in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imbalance_is_balanced_then_stable() {
+    let _s = SERIAL.lock().await;
+    // 190 % of demand on 2 pCPUs: one heavy and one light per pCPU is 95 | 95. (Two guests near 100 % plus two
+    // light ones would ask more than the host has, and a saturated pCPU hides how much its vCPUs want.)
+    let tb = Testbed::up("vcbe2e2", &["h1:80:0", "h2:80:0", "l1:15:0", "l2:15:0"]);
+    let agent = Agent::start();
+    let rs = balance(&agent.addr, 16, |_| {}).await;
+    assert!(rs.iter().all(|r| r.action.kind != ActionType::Error), "no errors");
+    assert!(rs.iter().any(|r| r.action.kind == ActionType::Move), "something moved");
+    let at = settled_at(&rs, 5).unwrap_or_else(|| panic!("never settled: {:#?}", rs.last()));
+    assert!(at < rs.len() - 4);
+    let mut used = std::collections::BTreeSet::new();
+    for g in ["h1", "h2", "l1", "l2"] {
+        let aff = virsh_vcpupin(&tb.dom(g));
+        assert_eq!(aff[0].len(), 1, "{g} pinned to one pCPU: {aff:?}");
+        used.insert(aff[0][0]);
+    }
+    assert_eq!(used.len(), 2, "both pCPUs in use");
+    // The heavy guests ended on different pCPUs.
+    assert_ne!(virsh_vcpupin(&tb.dom("h1")), virsh_vcpupin(&tb.dom("h2")));
+}
+
+/// 3. Guests spread evenly at start: zero pin changes over 10 rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balanced_host_is_left_alone() {
+    let _s = SERIAL.lock().await;
+    let tb = Testbed::up("vcbe2e3", &["a:60:0", "b:30:0", "c:60:1", "d:30:1"]);
+    let before: Vec<_> = ["a", "b", "c", "d"].iter().map(|g| virsh_vcpupin(&tb.dom(g))).collect();
+    let agent = Agent::start();
+    let rs = balance(&agent.addr, 11, |_| {}).await;
+    assert_eq!(rs.iter().map(|r| r.pins_applied).sum::<usize>(), 0, "{rs:#?}");
+    assert!(rs[1..].iter().all(|r| r.action.kind == ActionType::None), "{rs:#?}");
+    let after: Vec<_> = ["a", "b", "c", "d"].iter().map(|g| virsh_vcpupin(&tb.dom(g))).collect();
+    assert_eq!(before, after);
+}
+
+/// 4. A guest goes from light to heavy mid-run: the controller rebalances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_change_is_rebalanced() {
+    let _s = SERIAL.lock().await;
+    // Light phase: pCPU 0 = 10+40 = 50, pCPU 1 = 40; then "grow" runs 80: pCPU 0 saturates.
+    let tb = Testbed::up("vcbe2e4", &["grow:10@16,80:0", "s0:40:0", "s1:40:1"]);
+    let agent = Agent::start();
+    let rs = balance(&agent.addr, 20, |_| {}).await;
+    let first_move = rs.iter().position(|r| r.action.kind == ActionType::Move).unwrap_or_else(|| panic!("no move: {rs:#?}"));
+    assert!(rs[..first_move].iter().filter(|r| r.spread.is_some()).count() >= 3, "balanced rounds before the change");
+    assert!(rs[first_move].spread.unwrap() > 10.0);
+    let grow = usage_of(&rs[first_move], &tb.dom("grow")).unwrap();
+    assert!(grow > 30.0, "the move follows the load change (grow at {grow:.1}%)");
+    assert!(settled_at(&rs, 4).is_some(), "rebalanced: {:#?}", rs.last());
+}
+
+/// 5. Manual pins through `vcpu-controller pin` and through a plain gRPC call show in virsh; pins to a pCPU the host
+///    lacks or of a vCPU the guest lacks are refused and virsh shows nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_pins_show_in_virsh() {
+    let _s = SERIAL.lock().await;
+    let tb = Testbed::up("vcbe2e5", &["m:20:0-1"]);
+    let dom = tb.dom("m");
+    let agent = Agent::start();
+    let out = Command::new(CONTROLLER).args(["pin", "--host", &agent.addr, "--domain", &dom, "--vcpu", "0", "--pcpu", "1"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(virsh_vcpupin(&dom), vec![vec![1]]);
+
+    let mut c = agent.client().await;
+    c.pin_vcpu(pb::PinVcpuRequest { domain: dom.clone(), vcpu: 0, pcpus: vec![0], persist: false }).await.unwrap();
+    assert_eq!(virsh_vcpupin(&dom), vec![vec![0]]);
+    assert_eq!(virsh_vcpu_cpu(&dom), vec![0], "the vCPU thread moved");
+
+    let info = c.get_host_info(pb::GetHostInfoRequest {}).await.unwrap().into_inner();
+    let missing_pcpu = info.npcpus.to_string();
+    let out = Command::new(CONTROLLER).args(["pin", "--host", &agent.addr, "--domain", &dom, "--vcpu", "0", "--pcpu", &missing_pcpu]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"));
+    let err = c.pin_vcpu(pb::PinVcpuRequest { domain: dom.clone(), vcpu: 1, pcpus: vec![1], persist: false }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = c.pin_vcpu(pb::PinVcpuRequest { domain: "vcbe2e5-nope".into(), vcpu: 0, pcpus: vec![1], persist: false }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(virsh_vcpupin(&dom), vec![vec![0]], "refused pins changed nothing");
+}
+
+/// 6. A guest destroyed and another started while the controller runs: no crash, a fresh baseline for the new
+///    guest, and it gets balanced too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_come_and_go() {
+    let _s = SERIAL.lock().await;
+    // 80 | 80 at start. Destroying b leaves 40 | 80, which one move cannot improve (it would mirror it); the new
+    // guest lands on pCPU 1 (40 | 120): moving one of its three 40 % guests to pCPU 0 gives 80 | 80.
+    let tb = Testbed::up("vcbe2e6", &["a:40:0", "b:40:0", "c:40:1", "d:40:1"]);
+    let agent = Agent::start();
+    let (gone, new) = (tb.dom("b"), tb.dom("n"));
+    let rs = balance(&agent.addr, 18, |n| {
+        if n == 4 {
+            virsh(&["destroy", &gone]);
+        }
+        if n == 6 {
+            tb.add(&["n:40:1"]);
+        }
+    })
+    .await;
+    assert!(rs.iter().all(|r| r.action.kind != ActionType::Error), "no failed round: {rs:#?}");
+    let first_seen = rs.iter().position(|r| r.vcpus.iter().any(|v| v.domain == new)).expect("new guest seen");
+    assert_eq!(usage_of(&rs[first_seen], &new), None, "fresh baseline for the new guest");
+    assert!(rs[first_seen + 1..].iter().any(|r| usage_of(r, &new).is_some()));
+    assert!(rs.last().unwrap().vcpus.iter().all(|v| v.domain != gone));
+    assert!(rs[first_seen..].iter().any(|r| r.pins_applied > 0), "the controller acted after the new guest came");
+    assert!(settled_at(&rs, 4).is_some(), "balanced at the end: {:#?}", rs.last());
+    assert_eq!(virsh_vcpupin(&new)[0].len(), 1, "the new guest is pinned");
+}
