@@ -40,6 +40,9 @@ fn libvirtd() -> PathBuf {
 struct PrivateDaemon {
     dir: PathBuf,
     child: Option<Child>,
+    /// The test driver's state lives only while some connection to it is open: this one keeps the domains the test
+    /// made alive between its own calls and the agent's.
+    keep: std::sync::Mutex<Option<virt::connect::Connect>>,
 }
 
 impl PrivateDaemon {
@@ -54,7 +57,7 @@ impl PrivateDaemon {
         for sub in ["", "home", "run", "config", "cache"] {
             std::os::unix::fs::chown(dir.join(sub), Some(DAEMON_UID), Some(DAEMON_GID)).unwrap();
         }
-        let mut d = PrivateDaemon { dir, child: None };
+        let mut d = PrivateDaemon { dir, child: None, keep: std::sync::Mutex::new(None) };
         d.spawn();
         d
     }
@@ -94,6 +97,7 @@ impl PrivateDaemon {
 
     /// Stops the daemon (SIGTERM, as `systemctl stop` does) and waits for it.
     fn stop(&mut self) {
+        drop(self.keep.lock().unwrap().take());
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
             let _ = c.wait();
@@ -105,11 +109,13 @@ impl PrivateDaemon {
         self.spawn();
     }
 
-    /// Runs `f` on a fresh connection to the daemon.
+    /// Runs `f` on the test's own connection to the daemon, opened on first use and kept open.
     fn with_conn<T>(&self, f: impl FnOnce(&virt::connect::Connect) -> T) -> T {
-        // The connection closes when dropped.
-        let conn = virt::connect::Connect::open(Some(&self.uri())).expect("connect to the private libvirtd");
-        f(&conn)
+        let mut keep = self.keep.lock().unwrap();
+        if keep.is_none() {
+            *keep = Some(virt::connect::Connect::open(Some(&self.uri())).expect("connect to the private libvirtd"));
+        }
+        f(keep.as_ref().unwrap())
     }
 
     /// Creates a transient running domain with `nvcpus` vCPUs.
