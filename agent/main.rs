@@ -6,10 +6,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use vcpu_balancer::agent::fleet;
-use vcpu_balancer::hypervisor::sim::{scenario, MonotonicClock, Scenario, SimHypervisor};
 use vcpu_balancer::agent::ServeOptions;
+use vcpu_balancer::hypervisor::instrumented::Instrumented;
+use vcpu_balancer::hypervisor::sim::{scenario, MonotonicClock, Scenario, SimHypervisor};
+use vcpu_balancer::hypervisor::Hypervisor;
+use vcpu_balancer::metrics::AgentMetrics;
 use vcpu_balancer::security::{self, PinPolicy, TlsFiles};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
@@ -31,8 +34,8 @@ struct Cli {
     #[arg(long, env = "VCPU_AGENT_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], vcpu_balancer::DEFAULT_AGENT_PORT)))]
     listen: SocketAddr,
     /// Which hypervisor to serve.
-    #[arg(long, env = "VCPU_AGENT_BACKEND", value_enum)]
-    backend: Backend,
+    #[arg(long, env = "VCPU_AGENT_BACKEND", value_enum, required = true)]
+    backend: Option<Backend>,
     /// libvirt connection URI (backend libvirt).
     #[arg(long, env = "VCPU_AGENT_URI", default_value = "qemu:///system")]
     uri: String,
@@ -67,6 +70,33 @@ struct Cli {
     /// Serve plaintext on a non-loopback address (anyone who reaches the port can pin: firewall it).
     #[arg(long, env = "VCPU_AGENT_INSECURE")]
     insecure: bool,
+    /// Serve Prometheus metrics on this address at /metrics, e.g. 0.0.0.0:9182.
+    #[arg(long, env = "VCPU_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Print a shell completion script on stdout and exit.
+    #[arg(long, value_name = "SHELL", exclusive = true)]
+    completions: Option<clap_complete::Shell>,
+    /// Print the man page (roff) on stdout and exit; used to build the Debian package.
+    #[arg(long, hide = true, exclusive = true)]
+    man: bool,
+}
+
+/// Serves `hv`, timed and counted at the `Hypervisor` boundary when metrics are on.
+async fn serve_backend<H: Hypervisor>(
+    hv: Arc<H>,
+    backend: &'static str,
+    listener: tokio::net::TcpListener,
+    opts: ServeOptions,
+) -> anyhow::Result<()> {
+    let shutdown = vcpu_balancer::shutdown::signal();
+    match opts.metrics.clone() {
+        Some(m) => {
+            let hv = Arc::new(Instrumented::new(hv, backend, m));
+            vcpu_balancer::agent::serve_with(hv, listener, opts, shutdown).await?;
+        }
+        None => vcpu_balancer::agent::serve_with(hv, listener, opts, shutdown).await?,
+    }
+    Ok(())
 }
 
 fn load_scenario(arg: &str) -> anyhow::Result<Scenario> {
@@ -86,19 +116,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if !cli.pin_allow.is_empty() && tls.is_none() {
         anyhow::bail!("--pin-allow needs TLS: without client certificates there are no identities to allow");
     }
-    let opts = ServeOptions {
+    let mut opts = ServeOptions {
         tls: tls.as_ref().map(TlsFiles::server_config).transpose()?,
         pins: PinPolicy::for_agent(tls.is_some(), &cli.pin_allow),
+        metrics: None,
     };
     if tls.is_none() {
         tracing::warn!(listen = %cli.listen, "serving plaintext: every client that reaches this port may pin");
     }
     if cli.sim_hosts > 1 || cli.listen_base.is_some() {
-        if cli.backend != Backend::Sim {
+        if cli.backend != Some(Backend::Sim) {
             anyhow::bail!("--sim-hosts and --listen-base only apply to --backend sim");
         }
         if tls.is_some() {
             anyhow::bail!("a simulated fleet (--sim-hosts) serves plaintext only; drop the TLS flags");
+        }
+        if cli.metrics_listen.is_some() {
+            anyhow::bail!("a simulated fleet (--sim-hosts) serves no metrics; drop --metrics-listen");
         }
         let sc = load_scenario(&cli.scenario)?;
         fleet::raise_fd_limit();
@@ -122,7 +156,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
-    match cli.backend {
+    opts.metrics = match cli.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            let m = AgentMetrics::new();
+            let router = vcpu_balancer::http::metrics_router(m.clone());
+            tokio::spawn(vcpu_balancer::http::serve(l, router, vcpu_balancer::shutdown::signal()));
+            Some(m)
+        }
+        None => None,
+    };
+    match cli.backend.context("--backend is required")? {
         Backend::Sim => {
             let sc = load_scenario(&cli.scenario)?;
             let name = cli.sim_hostname.unwrap_or_else(|| {
@@ -130,14 +174,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             tracing::info!(scenario = %cli.scenario, pcpus = sc.pcpus, domains = sc.domains.len(), "simulated host");
             let hv = Arc::new(SimHypervisor::new(&sc, name, Arc::new(MonotonicClock::new())));
-            vcpu_balancer::agent::serve_with(hv, listener, opts, vcpu_balancer::shutdown::signal()).await?;
+            serve_backend(hv, "sim", listener, opts).await?;
         }
         Backend::Libvirt => {
             #[cfg(feature = "libvirt")]
             {
                 let hv = Arc::new(vcpu_balancer::hypervisor::libvirt::LibvirtHypervisor::new(&cli.uri));
                 tracing::info!(uri = %cli.uri, "libvirt backend");
-                vcpu_balancer::agent::serve_with(hv, listener, opts, vcpu_balancer::shutdown::signal()).await?;
+                serve_backend(hv, "libvirt", listener, opts).await?;
             }
             #[cfg(not(feature = "libvirt"))]
             anyhow::bail!(
@@ -154,6 +198,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    if cli.man || cli.completions.is_some() {
+        let mut c = Cli::command();
+        let mut out = std::io::stdout();
+        match cli.completions {
+            Some(shell) => clap_complete::generate(shell, &mut c, "vcpu-agent", &mut out),
+            None => {
+                if let Err(e) = clap_mangen::Man::new(c).render(&mut out) {
+                    eprintln!("vcpu-agent: error: {e}");
+                    std::process::exit(EX_USAGE);
+                }
+            }
+        }
+        return;
+    }
     telemetry::init(cli.log_format, "info");
     if let Err(e) = run(cli).await {
         eprintln!("vcpu-agent: error: {e:#}");

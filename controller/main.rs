@@ -2,15 +2,21 @@
 //! or runs the simulated demo. Parses flags, sets up tracing and signals, and hands over to the library.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::ClientTlsConfig;
 use vcpu_balancer::certs;
+use vcpu_balancer::controller::config::{self, ControllerConfig, Overrides, RunSettings, TlsPaths};
 use vcpu_balancer::controller::policy::{Constraints, DomainMatcher, PolicyKind};
-use vcpu_balancer::controller::{self, demo, evaluate, host, policy, show, AgentClient, LoopConfig};
+use vcpu_balancer::controller::state::{ConfigView, StateStore};
+use vcpu_balancer::controller::{self, demo, evaluate, policy, show, AgentClient, ClientSettings, LoopConfig, Observers};
+use vcpu_balancer::metrics::ControllerMetrics;
 use vcpu_balancer::security::TlsFiles;
 use vcpu_balancer::model::{parse_cpu_list, PinRequest};
 use vcpu_balancer::telemetry::{self, LogFormat};
@@ -21,8 +27,6 @@ const EX_USAGE: i32 = 64;
 const EX_UNAVAILABLE: i32 = 69;
 /// How long a graceful shutdown may take before the controller exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// Shortest interval accepted: shorter ones measure mostly noise.
-const MIN_INTERVAL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Parser)]
 #[command(name = "vcpu-controller", version, about = "vcpu-balancer controller: keeps the pCPUs of KVM hosts evenly loaded")]
@@ -48,6 +52,13 @@ enum Cmd {
     Evaluate(EvaluateArgs),
     /// Make a CA and mutual-TLS certificates for the agents and the controller of a small fleet.
     Certs(CertsArgs),
+    /// Print a shell completion script on stdout (e.g. `vcpu-controller completions bash`).
+    Completions {
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout; used to build the Debian package.
+    #[command(hide = true)]
+    Man,
 }
 
 /// Mutual TLS to the agents: all three or none.
@@ -142,14 +153,34 @@ struct EvaluateArgs {
 
 #[derive(Debug, Args)]
 struct RunArgs {
+    /// Config file (TOML); flags and their environment variables override it. SIGHUP re-reads its host list.
+    #[arg(long, env = "VCPU_CONFIG")]
+    config: Option<PathBuf>,
     /// Agent address (HOST, HOST:PORT or http://HOST:PORT); repeat for several hosts, or comma-separate in the env.
-    #[arg(long = "host", env = "VCPU_HOSTS", value_delimiter = ',', required = true)]
+    #[arg(long = "host", env = "VCPU_HOSTS", value_delimiter = ',', required_unless_present = "config")]
     hosts: Vec<String>,
-    /// Time between rounds (e.g. 2s, 500ms).
-    #[arg(long, env = "VCPU_INTERVAL", default_value = "2s", value_parser = parse_interval)]
-    interval: Duration,
+    /// Time between rounds (e.g. 2s, 500ms) [default: 2s].
+    #[arg(long, env = "VCPU_INTERVAL", value_parser = parse_interval)]
+    interval: Option<Duration>,
+    /// Balancing policy: seed (the literal 10% rule), guarded (the 10% rule with the guard) or converge
+    /// [default: converge].
+    #[arg(long, env = "VCPU_POLICY", value_parser = parse_policy)]
+    policy: Option<PolicyKind>,
+    /// Act when busiest − freest pCPU usage exceeds this many points [default: 10].
+    #[arg(long, env = "VCPU_THRESHOLD", value_parser = parse_threshold)]
+    threshold: Option<f64>,
+    /// Same as --policy seed (kept for compatibility): the literal 10% rule, which can move the same load back
+    /// and forth forever (see README).
+    #[arg(long, env = "VCPU_NO_GUARD")]
+    no_guard: bool,
     #[command(flatten)]
-    policy: PolicyArgs,
+    constraints: ConstraintArgs,
+    /// Serve the status page and /api/state (and /metrics) on this address, e.g. 127.0.0.1:9180.
+    #[arg(long, env = "VCPU_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics on this address at /metrics, e.g. 0.0.0.0:9181.
+    #[arg(long, env = "VCPU_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Stop after this many rounds per host.
     #[arg(long, env = "VCPU_ROUNDS")]
     rounds: Option<u64>,
@@ -159,12 +190,12 @@ struct RunArgs {
     /// Print one JSON object per host per round on stdout.
     #[arg(long)]
     json: bool,
-    /// Deadline of each RPC.
-    #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
-    rpc_timeout: Duration,
-    /// Most RPCs in flight at once across all hosts.
-    #[arg(long, env = "VCPU_MAX_INFLIGHT", default_value_t = host::DEFAULT_MAX_INFLIGHT, value_parser = parse_positive)]
-    max_inflight: usize,
+    /// Deadline of each RPC [default: 800ms].
+    #[arg(long, env = "VCPU_RPC_TIMEOUT", value_parser = parse_duration)]
+    rpc_timeout: Option<Duration>,
+    /// Most RPCs in flight at once across all hosts [default: 256].
+    #[arg(long, env = "VCPU_MAX_INFLIGHT", value_parser = parse_positive)]
+    max_inflight: Option<usize>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -224,19 +255,11 @@ struct DemoArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 2s, 500ms)"))?;
-    if d.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(d)
+    config::parse_duration(s)
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d < MIN_INTERVAL {
-        return Err(format!("must be at least {MIN_INTERVAL:?}"));
-    }
-    Ok(d)
+    config::parse_interval(s)
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -248,10 +271,7 @@ fn parse_positive(s: &str) -> Result<usize, String> {
 
 fn parse_threshold(s: &str) -> Result<f64, String> {
     let t: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if !(0.0..=100.0).contains(&t) {
-        return Err("must be between 0 and 100 (points of one pCPU)".into());
-    }
-    Ok(t)
+    config::check_threshold(t)
 }
 
 /// A parsed pCPU list argument.
@@ -260,6 +280,17 @@ struct CpuList(Vec<u32>);
 
 fn parse_pcpus(s: &str) -> Result<CpuList, String> {
     parse_cpu_list(s).map(CpuList)
+}
+
+/// Prints the man page or a completion script of this binary.
+fn print_generated(cmd: &Cmd) -> anyhow::Result<i32> {
+    let mut c = Cli::command();
+    let mut out = std::io::stdout();
+    match cmd {
+        Cmd::Completions { shell } => clap_complete::generate(*shell, &mut c, "vcpu-controller", &mut out),
+        _ => clap_mangen::Man::new(c).render(&mut out)?,
+    }
+    Ok(0)
 }
 
 fn parse_policy(s: &str) -> Result<PolicyKind, String> {
@@ -282,24 +313,74 @@ fn policy_of(p: &PolicyArgs) -> policy::PolicyConfig {
 
 async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     vcpu_balancer::agent::fleet::raise_fd_limit();
-    let tls = a.tls.client_config()?;
+    let file = match &a.config {
+        Some(p) => ControllerConfig::from_file(p)?,
+        None => ControllerConfig::default(),
+    };
+    let flags = Overrides {
+        hosts: a.hosts.clone(),
+        interval: a.interval,
+        rpc_timeout: a.rpc_timeout,
+        max_inflight: a.max_inflight,
+        policy: a.policy,
+        threshold: a.threshold,
+        no_guard: a.no_guard,
+        exclude: a.constraints.exclude.clone(),
+        reserve_pcpus: a.constraints.reserve_pcpus.as_ref().map(|l| l.0.clone()),
+        override_manual: a.constraints.override_manual,
+        dry_run: a.dry_run,
+        http_listen: a.http_listen,
+        metrics_listen: a.metrics_listen,
+        tls: TlsPaths { cert: a.tls.tls_cert.clone(), key: a.tls.tls_key.clone(), ca: a.tls.tls_ca.clone() },
+    };
+    let set = RunSettings::resolve(&flags, &file).map_err(anyhow::Error::msg)?;
+    let clients = ClientSettings {
+        rpc_timeout: set.rpc_timeout,
+        tls: set.tls.as_ref().map(TlsFiles::client_config).transpose()?,
+    };
     // Every address is checked before any host is contacted: a typo refuses the whole command.
-    let clients =
-        a.hosts.iter().map(|h| AgentClient::with_tls(h, a.rpc_timeout, tls.as_ref())).collect::<Result<Vec<_>, _>>()?;
-    if a.rpc_timeout * 2 > a.interval {
-        tracing::warn!(rpc_timeout = ?a.rpc_timeout, interval = ?a.interval,
+    for h in &set.hosts {
+        clients.client(h)?;
+    }
+    if set.rpc_timeout * 2 > set.interval {
+        tracing::warn!(rpc_timeout = ?set.rpc_timeout, interval = ?set.interval,
             "two RPC deadlines do not fit in one interval; slow hosts will skip ticks");
     }
     let cfg = LoopConfig {
-        interval: a.interval,
-        policy: policy_of(&a.policy),
-        dry_run: a.dry_run,
+        interval: set.interval,
+        policy: set.policy.clone(),
+        dry_run: set.dry_run,
         rounds: a.rounds,
-        max_inflight: a.max_inflight,
+        max_inflight: set.max_inflight,
     };
-    let (tx, mut rx) = controller::report_channel(a.hosts.len());
     let stop = CancellationToken::new();
-    let ctl = tokio::spawn(controller::run_clients(clients, cfg, tx, stop.clone()));
+    let metrics = (set.metrics_listen.is_some() || set.http_listen.is_some()).then(ControllerMetrics::new);
+    let state = set.http_listen.map(|_| {
+        StateStore::new(ConfigView {
+            interval_ms: set.interval.as_millis() as u64,
+            threshold: set.policy.threshold,
+            policy: set.policy.kind.as_str().to_string(),
+            dry_run: set.dry_run,
+        })
+    });
+    // Bind before starting any host, so a busy port refuses the command before anything is pinned. The status
+    // page serves /metrics too, so the same fixed address for both means one listener.
+    let mut servers = Vec::new();
+    if let (Some(addr), Some(st)) = (set.http_listen, &state) {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let router = vcpu_balancer::http::status_router(st.clone(), metrics.clone());
+        servers.push(tokio::spawn(vcpu_balancer::http::serve(l, router, stop.clone().cancelled_owned())));
+    }
+    if let (Some(addr), Some(m)) = (set.metrics_listen.filter(|a| a.port() == 0 || Some(*a) != set.http_listen), &metrics) {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let router = vcpu_balancer::http::metrics_router(Arc::clone(m));
+        servers.push(tokio::spawn(vcpu_balancer::http::serve(l, router, stop.clone().cancelled_owned())));
+    }
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let hup = tokio::spawn(config::reload_on_sighup(set.clone(), flags, a.config.clone(), reload_tx));
+    let (tx, mut rx) = controller::report_channel(set.hosts.len());
+    let obs = Observers { state, metrics };
+    let ctl = tokio::spawn(controller::run_dynamic(set.hosts.clone(), clients, cfg, obs, reload_rx, tx, stop.clone()));
     let json = a.json;
     let printer = tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
@@ -312,8 +393,8 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
             }
         }
     });
-    tokio::select! {
-        r = ctl => r?,
+    let result = tokio::select! {
+        r = ctl => r,
         () = vcpu_balancer::shutdown::signal() => {
             stop.cancel();
             if tokio::time::timeout(SHUTDOWN_GRACE, printer).await.is_err() {
@@ -321,8 +402,15 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
             }
             return Ok(0);
         }
-    }
+    };
+    hup.abort();
+    result??;
     let _ = printer.await;
+    // `--rounds` ended the balancing: the status page and metrics stop with it.
+    stop.cancel();
+    for s in servers {
+        let _ = s.await;
+    }
     Ok(0)
 }
 
@@ -420,6 +508,7 @@ async fn main() {
         Cmd::Demo(a) => cmd_demo(a).await,
         Cmd::Evaluate(a) => cmd_evaluate(a),
         Cmd::Certs(a) => cmd_certs(a),
+        c @ (Cmd::Completions { .. } | Cmd::Man) => print_generated(&c),
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -9,6 +9,7 @@
 //! - [`controller`]: usage maths and policy (pure), the per-host loop, the gRPC client, reports, the demo.
 //! - [`certs`]: a private CA and the certificates of a small fleet (`vcpu-controller certs`).
 //! - [`security`]: mutual TLS settings, the pin allow-list and the plaintext listen check.
+//! - [`metrics`]: Prometheus metrics of both binaries; [`http`]: `/metrics`, the status page and `/api/state`.
 //! - [`shutdown`]: SIGINT/SIGTERM handling shared by both binaries.
 //!
 //! The binaries in `agent/` and `controller/` only parse flags, set up tracing and call into this library.
@@ -19,7 +20,9 @@ pub mod certs;
 pub mod controller;
 pub mod convert;
 pub mod error;
+pub mod http;
 pub mod hypervisor;
+pub mod metrics;
 pub mod model;
 pub mod pb;
 pub mod security;

@@ -61,7 +61,7 @@ impl Drop for Fleet {
 
 async fn tls_agent(fleet: &Fleet, agent_cert: &str, pins: PinPolicy) -> SimAgent {
     let hv = Arc::new(SimHypervisor::new(&common::scenario(SCENARIO), "sim-tls", Arc::new(ManualClock::new(0))));
-    let opts = ServeOptions { tls: Some(fleet.files(agent_cert).server_config().unwrap()), pins };
+    let opts = ServeOptions { tls: Some(fleet.files(agent_cert).server_config().unwrap()), pins, ..Default::default() };
     SimAgent::start_opts(hv, "127.0.0.1:0", opts).await
 }
 
@@ -176,4 +176,59 @@ async fn the_controller_checks_the_agents_name() {
     let mut c = pb::agent_client::AgentClient::new(ch);
     assert!(c.get_stats(pb::GetStatsRequest {}).await.is_ok());
     agent.stop().await;
+}
+
+/// The controller's host set and TLS together: a host added by a reload gets a TLS client like the hosts given at
+/// start (a plaintext client could not even complete the handshake), and an agent serving TLS also counts the calls
+/// it serves in its metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_added_by_a_reload_talks_tls_like_the_others() {
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+    use vcpu_balancer::controller::report::ActionType;
+    use vcpu_balancer::controller::{self, ClientSettings, LoopConfig, Observers};
+    use vcpu_balancer::metrics::AgentMetrics;
+
+    let fleet = Fleet::new("reload", &["127.0.0.1"]);
+    let a = tls_agent(&fleet, "agent-127.0.0.1", PinPolicy::for_agent(true, &[])).await;
+    let m = AgentMetrics::new();
+    let hv = Arc::new(SimHypervisor::new(&common::scenario(SCENARIO), "sim-tls-b", Arc::new(ManualClock::new(0))));
+    let opts = ServeOptions {
+        tls: Some(fleet.files("agent-127.0.0.1").server_config().unwrap()),
+        pins: PinPolicy::for_agent(true, &[]),
+        metrics: Some(m.clone()),
+    };
+    let b = SimAgent::start_opts(hv, "127.0.0.1:0", opts).await;
+    let clients = ClientSettings { rpc_timeout: TIMEOUT, tls: Some(fleet.files("controller").client_config().unwrap()) };
+    let cfg = LoopConfig { interval: Duration::from_millis(100), dry_run: true, max_inflight: 1, ..Default::default() };
+    let (reload_tx, reload_rx) = mpsc::channel(1);
+    let (tx, mut rx) = controller::report_channel(2);
+    let stop = CancellationToken::new();
+    let ctl = tokio::spawn(controller::run_dynamic(
+        vec![a.addr.clone()],
+        clients,
+        cfg,
+        Observers::default(),
+        reload_rx,
+        tx,
+        stop.clone(),
+    ));
+    reload_tx.send(vec![a.addr.clone(), b.addr.clone()]).await.unwrap();
+    let mut answered = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while answered.len() < 2 {
+        let r = tokio::time::timeout_at(deadline, rx.recv()).await.expect("both hosts answer").expect("a report");
+        assert_ne!(r.action.kind, ActionType::Error, "{}: {}", r.host, r.action.reason);
+        answered.insert(r.host.clone());
+    }
+    assert!(answered.contains(&b.addr), "{answered:?}");
+    let text = m.encode();
+    assert!(
+        text.lines().any(|l| l.starts_with(r#"vcpu_balancer_agent_rpc_duration_seconds_count{method="GetStats"}"#)),
+        "the TLS agent counted the controller's GetStats:\n{text}"
+    );
+    stop.cancel();
+    ctl.await.unwrap().unwrap();
+    a.stop().await;
+    b.stop().await;
 }

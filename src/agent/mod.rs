@@ -13,6 +13,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+pub mod metrics_layer;
+
 use crate::convert;
 use crate::hypervisor::Hypervisor;
 use crate::model::PinRequest;
@@ -142,11 +144,13 @@ pub struct ServeOptions {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Who may pin.
     pub pins: PinPolicy,
+    /// When set, every `vcpu.v1.Agent` call is timed and its errors counted (see [`metrics_layer`]).
+    pub metrics: Option<Arc<crate::metrics::AgentMetrics>>,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { tls: None, pins: PinPolicy::Anyone }
+        ServeOptions { tls: None, pins: PinPolicy::Anyone, metrics: None }
     }
 }
 
@@ -168,7 +172,17 @@ pub async fn serve_quiet<H: Hypervisor>(
     serve_inner(hv, listener, ServeOptions::default(), shutdown, false).await
 }
 
-/// Serves like [`serve`], with TLS and a pin allow-list as `opts` say.
+/// [`serve`], and every `vcpu.v1.Agent` call is timed and its errors counted in `metrics`.
+pub async fn serve_with_metrics<H: Hypervisor>(
+    hv: Arc<H>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    metrics: Option<Arc<crate::metrics::AgentMetrics>>,
+) -> Result<(), tonic::transport::Error> {
+    serve_with(hv, listener, ServeOptions { metrics, ..ServeOptions::default() }, shutdown).await
+}
+
+/// Serves like [`serve`], with TLS, a pin allow-list and metrics as `opts` say.
 pub async fn serve_with<H: Hypervisor>(
     hv: Arc<H>,
     listener: TcpListener,
@@ -209,6 +223,7 @@ async fn serve_inner<H: Hypervisor>(
     }
     builder
         .timeout(SERVER_REQUEST_TIMEOUT)
+        .layer(metrics_layer::MetricsLayer::new(opts.metrics))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(svc)

@@ -101,6 +101,7 @@ pub struct AgentClient {
     host: String,
     inner: PbClient<Channel>,
     timeout: Duration,
+    metrics: Option<std::sync::Arc<crate::metrics::ControllerMetrics>>,
 }
 
 impl AgentClient {
@@ -123,7 +124,13 @@ impl AgentClient {
             endpoint = endpoint.tls_config(t.clone()).map_err(|e| bad(&e))?;
         }
         let inner = PbClient::new(endpoint.connect_lazy()).max_decoding_message_size(MAX_REPLY_SIZE);
-        Ok(AgentClient { host: host.to_string(), inner, timeout })
+        Ok(AgentClient { host: host.to_string(), inner, timeout, metrics: None })
+    }
+
+    /// Times every call and counts its errors in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::ControllerMetrics>) -> AgentClient {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The host as given by the user.
@@ -148,11 +155,16 @@ impl AgentClient {
         method: &'static str,
         fut: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     ) -> Result<T, ClientError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        let started = std::time::Instant::now();
+        let r = match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => Err(self.err(method, s)),
             Err(_) => Err(self.err(method, Status::deadline_exceeded(format!("no answer within {:?}", self.timeout)))),
+        };
+        if let Some(m) = &self.metrics {
+            m.observe_rpc(&self.host, method, started.elapsed(), r.as_ref().err().and_then(ClientError::code));
         }
+        r
     }
 
     pub async fn host_info(&mut self) -> Result<HostInfo, ClientError> {

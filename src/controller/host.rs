@@ -131,11 +131,13 @@ pub async fn run_host(
                 cfg.dry_run,
             )
         } else {
-            tokio::select! {
+            let mut r = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 r = one_round(&mut client, &cfg, &inflight, &mut st, round) => r,
-            }
+            };
+            r.duration = Some(started.elapsed());
+            r
         };
         let mut report = report;
         report.skipped_ticks = std::mem::take(&mut skipped);

@@ -5,16 +5,21 @@
 //! - [`host`]: one task per host, owning that host's previous sample.
 //! - [`report`]: what a round produced, as a log line or JSON.
 //! - [`show`]: one-shot views for operators (`show`, `pin`).
+//! - [`supervisor`]: the set of host tasks, changed by reloads; [`state`]: the live state behind the status page;
+//!   [`config`]: the controller's config file.
 //! - [`demo`]: simulated agents in-process with the controller on them.
 //! - [`evaluate`]: policies on simulated hosts in virtual time, with balancing metrics.
 
 pub mod client;
+pub mod config;
 pub mod demo;
 pub mod evaluate;
 pub mod host;
 pub mod policy;
 pub mod report;
 pub mod show;
+pub mod state;
+pub mod supervisor;
 pub mod usage;
 
 use std::time::Duration;
@@ -25,9 +30,10 @@ use tokio_util::sync::CancellationToken;
 pub use client::{AgentClient, ClientError};
 pub use host::LoopConfig;
 pub use report::RoundReport;
+pub use supervisor::{run_dynamic, ClientSettings, Observers};
 
 /// Reports buffered per host before a slow consumer makes host tasks wait.
-const REPORT_BUFFER_PER_HOST: usize = 16;
+pub(crate) const REPORT_BUFFER_PER_HOST: usize = 16;
 
 /// Checks every host address first (a typo refuses the whole command, before anything is pinned), then runs one
 /// task per host until each has done `cfg.rounds` rounds or `shutdown` is cancelled. Reports go to `out`.
@@ -43,24 +49,17 @@ pub async fn run(
     Ok(())
 }
 
-/// Runs one task per client (for example TLS clients made with [`AgentClient::with_tls`]) like [`run`].
+/// Runs one task per client (for example TLS clients made with [`AgentClient::with_tls`]) like [`run`], through
+/// the same supervisor as [`run_dynamic`], with a host set that never changes.
 pub async fn run_clients(
     clients: Vec<AgentClient>,
     cfg: LoopConfig,
     out: mpsc::Sender<RoundReport>,
     shutdown: CancellationToken,
 ) {
-    let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight.max(1)));
-    let mut tasks = tokio::task::JoinSet::new();
-    for client in clients {
-        tasks.spawn(host::run_host(client, cfg.clone(), inflight.clone(), out.clone(), shutdown.clone()));
-    }
-    drop(out);
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r {
-            tracing::error!(error = %e, "host task panicked");
-        }
-    }
+    // No reloads: the sender is dropped at once, so the set of hosts never changes.
+    let (_, reload) = mpsc::channel(1);
+    supervisor::supervise(clients, None, cfg, Observers::default(), reload, out, shutdown).await;
 }
 
 /// A channel sized for `hosts` hosts.

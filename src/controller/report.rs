@@ -62,6 +62,9 @@ pub struct RoundReport {
     /// Pins the agent refused, with its message.
     pub pins_failed: Vec<String>,
     pub dry_run: bool,
+    /// How long the round took (for the round-duration histogram); not part of the JSON line.
+    #[serde(skip)]
+    pub duration: Option<std::time::Duration>,
     /// Ticks skipped before this round because the previous round overran its interval.
     pub skipped_ticks: u64,
 }
@@ -96,6 +99,7 @@ impl RoundReport {
             pins_applied: 0,
             pins_failed: Vec::new(),
             dry_run,
+            duration: None,
             skipped_ticks: 0,
         }
     }
@@ -114,6 +118,7 @@ impl RoundReport {
             pins_applied: 0,
             pins_failed: Vec::new(),
             dry_run,
+            duration: None,
             skipped_ticks: 0,
         }
     }

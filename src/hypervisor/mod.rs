@@ -11,6 +11,7 @@ use crate::model::{DomainPlacement, DomainSummary, HostInfo, HostStats, PcpuId, 
 
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod instrumented;
 pub mod sim;
 
 /// One result per pin of a batch, in request order.
