@@ -25,7 +25,7 @@ use vcpu_balancer::controller::client::{AgentClient, DEFAULT_RPC_TIMEOUT};
 use vcpu_balancer::controller::host::{HostWorker, LoopConfig};
 use vcpu_balancer::controller::report::ActionType;
 
-use common::{proc_cpu_seconds, proc_status_kib, summarize, ChildGuard, TempDir};
+use common::{proc_cpu_seconds, proc_status_kib, proc_thread_cpu_ns, summarize, thread_cpu_delta_s, ChildGuard, TempDir};
 
 const DEFAULT_SECS: u64 = 30;
 const DEFAULT_PORT: u16 = 21980;
@@ -44,9 +44,13 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// What one window measured.
 struct Window {
     secs: f64,
+    /// From per-thread schedstat (ns resolution).
     agent_cpu_s: f64,
+    /// From utime + stime (10 ms ticks, includes threads that exited): a cross-check.
+    agent_ticks_s: f64,
     agent_rss_kib: Vec<f64>,
     libvirtd_cpu_s: Option<f64>,
+    libvirtd_ticks_s: Option<f64>,
     rounds: u64,
 }
 
@@ -60,6 +64,8 @@ async fn window(agent: u32, libvirtd: Option<u32>, secs: u64, mut worker: Option
     let start = Instant::now();
     let cpu0 = proc_cpu_seconds(agent)?;
     let lv0 = libvirtd.map(proc_cpu_seconds).transpose()?;
+    let th0 = proc_thread_cpu_ns(agent)?;
+    let lvth0 = libvirtd.map(proc_thread_cpu_ns).transpose()?;
     let mut rss = Vec::new();
     let mut rounds = 0u64;
     let mut next_sample = start;
@@ -80,12 +86,17 @@ async fn window(agent: u32, libvirtd: Option<u32>, secs: u64, mut worker: Option
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let agent_cpu_s = proc_cpu_seconds(agent)? - cpu0;
-    let libvirtd_cpu_s = match (libvirtd, lv0) {
+    let agent_cpu_s = thread_cpu_delta_s(&th0, &proc_thread_cpu_ns(agent)?);
+    let agent_ticks_s = proc_cpu_seconds(agent)? - cpu0;
+    let libvirtd_cpu_s = match (libvirtd, lvth0) {
+        (Some(p), Some(t0)) => Some(thread_cpu_delta_s(&t0, &proc_thread_cpu_ns(p)?)),
+        _ => None,
+    };
+    let libvirtd_ticks_s = match (libvirtd, lv0) {
         (Some(p), Some(c0)) => Some(proc_cpu_seconds(p)? - c0),
         _ => None,
     };
-    Ok(Window { secs, agent_cpu_s, agent_rss_kib: rss, libvirtd_cpu_s, rounds })
+    Ok(Window { secs, agent_cpu_s, agent_ticks_s, agent_rss_kib: rss, libvirtd_cpu_s, libvirtd_ticks_s, rounds })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -135,31 +146,32 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     println!("# agent_cost: backend {backend}, {domains} domains, windows of {secs} s, one round per {ROUND_INTERVAL:?}");
-    println!("| window | rounds | agent CPU % of one core | agent CPU ms/round | agent VmRSS MiB (median [min–max]) | libvirtd CPU % | libvirtd CPU ms/round | agent / libvirtd |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| window | rounds | agent CPU % of one core | agent CPU ms/round | agent CPU s (ticks) | agent VmRSS MiB (median [min–max]) | libvirtd CPU % | libvirtd CPU ms/round | libvirtd CPU s (ticks) | agent / libvirtd |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (name, w) in [("idle", &idle), ("1 round/s", &busy)] {
         let rss: Vec<f64> = w.agent_rss_kib.iter().map(|k| k / 1024.0).collect();
         let per_round = |c: f64| if w.rounds > 0 { format!("{:.2}", c * 1e3 / w.rounds as f64) } else { "–".into() };
         let (lv_pct, lv_round, ratio) = match w.libvirtd_cpu_s {
             Some(l) => (
-                format!("{:.2}", l / w.secs * 100.0),
+                format!("{:.3}", l / w.secs * 100.0),
                 per_round(l),
                 if l > 0.0 { format!("{:.2}", w.agent_cpu_s / l) } else { "–".into() },
             ),
             None => ("–".into(), "–".into(), "–".into()),
         };
         println!(
-            "| {name} | {} | {:.3} | {} | {} | {lv_pct} | {lv_round} | {ratio} |",
+            "| {name} | {} | {:.3} | {} | {:.2} | {} | {lv_pct} | {lv_round} | {} | {ratio} |",
             w.rounds,
             w.agent_cpu_s / w.secs * 100.0,
             per_round(w.agent_cpu_s),
+            w.agent_ticks_s,
             summarize(&rss),
+            w.libvirtd_ticks_s.map(|t| format!("{t:.2}")).unwrap_or_else(|| "–".into()),
         );
     }
     println!(
-        "\nCPU resolution: /proc reports in 1/{} s ticks, so a window of {secs} s resolves {:.3} % of one core.",
-        common::CLK_TCK,
-        100.0 / (common::CLK_TCK * secs as f64)
+        "\nCPU from per-thread schedstat (ns); the ticks columns (utime+stime, 1/{} s) are a coarse cross-check.",
+        common::CLK_TCK
     );
     Ok(())
 }

@@ -20,7 +20,8 @@
 //! `vcbbench`), `VCB_LOAD` (testbed load of every guest, default 0 = idle), `VCB_BUSY` (this many of the guests run
 //! at 100 % instead, default 0), `VCB_REPS` (default 40), `VCB_PORT` (agent port, default 21990), `VCB_TESTBED`
 //! (default `scripts/testbed` of this repository), `VCB_NO_TESTBED=1` (measure the domains already running, e.g.
-//! with `VCB_URI=test:///default VCB_GUESTS=1`).
+//! with `VCB_URI=test:///default VCB_GUESTS=1`), `VCB_KEEP_GUESTS=1` (leave the guests running after a successful
+//! run, for `agent_cost`; the caller then runs `scripts/testbed down --prefix vcbbench`).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -52,11 +53,13 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// The testbed guests of one prefix; `down` runs when this is dropped, also when the driver fails.
+/// The testbed guests of one prefix; `down` runs when this is dropped, also when the driver fails (unless `keep`,
+/// for a caller that measures more on the same guests and tears them down itself).
 struct Testbed {
     script: String,
     prefix: String,
     started: usize,
+    keep: bool,
 }
 
 impl Testbed {
@@ -86,6 +89,10 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        if self.keep && !std::thread::panicking() {
+            eprintln!("keeping {} guests of prefix {} (VCB_KEEP_GUESTS=1)", self.started, self.prefix);
+            return;
+        }
         let st = Command::new(&self.script).args(["down", "--prefix", &self.prefix]).status();
         if !matches!(st, Ok(s) if s.success()) {
             eprintln!("WARNING: `{} down --prefix {}` failed: {st:?}", self.script, self.prefix);
@@ -159,7 +166,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| format!("{}/scripts/testbed", env!("CARGO_MANIFEST_DIR")));
     let prefix = std::env::var("VCB_PREFIX").unwrap_or_else(|_| DEFAULT_PREFIX.to_string());
 
-    let mut testbed = use_testbed.then(|| Testbed { script, prefix, started: 0 });
+    let mut testbed = use_testbed.then(|| Testbed { script, prefix, started: 0, keep: false });
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vcpu-agent"));
     cmd.args(["--backend", "libvirt", "--uri", &uri, "--listen", &addr.to_string()]).env("RUST_LOG", "warn");
@@ -219,6 +226,10 @@ fn main() -> anyhow::Result<()> {
         })?;
     }
     drop(agent);
+    if let Some(tb) = testbed.as_mut() {
+        // Only a successful run keeps its guests: on an error `?` above drops the testbed with keep unset.
+        tb.keep = std::env::var("VCB_KEEP_GUESTS").is_ok_and(|v| v == "1");
+    }
     drop(testbed);
     Ok(())
 }

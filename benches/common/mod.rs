@@ -99,6 +99,33 @@ pub fn proc_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((utime + stime) / CLK_TCK)
 }
 
+/// On-CPU time of each live thread of a process, in ns (`/proc/PID/task/TID/schedstat`, first field): far finer than
+/// the 10 ms ticks of `/proc/PID/stat`, which a light process may not even reach in a minute.
+pub fn proc_thread_cpu_ns(pid: u32) -> anyhow::Result<std::collections::HashMap<u32, u64>> {
+    let mut out = std::collections::HashMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        // A thread may exit between listing and reading: it is skipped.
+        let Ok(s) = std::fs::read_to_string(entry.path().join("schedstat")) else { continue };
+        if let Some(ns) = s.split_whitespace().next().and_then(|v| v.parse().ok()) {
+            out.insert(tid, ns);
+        }
+    }
+    Ok(out)
+}
+
+/// CPU seconds the threads of `after` used since `before`: threads alive at both ends count their difference, new
+/// threads all of their time. A thread that exited inside the window loses its time (tokio's blocking threads live
+/// 10 s after their last task, so at one round per second they stay alive).
+pub fn thread_cpu_delta_s(
+    before: &std::collections::HashMap<u32, u64>,
+    after: &std::collections::HashMap<u32, u64>,
+) -> f64 {
+    let ns: u64 = after.iter().map(|(tid, &t)| t.saturating_sub(before.get(tid).copied().unwrap_or(0))).sum();
+    ns as f64 / 1e9
+}
+
 /// A `kB` field of `/proc/PID/status` (e.g. `VmRSS`, `VmHWM`), in KiB. `pid` "self" reads this process.
 pub fn proc_status_kib(pid: &str, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
