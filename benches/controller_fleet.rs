@@ -51,6 +51,8 @@ const DEFAULT_PORT_BASE: u16 = 21000;
 const FLOOR_PORT_OFFSET: u16 = 2000;
 /// Fleet whose peak controller memory is measured (target ≤ 64 MiB).
 const MEMORY_FLEET_HOSTS: usize = 1000;
+/// Rounds run by the memory-measuring processes: a short run, and a long one to see whether memory stays flat.
+const MEMORY_ROUNDS: [u64; 2] = [20, 200];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -292,9 +294,9 @@ async fn driver() -> anyhow::Result<()> {
     let base: u16 = env_or("VCB_PORT_BASE", DEFAULT_PORT_BASE);
     let tmp = TempDir::new("fleet")?;
     println!("# controller_fleet: {reps} pairs of rounds per fleet, max in flight {DEFAULT_MAX_INFLIGHT}, 2 vCPUs per domain");
-    println!("| hosts | vCPUs/host | reply bytes | controller round ms | floor round ms | ratio (median [min–max]) | bare calls to the real agent ms |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let mut memory_line = None;
+    println!("| hosts | vCPUs/host | reply bytes | controller round ms | floor round ms | ratio (median [min–max]) | bare calls to the real agent ms | controller CPU ms/round | floor client CPU ms/round |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut memory_lines = Vec::new();
     for (nhosts, vcpus) in parse_fleets()? {
         let domains = vcpus / VCPUS_PER_DOMAIN;
         let scenario = tmp.path().join(format!("bench-{vcpus}.toml"));
@@ -336,19 +338,33 @@ async fn driver() -> anyhow::Result<()> {
             floor_round(&channels, &floor_inflight, reply.len()).await?;
         }
         let (mut ctrl, mut flo, mut ratio, mut raw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ctrl_cpu, mut floor_cpu) = (Vec::new(), Vec::new());
         let agent_channels = floor_channels(&agent_hosts)?;
         floor_round(&agent_channels, &floor_inflight, 0).await?;
         for rep in 0..reps {
             let round = WARMUP_ROUNDS + 1 + rep as u64;
-            // Alternate the order so that neither side always runs right after the other's burst.
+            // Alternate the order so that neither side always runs right after the other's burst. This process's
+            // own CPU is read around each round: what the controller spends beyond the bare calls.
+            let me = std::process::id();
             let (c, f) = if rep % 2 == 0 {
+                let t0 = common::proc_thread_cpu_ns(me)?;
                 let (w, c) = controller_round(workers, round).await?;
+                let t1 = common::proc_thread_cpu_ns(me)?;
                 workers = w;
-                (c, floor_round(&channels, &floor_inflight, reply.len()).await?)
-            } else {
                 let f = floor_round(&channels, &floor_inflight, reply.len()).await?;
+                let t2 = common::proc_thread_cpu_ns(me)?;
+                ctrl_cpu.push(common::thread_cpu_delta_s(&t0, &t1) * 1e3);
+                floor_cpu.push(common::thread_cpu_delta_s(&t1, &t2) * 1e3);
+                (c, f)
+            } else {
+                let t0 = common::proc_thread_cpu_ns(me)?;
+                let f = floor_round(&channels, &floor_inflight, reply.len()).await?;
+                let t1 = common::proc_thread_cpu_ns(me)?;
                 let (w, c) = controller_round(workers, round).await?;
+                let t2 = common::proc_thread_cpu_ns(me)?;
                 workers = w;
+                floor_cpu.push(common::thread_cpu_delta_s(&t0, &t1) * 1e3);
+                ctrl_cpu.push(common::thread_cpu_delta_s(&t1, &t2) * 1e3);
                 (c, f)
             };
             // Where the gap goes: the same bare calls, but to the real simulated agent (its server-side work
@@ -362,34 +378,39 @@ async fn driver() -> anyhow::Result<()> {
         drop(channels);
         drop(agent_channels);
         println!(
-            "| {nhosts} | {vcpus} | {} | {} | {} | {} | {} |",
+            "| {nhosts} | {vcpus} | {} | {} | {} | {} | {} | {} | {} |",
             reply.len(),
             summarize(&ctrl),
             summarize(&flo),
             summarize(&ratio),
-            summarize(&raw)
+            summarize(&raw),
+            summarize(&ctrl_cpu),
+            summarize(&floor_cpu)
         );
         if nhosts == MEMORY_FLEET_HOSTS {
-            let rounds = WARMUP_ROUNDS + reps as u64;
-            let c = run_memory_child("controller-memory", nhosts, base, rounds, reply.len())?;
-            let f = run_memory_child("floor-memory", nhosts, floor_base, rounds, reply.len())?;
-            memory_line = Some(format!(
-                "peak memory at {nhosts} hosts x {vcpus} vCPUs over {rounds} rounds (VmHWM, own process): controller \
-                 {:.1} MiB (VmRSS after {:.1} MiB, at start {:.1} MiB); floor client {:.1} MiB (VmRSS after {:.1} MiB); \
-                 ratio {:.2}",
-                c.0 as f64 / 1024.0,
-                c.1 as f64 / 1024.0,
-                c.2 as f64 / 1024.0,
-                f.0 as f64 / 1024.0,
-                f.1 as f64 / 1024.0,
-                c.0 as f64 / f.0 as f64
-            ));
+            for rounds in MEMORY_ROUNDS {
+                let c = run_memory_child("controller-memory", nhosts, base, rounds, reply.len())?;
+                let f = run_memory_child("floor-memory", nhosts, floor_base, rounds, reply.len())?;
+                memory_lines.push(format!(
+                    "| {nhosts} | {vcpus} | {rounds} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                    c.0 as f64 / 1024.0,
+                    c.1 as f64 / 1024.0,
+                    f.0 as f64 / 1024.0,
+                    f.1 as f64 / 1024.0,
+                    c.0 as f64 / f.0 as f64
+                ));
+            }
         }
         drop(floor);
         drop(agent);
     }
-    if let Some(m) = memory_line {
-        println!("\n{m}");
+    if !memory_lines.is_empty() {
+        println!("\nPeak memory, each side alone in its own process (VmHWM and VmRSS at the end, MiB):\n");
+        println!("| hosts | vCPUs/host | rounds | controller VmHWM | controller VmRSS | floor client VmHWM | floor client VmRSS | ratio (HWM) |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for m in memory_lines {
+            println!("{m}");
+        }
     }
     Ok(())
 }
