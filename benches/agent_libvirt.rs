@@ -46,6 +46,9 @@ const DEFAULT_PORT: u16 = 21990;
 const WARMUP: usize = 3;
 /// Deadline of the agent RPC: far above any expected sample, so a slow one is measured rather than cut.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `testbed up` waits for guests to boot: 32 TCG guests booting at once on 2 busy cores need more than the
+/// script's default 120 s.
+const BOOT_TIMEOUT_S: u32 = 400;
 /// Load of a busy guest (`VCB_BUSY`), % of one pCPU.
 const BUSY_LOAD: u32 = 100;
 
@@ -73,7 +76,7 @@ impl Testbed {
             .collect();
         let t = Instant::now();
         let st = Command::new(&self.script)
-            .args(["up", "--prefix", &self.prefix])
+            .args(["up", "--prefix", &self.prefix, "--timeout", &BOOT_TIMEOUT_S.to_string()])
             .args(&specs)
             .stdout(std::process::Stdio::null())
             .status()
