@@ -198,6 +198,97 @@ pub fn domain_vcpus(dom: &Domain, maxinfo: u32, npcpus: u32) -> Result<Vec<VcpuI
         .collect())
 }
 
+/// One domain of a bulk statistics read (`virConnectGetAllDomainStats`).
+#[derive(Debug)]
+pub struct DomainStatsRecord {
+    /// The domain, with a reference of its own (it outlives the record list).
+    pub dom: Domain,
+    /// The numeric parameters, by name (`cpu.time`, `vcpu.current`, `vcpu.0.time`, ...), as unsigned values;
+    /// strings, booleans and doubles are left out (the stats groups asked for here have none that matter).
+    pub params: Vec<(String, u64)>,
+}
+
+impl DomainStatsRecord {
+    /// The parameter named `name`, if libvirt reported it.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.params.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+}
+
+/// Frees a record list returned by `virConnectGetAllDomainStats`, also if decoding it unwinds.
+struct StatsRecordList(*mut sys::virDomainStatsRecordPtr);
+
+impl Drop for StatsRecordList {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the list was returned by virConnectGetAllDomainStats and is freed only here, once; the
+            // function frees the records, their parameters and their domain references, and accepts NULL.
+            unsafe { sys::virDomainStatsRecordListFree(self.0) };
+        }
+    }
+}
+
+/// The name of a typed parameter: its NUL-terminated `field`, read without trusting the terminator to be there.
+fn param_name(field: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = field.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Statistics groups `stats` (`VIR_DOMAIN_STATS_*`) of the domains selected by `flags`
+/// (`VIR_CONNECT_GET_ALL_DOMAINS_STATS_*`), in one `virConnectGetAllDomainStats` call.
+pub fn all_domain_stats(conn: &Connect, stats: c_uint, flags: c_uint) -> Result<Vec<DomainStatsRecord>, VirtError> {
+    let mut list: *mut sys::virDomainStatsRecordPtr = ptr::null_mut();
+    // SAFETY: `conn` holds a reference for the whole call, so its pointer is valid; `list` is a valid out-pointer
+    // that libvirt sets to a NULL-terminated array it allocates (freed by `StatsRecordList`).
+    let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), stats, &mut list, flags) };
+    let records = StatsRecordList(list);
+    if n < 0 {
+        return Err(VirtError::last_error());
+    }
+    let count = n.unsigned_abs() as usize;
+    let mut out = Vec::with_capacity(count);
+    if records.0.is_null() {
+        return Ok(out);
+    }
+    for i in 0..count {
+        // SAFETY: on success the array holds `n` valid record pointers (then a NULL), all alive until `records`
+        // is dropped at the end of this function, after the last use of `rec`.
+        let rec = unsafe { &**records.0.add(i) };
+        // SAFETY: `rec.dom` is a valid domain whose reference the record owns; virDomainRef takes one more for the
+        // `Domain` made here, which releases it when dropped, so the handle stays valid after the list is freed.
+        let dom = unsafe {
+            if sys::virDomainRef(rec.dom) < 0 {
+                return Err(VirtError::last_error());
+            }
+            Domain::from_ptr(rec.dom)
+        };
+        let params: &[sys::virTypedParameter] = if rec.params.is_null() || rec.nparams <= 0 {
+            &[]
+        } else {
+            // SAFETY: the record's `params` points to `nparams` typed parameters owned by the record, alive until
+            // the list is freed (after the last use of this slice).
+            unsafe { std::slice::from_raw_parts(rec.params, rec.nparams.unsigned_abs() as usize) }
+        };
+        let mut values = Vec::with_capacity(params.len());
+        for p in params {
+            // SAFETY: `type_` says which member of the union libvirt set; only that member is read.
+            let v = unsafe {
+                match p.type_ as sys::virTypedParameterType {
+                    sys::VIR_TYPED_PARAM_INT => p.value.i as u64,
+                    sys::VIR_TYPED_PARAM_UINT => u64::from(p.value.ui),
+                    sys::VIR_TYPED_PARAM_LLONG => p.value.l as u64,
+                    sys::VIR_TYPED_PARAM_ULLONG => p.value.ul,
+                    _ => continue,
+                }
+            };
+            values.push((param_name(&p.field), v));
+        }
+        out.push(DomainStatsRecord { dom, params: values });
+    }
+    drop(records);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,7 +42,7 @@ const KEEPALIVE_COUNT: u32 = 3;
 /// At most this many blocking tasks read domains in parallel for one sample: enough to overlap RPC round trips, and
 /// below libvirtd's default `max_client_requests` (5 concurrent calls per client), so reads do not queue in the
 /// daemon.
-const MAX_PARALLEL_READS: usize = 4;
+pub const MAX_PARALLEL_READS: usize = 4;
 
 /// Longest any one backend call (a whole stats sample included) may take before the agent answers UNAVAILABLE.
 /// libvirt has no per-call timeout; a daemon that hangs without dying would otherwise hold RPCs until keepalive
@@ -71,9 +71,21 @@ impl LibvirtHypervisor {
     /// A backend for the libvirt URI `uri` (e.g. `qemu:///system`). It does not connect yet and never fails: the
     /// first call connects, and calls return [`AgentError::Unavailable`] while libvirt cannot be reached.
     pub fn new(uri: &str) -> LibvirtHypervisor {
+        Self::with_parallel_reads(uri, MAX_PARALLEL_READS)
+    }
+
+    /// Like [`new`](Self::new), but a stats sample reads domains on at most `parallel_reads` blocking tasks (1 =
+    /// sequentially). The agent always uses [`MAX_PARALLEL_READS`]; other values exist so that sequential and
+    /// parallel reads can be measured side by side (`benches/agent_libvirt.rs`).
+    pub fn with_parallel_reads(uri: &str, parallel_reads: usize) -> LibvirtHypervisor {
         init_process_state();
         LibvirtHypervisor {
-            inner: Arc::new(Inner { uri: uri.to_string(), conn: Mutex::new(None), down: AtomicBool::new(false) }),
+            inner: Arc::new(Inner {
+                uri: uri.to_string(),
+                conn: Mutex::new(None),
+                down: AtomicBool::new(false),
+                parallel_reads: parallel_reads.max(1),
+            }),
         }
     }
 
@@ -104,7 +116,7 @@ impl LibvirtHypervisor {
     async fn sample(&self) -> Result<HostStats, AgentError> {
         let (conn, node, domains) = self.blocking(Inner::running_domains).await?;
         let listed_ns = monotonic_ns();
-        let nchunks = domains.len().clamp(1, MAX_PARALLEL_READS);
+        let nchunks = domains.len().clamp(1, self.inner.parallel_reads);
         let mut chunks: Vec<Vec<Domain>> = (0..nchunks).map(|_| Vec::new()).collect();
         for (i, dom) in domains.into_iter().enumerate() {
             chunks[i % nchunks].push(dom);
@@ -133,6 +145,65 @@ impl LibvirtHypervisor {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(HostStats {
             sample_time_ns,
+            npcpus: node.npcpus,
+            online_pcpus: node.online,
+            agent_instance: String::new(),
+            domains: out,
+        })
+    }
+}
+
+impl LibvirtHypervisor {
+    /// A sample read the other way: one bulk `virConnectGetAllDomainStats(VCPU | CPU_TOTAL)` call for the times,
+    /// then, when `placement` is set, one `virDomainGetVcpus` per domain (spread like [`Hypervisor::stats`]) for
+    /// what bulk stats do not report: the pCPU each vCPU runs on and its affinity. Without `placement` every vCPU
+    /// reports pCPU 0 and no affinity: that is the cost of the bulk call alone, not a usable sample.
+    ///
+    /// The agent does not use this: it exists so that bulk and per-domain reads can be measured side by side on
+    /// the same host (`benches/agent_libvirt.rs`, BENCHMARKS.md).
+    pub async fn stats_bulk(&self, placement: bool) -> Result<HostStats, AgentError> {
+        with_deadline("a bulk stats sample", self.sample_bulk(placement)).await
+    }
+
+    async fn sample_bulk(&self, placement: bool) -> Result<HostStats, AgentError> {
+        let (conn, node, records) = self
+            .blocking(|inner| {
+                let conn = inner.connection()?;
+                let host = |name| Call { name, domain: None, vcpu: None };
+                let node =
+                    ffi::node_cpu_map(&conn).map_err(|e| inner.fail(&conn, None, host("virNodeGetCPUMap"), e))?;
+                let stats = sys::VIR_DOMAIN_STATS_VCPU | sys::VIR_DOMAIN_STATS_CPU_TOTAL;
+                let flags = sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE | sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_RUNNING;
+                let records = ffi::all_domain_stats(&conn, stats, flags)
+                    .map_err(|e| inner.fail(&conn, None, host("virConnectGetAllDomainStats"), e))?;
+                Ok((conn, node, records))
+            })
+            .await?;
+        let read_ns = monotonic_ns();
+        let nchunks = records.len().clamp(1, self.inner.parallel_reads);
+        let mut chunks: Vec<Vec<ffi::DomainStatsRecord>> = (0..nchunks).map(|_| Vec::new()).collect();
+        for (i, rec) in records.into_iter().enumerate() {
+            chunks[i % nchunks].push(rec);
+        }
+        let tasks = chunks.into_iter().map(|chunk| {
+            let inner = Arc::clone(&self.inner);
+            let conn = Arc::clone(&conn);
+            let node = node.clone();
+            tokio::task::spawn_blocking(move || {
+                chunk.iter().map(|rec| inner.domain_stats_bulk(&conn, rec, &node, placement)).collect::<Vec<_>>()
+            })
+        });
+        let mut out = Vec::new();
+        for joined in futures::future::join_all(tasks).await {
+            for r in joined.map_err(join_error)? {
+                if let Some(d) = keep_or_skip(r)? {
+                    out.push(d);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(HostStats {
+            sample_time_ns: read_ns,
             npcpus: node.npcpus,
             online_pcpus: node.online,
             agent_instance: String::new(),
@@ -179,6 +250,8 @@ struct Inner {
     /// Whether the last connection attempt failed: only changes are logged at warn, so a dead daemon does not flood
     /// the log with one warning per round.
     down: AtomicBool,
+    /// Most blocking tasks reading domains for one sample.
+    parallel_reads: usize,
 }
 
 /// A domain resolved for pinning.
@@ -345,6 +418,43 @@ impl Inner {
                 affinity: v.affinity,
             })
             .collect();
+        Ok(DomainStats { uuid, name, id, cpu_time_ns, vcpus })
+    }
+
+    /// One domain of a bulk sample (see [`LibvirtHypervisor::stats_bulk`]).
+    fn domain_stats_bulk(
+        &self,
+        conn: &Arc<OwnedConnect>,
+        rec: &ffi::DomainStatsRecord,
+        node: &NodeCpuMap,
+        placement: bool,
+    ) -> Result<DomainStats, AgentError> {
+        let dom = &rec.dom;
+        let (name, uuid) = self.identity(conn, dom)?;
+        let Some(id) = dom.id() else { return Err(not_running(&name, dom)) };
+        let cpu_time_ns = rec.get("cpu.time").unwrap_or(0);
+        let vcpus = if placement {
+            let n = rec.get("vcpu.current").and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+            let call = Call { name: "virDomainGetVcpus", domain: Some(&name), vcpu: None };
+            ffi::domain_vcpus(dom, n, node.npcpus)
+                .map_err(|e| self.fail(conn, Some(dom), call, e))?
+                .into_iter()
+                .map(|v| VcpuStats {
+                    index: v.number,
+                    time_ns: v.cpu_time_ns,
+                    pcpu: current_pcpu(&name, &v, node.npcpus),
+                    affinity: v.affinity,
+                })
+                .collect()
+        } else {
+            let n = rec.get("vcpu.maximum").unwrap_or(0);
+            (0..n)
+                .filter_map(|i| {
+                    let time_ns = rec.get(&format!("vcpu.{i}.time"))?;
+                    Some(VcpuStats { index: i as u32, time_ns, pcpu: 0, affinity: Vec::new() })
+                })
+                .collect()
+        };
         Ok(DomainStats { uuid, name, id, cpu_time_ns, vcpus })
     }
 

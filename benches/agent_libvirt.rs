@@ -1,0 +1,238 @@
+//! Agent `GetStats` on real guests against the libvirt calls it wraps (BENCHMARKS.md, "Agent GetStats on real
+//! guests"). Run (root, libvirtd running, KVM testbed available):
+//! `cargo bench --features libvirt --bench agent_libvirt`.
+//!
+//! For 1, 8 and 32 running guests (started with `scripts/testbed up --prefix vcbbench`, always torn down with
+//! `scripts/testbed down --prefix vcbbench`), every repetition times, in rotating order:
+//! - `agent`: one `GetStats` through the gRPC client to a `vcpu-agent --backend libvirt` process (the product);
+//! - `floor`: [`LibvirtHypervisor::stats`] in this process, no gRPC: the very calls the agent makes
+//!   (per-domain `virDomainGetInfo` + `virDomainGetCPUStats` + `virDomainGetVcpus`, on up to
+//!   [`MAX_PARALLEL_READS`] blocking tasks);
+//! - `per-domain sequential`: the same calls on one task;
+//! - `bulk + GetVcpus`: one `virConnectGetAllDomainStats(VCPU|CPU_TOTAL)` plus one `virDomainGetVcpus` per domain
+//!   (parallel like the floor), the complete sample the bulk way;
+//! - `bulk + GetVcpus sequential`;
+//! - `bulk only`: the bulk call alone (no pCPU or affinity: not a usable sample, its cost only).
+//!
+//! Each figure is reported with its ratio to the floor of the same repetition (median and spread).
+//!
+//! Environment: `VCB_URI` (default `qemu:///system`), `VCB_GUESTS` (default `1,8,32`), `VCB_PREFIX` (default
+//! `vcbbench`), `VCB_LOAD` (testbed load of every guest, default 0 = idle), `VCB_BUSY` (this many of the guests run
+//! at 100 % instead, default 0), `VCB_REPS` (default 40), `VCB_PORT` (agent port, default 21990), `VCB_TESTBED`
+//! (default `scripts/testbed` of this repository), `VCB_NO_TESTBED=1` (measure the domains already running, e.g.
+//! with `VCB_URI=test:///default VCB_GUESTS=1`), `VCB_KEEP_GUESTS=1` (leave the guests running after a successful
+//! run, for `agent_cost`; the caller then runs `scripts/testbed down --prefix vcbbench`).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use vcpu_balancer::controller::client::AgentClient;
+use vcpu_balancer::hypervisor::libvirt::{LibvirtHypervisor, MAX_PARALLEL_READS};
+use vcpu_balancer::hypervisor::Hypervisor;
+use vcpu_balancer::model::HostStats;
+
+use common::{summarize, ChildGuard};
+
+const DEFAULT_GUESTS: &str = "1,8,32";
+const DEFAULT_PREFIX: &str = "vcbbench";
+const DEFAULT_REPS: usize = 40;
+const DEFAULT_PORT: u16 = 21990;
+/// Untimed calls of every variant before timing (connections opened, caches warm).
+const WARMUP: usize = 3;
+/// Deadline of the agent RPC: far above any expected sample, so a slow one is measured rather than cut.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `testbed up` waits for guests to boot: 32 TCG guests booting at once on 2 busy cores need more than the
+/// script's default 120 s.
+const BOOT_TIMEOUT_S: u32 = 400;
+/// Load of a busy guest (`VCB_BUSY`), % of one pCPU.
+const BUSY_LOAD: u32 = 100;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The testbed guests of one prefix; `down` runs when this is dropped, also when the driver fails (unless `keep`,
+/// for a caller that measures more on the same guests and tears them down itself).
+struct Testbed {
+    script: String,
+    prefix: String,
+    started: usize,
+    keep: bool,
+}
+
+impl Testbed {
+    /// Starts guests until `total` run, named `g0`, `g1`, ...; the first `busy` run at [`BUSY_LOAD`].
+    fn grow_to(&mut self, total: usize, load: u32, busy: usize) -> anyhow::Result<()> {
+        if total <= self.started {
+            return Ok(());
+        }
+        let specs: Vec<String> = (self.started..total)
+            .map(|i| format!("g{i}:{}", if i < busy { BUSY_LOAD } else { load }))
+            .collect();
+        let t = Instant::now();
+        let st = Command::new(&self.script)
+            .args(["up", "--prefix", &self.prefix, "--timeout", &BOOT_TIMEOUT_S.to_string()])
+            .args(&specs)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("cannot run the testbed script")?;
+        if !st.success() {
+            bail!("testbed up failed ({st})");
+        }
+        eprintln!("started {} guests in {:.1}s", specs.len(), t.elapsed().as_secs_f64());
+        self.started = total;
+        Ok(())
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if self.keep && !std::thread::panicking() {
+            eprintln!("keeping {} guests of prefix {} (VCB_KEEP_GUESTS=1)", self.started, self.prefix);
+            return;
+        }
+        let st = Command::new(&self.script).args(["down", "--prefix", &self.prefix]).status();
+        if !matches!(st, Ok(s) if s.success()) {
+            eprintln!("WARNING: `{} down --prefix {}` failed: {st:?}", self.script, self.prefix);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Variant {
+    Agent,
+    Floor,
+    Sequential,
+    Bulk,
+    BulkSequential,
+    BulkOnly,
+}
+
+const VARIANTS: [Variant; 6] =
+    [Variant::Agent, Variant::Floor, Variant::Sequential, Variant::Bulk, Variant::BulkSequential, Variant::BulkOnly];
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Agent => "agent GetStats (gRPC, per-domain parallel)",
+            Variant::Floor => "floor: in-process per-domain parallel",
+            Variant::Sequential => "in-process per-domain sequential",
+            Variant::Bulk => "in-process bulk + GetVcpus parallel",
+            Variant::BulkSequential => "in-process bulk + GetVcpus sequential",
+            Variant::BulkOnly => "in-process bulk call only (incomplete)",
+        }
+    }
+}
+
+struct Setup {
+    client: AgentClient,
+    parallel: LibvirtHypervisor,
+    sequential: LibvirtHypervisor,
+}
+
+async fn run(setup: &mut Setup, v: Variant) -> anyhow::Result<(Duration, HostStats)> {
+    let t = Instant::now();
+    let s = match v {
+        Variant::Agent => setup.client.get_stats().await?,
+        Variant::Floor => setup.parallel.stats().await?,
+        Variant::Sequential => setup.sequential.stats().await?,
+        Variant::Bulk => setup.parallel.stats_bulk(true).await?,
+        Variant::BulkSequential => setup.sequential.stats_bulk(true).await?,
+        Variant::BulkOnly => setup.parallel.stats_bulk(false).await?,
+    };
+    Ok((t.elapsed(), s))
+}
+
+fn vcpu_count(s: &HostStats) -> usize {
+    s.domains.iter().map(|d| d.vcpus.len()).sum()
+}
+
+fn main() -> anyhow::Result<()> {
+    let uri = std::env::var("VCB_URI").unwrap_or_else(|_| "qemu:///system".to_string());
+    let counts: Vec<usize> = std::env::var("VCB_GUESTS")
+        .unwrap_or_else(|_| DEFAULT_GUESTS.to_string())
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("VCB_GUESTS: expected e.g. 1,8,32")?;
+    let reps: usize = env_or("VCB_REPS", DEFAULT_REPS);
+    let load: u32 = env_or("VCB_LOAD", 0);
+    let busy: usize = env_or("VCB_BUSY", 0);
+    let port: u16 = env_or("VCB_PORT", DEFAULT_PORT);
+    let use_testbed = std::env::var("VCB_NO_TESTBED").map(|v| v != "1").unwrap_or(true);
+    let script = std::env::var("VCB_TESTBED")
+        .unwrap_or_else(|_| format!("{}/scripts/testbed", env!("CARGO_MANIFEST_DIR")));
+    let prefix = std::env::var("VCB_PREFIX").unwrap_or_else(|_| DEFAULT_PREFIX.to_string());
+
+    let mut testbed = use_testbed.then(|| Testbed { script, prefix, started: 0, keep: false });
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vcpu-agent"));
+    cmd.args(["--backend", "libvirt", "--uri", &uri, "--listen", &addr.to_string()]).env("RUST_LOG", "warn");
+    let mut agent = ChildGuard::spawn(cmd, "vcpu-agent (libvirt)")?;
+    agent.wait_listening(addr)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The gRPC channel spawns its connection task on the runtime it is created in.
+    let _guard = rt.enter();
+    let mut setup = Setup {
+        client: AgentClient::new(&addr.to_string(), RPC_TIMEOUT)?,
+        parallel: LibvirtHypervisor::new(&uri),
+        sequential: LibvirtHypervisor::with_parallel_reads(&uri, 1),
+    };
+    println!(
+        "# agent_libvirt: uri {uri}, {reps} repetitions, guests load {load} ({busy} at {BUSY_LOAD}), parallel reads {MAX_PARALLEL_READS}"
+    );
+    println!("| guests | vCPUs | variant | ms (median [min–max]) | ratio to floor (median [min–max]) |");
+    println!("|---:|---:|---|---:|---:|");
+    for &n in &counts {
+        if let Some(tb) = testbed.as_mut() {
+            tb.grow_to(n, load, busy)?;
+        }
+        rt.block_on(async {
+            for v in VARIANTS {
+                for _ in 0..WARMUP {
+                    let (_, s) = run(&mut setup, v).await?;
+                    if use_testbed && s.domains.len() != n {
+                        bail!("{v:?} saw {} running domains, expected {n} (other guests on this host?)", s.domains.len());
+                    }
+                }
+            }
+            let mut ms: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
+            let mut ratio: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
+            let mut vcpus = 0;
+            for rep in 0..reps {
+                let mut took = [0.0f64; VARIANTS.len()];
+                // Rotate the order so that no variant always follows the same one.
+                for k in 0..VARIANTS.len() {
+                    let i = (k + rep) % VARIANTS.len();
+                    let (d, s) = run(&mut setup, VARIANTS[i]).await?;
+                    took[i] = d.as_secs_f64() * 1e3;
+                    if VARIANTS[i] == Variant::Floor {
+                        vcpus = vcpu_count(&s);
+                    }
+                }
+                let floor = took[1];
+                for i in 0..VARIANTS.len() {
+                    ms[i].push(took[i]);
+                    ratio[i].push(took[i] / floor);
+                }
+            }
+            for (i, v) in VARIANTS.iter().enumerate() {
+                println!("| {n} | {vcpus} | {} | {} | {} |", v.label(), summarize(&ms[i]), summarize(&ratio[i]));
+            }
+            Ok(())
+        })?;
+    }
+    drop(agent);
+    if let Some(tb) = testbed.as_mut() {
+        // Only a successful run keeps its guests: on an error `?` above drops the testbed with keep unset.
+        tb.keep = std::env::var("VCB_KEEP_GUESTS").is_ok_and(|v| v == "1");
+    }
+    drop(testbed);
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! Policy decision time for one host of 1,000 vCPUs on 128 pCPUs (BENCHMARKS.md, "Policy decision time").
+//! Run: `cargo bench --bench policy`.
+//!
+//! Measured in the same criterion run, on the same two samples:
+//! - `decide`: [`policy::decide`] on a precomputed usage (the policy alone);
+//! - `usage+decide`: [`usage::compute`] then [`policy::decide`], what a round computes between its two RPCs;
+//! - baselines: `usage::compute` alone, and `single_pass`, one pass over the vCPUs that sums usage per pCPU and
+//!   finds the busiest and freest pCPU (the least any policy must do).
+//!
+//! Two placements: `pinned` (every vCPU already pinned where it runs, unbalanced so one vCPU moves: the steady state)
+//! and `unpinned` (every vCPU may run anywhere: the first decision pins all 1,000).
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use vcpu_balancer::controller::policy::{self, PolicyConfig};
+use vcpu_balancer::controller::usage;
+use vcpu_balancer::model::{DomainStats, HostStats, VcpuStats};
+
+const VCPUS: u32 = 1000;
+const PCPUS: u32 = 128;
+const VCPUS_PER_DOMAIN: u32 = 4;
+/// One second between the two samples.
+const ELAPSED_NS: u64 = 1_000_000_000;
+
+/// Two samples one second apart. vCPU `k` runs on pCPU `k % PCPUS`, with a usage from a fixed pseudo-random
+/// sequence (5–95 %), so pCPU loads differ and the policy has a move to make.
+fn samples(pinned: bool) -> (HostStats, HostStats) {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut prev = Vec::new();
+    let mut cur = Vec::new();
+    for d in 0..VCPUS / VCPUS_PER_DOMAIN {
+        let mut pv = Vec::new();
+        let mut cv = Vec::new();
+        for i in 0..VCPUS_PER_DOMAIN {
+            let k = d * VCPUS_PER_DOMAIN + i;
+            let pcpu = k % PCPUS;
+            let usage_pct = 5 + next() % 91;
+            let t0 = 1_000_000_000_000 + u64::from(k) * 1_000_000;
+            let affinity = if pinned { vec![pcpu] } else { (0..PCPUS).collect() };
+            pv.push(VcpuStats { index: i, time_ns: t0, pcpu, affinity: affinity.clone() });
+            cv.push(VcpuStats { index: i, time_ns: t0 + usage_pct * ELAPSED_NS / 100, pcpu, affinity });
+        }
+        let uuid = format!("00000000-0000-4000-8000-{d:012x}");
+        let name = format!("vm{d:04}");
+        prev.push(DomainStats { uuid: uuid.clone(), name: name.clone(), id: d + 1, cpu_time_ns: 0, vcpus: pv });
+        cur.push(DomainStats { uuid, name, id: d + 1, cpu_time_ns: 0, vcpus: cv });
+    }
+    let host = |t, domains| HostStats {
+        sample_time_ns: t,
+        npcpus: PCPUS,
+        online_pcpus: (0..PCPUS).collect(),
+        agent_instance: "bench".into(),
+        domains,
+    };
+    (host(ELAPSED_NS, prev), host(2 * ELAPSED_NS, cur))
+}
+
+/// The least work any policy needs: per-pCPU sums, then the busiest and freest pCPU.
+fn single_pass(u: &usage::HostUsage) -> (u32, u32) {
+    let mut sums = vec![0.0f64; PCPUS as usize];
+    for v in &u.vcpus {
+        if let (Some(x), Some(s)) = (v.usage, sums.get_mut(v.pcpu as usize)) {
+            *s += x;
+        }
+    }
+    let mut hi = 0;
+    let mut lo = 0;
+    for (i, &s) in sums.iter().enumerate() {
+        if s > sums[hi] {
+            hi = i;
+        }
+        if s < sums[lo] {
+            lo = i;
+        }
+    }
+    (hi as u32, lo as u32)
+}
+
+fn bench(c: &mut Criterion) {
+    for kind in [policy::PolicyKind::Guarded, policy::PolicyKind::Converge] {
+        let cfg = PolicyConfig { kind, ..PolicyConfig::default() };
+        for (label, pinned) in [("pinned", true), ("unpinned", false)] {
+            let (prev, cur) = samples(pinned);
+            let u = usage::compute(Some(&prev), &cur).expect("two samples of the same agent, time advanced");
+            let plan = policy::decide_once(&u, &cfg);
+            assert!(!plan.moves.is_empty(), "the bench input must make the policy move a vCPU");
+            let mut g = c.benchmark_group(format!("policy_{kind}_1000vcpus_128pcpus_{label}"));
+            g.bench_function("decide", |b| b.iter(|| policy::decide_once(black_box(&u), black_box(&cfg))));
+            g.bench_function("usage+decide", |b| {
+                b.iter(|| {
+                    let u = usage::compute(Some(black_box(&prev)), black_box(&cur)).expect("valid samples");
+                    policy::decide_once(&u, &cfg)
+                })
+            });
+            g.bench_function("baseline_usage_compute", |b| {
+                b.iter(|| usage::compute(Some(black_box(&prev)), black_box(&cur)))
+            });
+            g.bench_function("baseline_single_pass", |b| b.iter(|| single_pass(black_box(&u))));
+            g.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
