@@ -198,6 +198,35 @@ pub fn domain_vcpus(dom: &Domain, maxinfo: u32, npcpus: u32) -> Result<Vec<VcpuI
         .collect())
 }
 
+/// Each vCPU's affinity from `virDomainGetVcpuPinInfo` (live state, `VIR_DOMAIN_AFFECT_LIVE`): the call meant for
+/// affinity, which `GetVcpuPlacement` uses. A stats sample takes the same maps from `virDomainGetVcpus` instead, to
+/// read a domain in one call rather than two.
+pub fn domain_vcpu_pin_info(dom: &Domain, nvcpus: u32, npcpus: u32) -> Result<Vec<Vec<PcpuId>>, VirtError> {
+    if nvcpus == 0 {
+        return Ok(Vec::new());
+    }
+    let nvcpus = nvcpus.min(MAX_VCPUS);
+    let npcpus = npcpus.min(MAX_PCPUS);
+    let maplen = cpumap_len(npcpus).max(1);
+    let mut maps = vec![0u8; nvcpus as usize * maplen];
+    // SAFETY: `dom` holds a reference for the whole call, so its pointer is valid; `maps` has room for `nvcpus`
+    // maps of `maplen` bytes, exactly the sizes passed, so libvirt writes only inside it.
+    let n = unsafe {
+        sys::virDomainGetVcpuPinInfo(
+            dom.as_ptr(),
+            nvcpus as c_int,
+            maps.as_mut_ptr(),
+            maplen as c_int,
+            sys::VIR_DOMAIN_AFFECT_LIVE,
+        )
+    };
+    if n < 0 {
+        return Err(VirtError::last_error());
+    }
+    let n = (n.unsigned_abs() as usize).min(nvcpus as usize);
+    Ok(maps.chunks_exact(maplen).take(n).map(|m| decode_cpumap(m, npcpus)).collect())
+}
+
 /// One domain of a bulk statistics read (`virConnectGetAllDomainStats`).
 #[derive(Debug)]
 pub struct DomainStatsRecord {

@@ -478,6 +478,14 @@ impl Inner {
                 affinity: v.affinity,
             })
             .collect();
+        // The affinity an operator asks about comes from the call meant for it.
+        let pinned = ffi::domain_vcpu_pin_info(&dom, info.nr_virt_cpu, node.npcpus)
+            .map_err(|e| self.fail(&conn, Some(&dom), call("virDomainGetVcpuPinInfo"), e))?;
+        for v in &mut vcpus {
+            if let Some(a) = pinned.get(v.index as usize) {
+                v.affinity.clone_from(a);
+            }
+        }
         vcpus.sort_by_key(|v| v.index);
         Ok(DomainPlacement { name, uuid, vcpus })
     }
