@@ -116,14 +116,15 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
     let mut online = cur.online_pcpus.clone();
     online.sort_unstable();
     online.dedup();
-    let pcpus = online
-        .iter()
-        .map(|&id| PcpuUsage {
-            id,
-            // Folding from +0.0: an empty f64 sum is -0.0, which prints as "-0.0".
-            usage: vcpus.iter().filter(|v| v.pcpu == id).filter_map(|v| v.usage).fold(0.0, |a, b| a + b),
-        })
-        .collect();
+    // One pass over the vCPUs (a host can have a thousand vCPUs on a hundred pCPUs). Sums start at +0.0: an empty
+    // f64 sum is -0.0, which prints as "-0.0".
+    let mut sums: HashMap<PcpuId, f64> = online.iter().map(|&id| (id, 0.0)).collect();
+    for v in &vcpus {
+        if let (Some(u), Some(sum)) = (v.usage, sums.get_mut(&v.pcpu)) {
+            *sum += u;
+        }
+    }
+    let pcpus = online.iter().map(|&id| PcpuUsage { id, usage: sums[&id] }).collect();
     Ok(HostUsage { elapsed_ns, pcpus, vcpus, fresh })
 }
 
