@@ -379,10 +379,18 @@ fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
     let present: BTreeSet<VcpuKey> =
         u.vcpus.iter().filter(|v| !fresh.contains(v.domain.as_str())).map(|v| (v.uuid.clone(), v.vcpu)).collect();
     let keep = |k: &VcpuKey| present.contains(k);
+    // A domain that came, restarted or went changes what a good placement is: moves made for the old set of
+    // domains no longer say anything about where a vCPU should not go back to, so cooldowns start over.
+    let uuids: BTreeSet<&str> = u.vcpus.iter().map(|v| v.uuid.as_str()).collect();
+    let churn = !fresh.is_empty() || state.last_pins.keys().any(|(uuid, _)| !uuids.contains(uuid.as_str()));
     PolicyState {
         round: state.round,
         last_pins: state.last_pins.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
-        last_moved: state.last_moved.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect(),
+        last_moved: if churn {
+            BTreeMap::new()
+        } else {
+            state.last_moved.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect()
+        },
         manual_reported: state.manual_reported.iter().filter(|k| keep(k)).cloned().collect(),
         smoothed: state.smoothed.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect(),
         was_over: state.was_over,
@@ -573,6 +581,27 @@ pub(crate) mod tests {
         let (p, next) = decide(&h, &cfg(PolicyKind::Guarded), &state);
         assert!(p.held.is_empty(), "{p:?}");
         assert_ne!(next.last_pins.get(&("uuid-a".to_string(), 0)), Some(&vec![1]), "the old pin is forgotten");
+    }
+
+    #[test]
+    fn churn_lifts_the_no_return_rule() {
+        // c was moved from pCPU 1 to pCPU 0 last round; then domain b went away, leaving 87 | 50. The cooldown and
+        // the no-return rule of that move are forgotten because the set of domains changed.
+        let mut state = PolicyState { round: 5, ..PolicyState::default() };
+        state.last_moved.insert(("uuid-c".into(), 0), (5, 1));
+        state.record_applied(&PinRequest { domain: "uuid-b".into(), vcpu: 0, pcpus: vec![1], persist: false });
+        let h = host(2, &[("a", 1, 50.0, true), ("c", 0, 30.0, true), ("n", 0, 57.0, true)]);
+        let (p, next) = decide(&h, &cfg(PolicyKind::Converge), &state);
+        assert_ne!(next.last_moved.get(&("uuid-c".to_string(), 0)), Some(&(5, 1)), "the old move is forgotten");
+        assert!(!p.moves.is_empty(), "the host is rebalanced after the churn: {p:?}");
+        // Without churn, the rule holds.
+        let mut calm = state.clone();
+        calm.last_pins.clear();
+        for (d, p) in [("uuid-a", 1), ("uuid-c", 0), ("uuid-n", 0)] {
+            calm.record_applied(&PinRequest { domain: d.into(), vcpu: 0, pcpus: vec![p], persist: false });
+        }
+        let (p, _) = decide(&h, &cfg(PolicyKind::Converge), &calm);
+        assert!(p.moves.iter().all(|m| !(m.domain == "c" && m.to == 1)), "{p:?}");
     }
 
     #[test]
