@@ -27,6 +27,7 @@
 //! Errors name the line: unknown keys, wrong types, bad durations, addresses, policy names or pCPU lists,
 //! thresholds outside 0..=100, TLS paths that are not readable files.
 
+use crate::hypervisor::sim::scenario::line_of;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -113,10 +114,6 @@ struct RawTls {
     cert: Option<Spanned<String>>,
     key: Option<Spanned<String>>,
     ca: Option<Spanned<String>>,
-}
-
-fn line_of(text: &str, span: Range<usize>) -> usize {
-    text[..span.start.min(text.len())].matches('\n').count() + 1
 }
 
 /// A duration such as `2s` or `500ms`, greater than zero.

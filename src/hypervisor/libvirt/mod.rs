@@ -59,6 +59,16 @@ async fn with_deadline<T>(
     })
 }
 
+/// Deals `items` into at most `n` chunks (at least one), round robin: one chunk per blocking task.
+fn round_robin<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
+    let nchunks = items.len().clamp(1, n.max(1));
+    let mut chunks: Vec<Vec<T>> = (0..nchunks).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        chunks[i % nchunks].push(item);
+    }
+    chunks
+}
+
 /// A [`Hypervisor`] backed by libvirt.
 ///
 /// Cloning is cheap and clones share the connection.
@@ -116,12 +126,7 @@ impl LibvirtHypervisor {
     async fn sample(&self) -> Result<HostStats, AgentError> {
         let (conn, node, domains) = self.blocking(Inner::running_domains).await?;
         let listed_ns = monotonic_ns();
-        let nchunks = domains.len().clamp(1, self.inner.parallel_reads);
-        let mut chunks: Vec<Vec<Domain>> = (0..nchunks).map(|_| Vec::new()).collect();
-        for (i, dom) in domains.into_iter().enumerate() {
-            chunks[i % nchunks].push(dom);
-        }
-        let tasks = chunks.into_iter().map(|chunk| {
+        let tasks = round_robin(domains, self.inner.parallel_reads).into_iter().map(|chunk| {
             let inner = Arc::clone(&self.inner);
             let conn = Arc::clone(&conn);
             let node = node.clone();
@@ -180,12 +185,7 @@ impl LibvirtHypervisor {
             })
             .await?;
         let read_ns = monotonic_ns();
-        let nchunks = records.len().clamp(1, self.inner.parallel_reads);
-        let mut chunks: Vec<Vec<ffi::DomainStatsRecord>> = (0..nchunks).map(|_| Vec::new()).collect();
-        for (i, rec) in records.into_iter().enumerate() {
-            chunks[i % nchunks].push(rec);
-        }
-        let tasks = chunks.into_iter().map(|chunk| {
+        let tasks = round_robin(records, self.inner.parallel_reads).into_iter().map(|chunk| {
             let inner = Arc::clone(&self.inner);
             let conn = Arc::clone(&conn);
             let node = node.clone();

@@ -139,7 +139,8 @@ struct RawPhase {
     secs: Spanned<f64>,
 }
 
-fn line_of(text: &str, span: Range<usize>) -> usize {
+/// The 1-based line of `text` where `span` starts: how TOML errors name their place for operators.
+pub(crate) fn line_of(text: &str, span: Range<usize>) -> usize {
     text[..span.start.min(text.len())].matches('\n').count() + 1
 }
 
