@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::ClientTlsConfig;
+use vcpu_balancer::security::ClientTls;
 use vcpu_balancer::certs;
 use vcpu_balancer::controller::config::{self, ControllerConfig, Overrides, RunSettings, TlsPaths};
 use vcpu_balancer::controller::policy::{Constraints, DomainMatcher, PolicyKind};
@@ -76,9 +76,9 @@ struct TlsArgs {
 }
 
 impl TlsArgs {
-    fn client_config(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+    fn client_config(&self) -> anyhow::Result<Option<ClientTls>> {
         let files = TlsFiles::from_flags(self.tls_cert.clone(), self.tls_key.clone(), self.tls_ca.clone())?;
-        Ok(files.as_ref().map(TlsFiles::client_config).transpose()?)
+        Ok(files.as_ref().map(TlsFiles::client_tls).transpose()?)
     }
 }
 
@@ -336,7 +336,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     let set = RunSettings::resolve(&flags, &file).map_err(anyhow::Error::msg)?;
     let clients = ClientSettings {
         rpc_timeout: set.rpc_timeout,
-        tls: set.tls.as_ref().map(TlsFiles::client_config).transpose()?,
+        tls: set.tls.as_ref().map(TlsFiles::client_tls).transpose()?,
     };
     // Every address is checked before any host is contacted: a typo refuses the whole command.
     for h in &set.hosts {

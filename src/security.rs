@@ -36,6 +36,27 @@ pub enum SecurityError {
          loopback address, or pass --insecure if a firewall already restricts the port to the controller"
     )]
     PlaintextOffLoopback { addr: SocketAddr },
+    #[error("{what} {path}: {reason}")]
+    Pem { what: &'static str, path: PathBuf, reason: String },
+}
+
+/// The controller's TLS settings for its own transport ([`crate::controller::transport`]): rustls, with this side's
+/// certificate and the CA that must have signed every agent's. Cheap to clone.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+}
+
+impl ClientTls {
+    pub fn config(&self) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+        self.config.clone()
+    }
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls { .. }")
+    }
 }
 
 /// The three PEM files of one side of a mutual TLS connection.
@@ -91,10 +112,48 @@ impl TlsFiles {
             .timeout(TLS_HANDSHAKE_TIMEOUT))
     }
 
-    /// The controller's side: its identity, and the CA that must have signed the agent's certificate. The agent's
-    /// name is checked against the host in the dialled URI (tonic takes it from there).
+    /// The same client settings for a plain tonic `Channel` (tools and tests that talk to an agent without the
+    /// controller's transport). The agent's name is checked against the host in the dialled URI.
     pub fn client_config(&self) -> Result<ClientTlsConfig, SecurityError> {
         Ok(ClientTlsConfig::new().identity(self.identity()?).ca_certificate(self.ca_cert()?).timeout(TLS_HANDSHAKE_TIMEOUT))
+    }
+
+    /// The controller's side: its identity, and the CA that must have signed the agent's certificate. The agent's
+    /// name is checked against the host part of the address the controller dials. ALPN offers only `h2`, as
+    /// tonic's own client does.
+    pub fn client_tls(&self) -> Result<ClientTls, SecurityError> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let pem_err = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |e: &dyn std::fmt::Display| SecurityError::Pem { what, path: path.clone(), reason: e.to_string() }
+        };
+        let certs = |what: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, SecurityError> {
+            let bytes = Self::read(what, path)?;
+            let v = CertificateDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_err(what, path)(&e))?;
+            if v.is_empty() {
+                return Err(pem_err(what, path)(&"no PEM certificate in the file"));
+            }
+            Ok(v)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs("CA certificate", &self.ca)? {
+            roots.add(c).map_err(|e| pem_err("CA certificate", &self.ca)(&e))?;
+        }
+        let chain = certs("certificate", &self.cert)?;
+        let key = PrivateKeyDer::from_pem_slice(&Self::read("key", &self.key)?).map_err(|e| pem_err("key", &self.key)(&e))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| pem_err("certificate", &self.cert)(&e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| pem_err("key", &self.key)(&e))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(ClientTls { config: std::sync::Arc::new(config) })
     }
 }
 

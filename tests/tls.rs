@@ -66,7 +66,7 @@ async fn tls_agent(fleet: &Fleet, agent_cert: &str, pins: PinPolicy) -> SimAgent
 }
 
 fn client(addr: &str, files: &TlsFiles) -> AgentClient {
-    AgentClient::with_tls(addr, TIMEOUT, Some(&files.client_config().unwrap())).unwrap()
+    AgentClient::with_tls(addr, TIMEOUT, Some(&files.client_tls().unwrap())).unwrap()
 }
 
 fn pin(vcpu: u32, pcpu: u32) -> PinRequest {
@@ -199,7 +199,7 @@ async fn a_host_added_by_a_reload_talks_tls_like_the_others() {
         metrics: Some(m.clone()),
     };
     let b = SimAgent::start_opts(hv, "127.0.0.1:0", opts).await;
-    let clients = ClientSettings { rpc_timeout: TIMEOUT, tls: Some(fleet.files("controller").client_config().unwrap()) };
+    let clients = ClientSettings { rpc_timeout: TIMEOUT, tls: Some(fleet.files("controller").client_tls().unwrap()) };
     let cfg = LoopConfig { interval: Duration::from_millis(100), dry_run: true, max_inflight: 1, ..Default::default() };
     let (reload_tx, reload_rx) = mpsc::channel(1);
     let (tx, mut rx) = controller::report_channel(2);

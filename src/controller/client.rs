@@ -1,16 +1,18 @@
-//! The controller's gRPC client for one agent: one lazily connected channel reused across rounds, and a deadline
-//! on every call (sent to the agent as `grpc-timeout` too, so it stops working on a call nobody waits for). With
-//! mutual TLS the address becomes `https://`, and rustls checks the agent's certificate against the dialled host.
+//! The controller's gRPC client for one agent: one lazily made connection reused across rounds (tonic's generated
+//! client on the controller's own h2 transport, [`super::transport`]), and a deadline on every call, sent to the
+//! agent as `grpc-timeout` too, so it stops working on a call nobody waits for. With mutual TLS the address becomes
+//! `https://`, and rustls checks the agent's certificate against the dialled host.
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
 use crate::convert;
 use crate::model::{DomainPlacement, HostInfo, HostStats, PinRequest};
 use crate::pb;
 use crate::pb::agent_client::AgentClient as PbClient;
+use crate::security::ClientTls;
+use super::transport::H2Channel;
 
 /// Default deadline of one RPC. A round is one `GetStats` and at most one `ApplyPins`, so two deadlines must fit in
 /// the default interval.
@@ -99,7 +101,7 @@ pub fn normalize_address_for(host: &str, tls: bool) -> Result<String, ClientErro
 #[derive(Clone)]
 pub struct AgentClient {
     host: String,
-    inner: PbClient<Channel>,
+    inner: PbClient<H2Channel>,
     timeout: Duration,
     metrics: Option<std::sync::Arc<crate::metrics::ControllerMetrics>>,
 }
@@ -112,18 +114,12 @@ impl AgentClient {
 
     /// A client for `host`, over mutual TLS when `tls` is given (the agent's certificate must name the host part
     /// of `host`).
-    pub fn with_tls(host: &str, timeout: Duration, tls: Option<&ClientTlsConfig>) -> Result<AgentClient, ClientError> {
+    pub fn with_tls(host: &str, timeout: Duration, tls: Option<&ClientTls>) -> Result<AgentClient, ClientError> {
         let bad = |e: &dyn std::fmt::Display| ClientError::BadAddress { host: host.to_string(), reason: e.to_string() };
-        let uri = normalize_address_for(host, tls.is_some())?;
-        let mut endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| bad(&e))?
-            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
-            .timeout(timeout)
-            .tcp_nodelay(true);
-        if let Some(t) = tls {
-            endpoint = endpoint.tls_config(t.clone()).map_err(|e| bad(&e))?;
-        }
-        let inner = PbClient::new(endpoint.connect_lazy()).max_decoding_message_size(MAX_REPLY_SIZE);
+        let uri: http::Uri = normalize_address_for(host, tls.is_some())?.parse().map_err(|e| bad(&e))?;
+        let authority = uri.authority().cloned().ok_or_else(|| bad(&"no host in the address"))?;
+        let channel = H2Channel::new(&authority, tls, CONNECT_TIMEOUT.min(timeout)).map_err(|e| bad(&e))?;
+        let inner = PbClient::with_origin(channel, uri).max_decoding_message_size(MAX_REPLY_SIZE);
         Ok(AgentClient { host: host.to_string(), inner, timeout, metrics: None })
     }
 

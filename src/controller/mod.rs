@@ -20,6 +20,7 @@ pub mod report;
 pub mod show;
 pub mod state;
 pub mod supervisor;
+pub mod transport;
 pub mod usage;
 
 use std::time::Duration;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::ClientTlsConfig;
+use crate::security::ClientTls;
 
 use crate::controller::client::{AgentClient, ClientError};
 use crate::controller::host::{self, LoopConfig};
@@ -43,7 +43,7 @@ pub struct ClientSettings {
     /// Deadline of each RPC.
     pub rpc_timeout: Duration,
     /// Mutual TLS to the agents; `None` = plaintext.
-    pub tls: Option<ClientTlsConfig>,
+    pub tls: Option<ClientTls>,
 }
 
 impl ClientSettings {

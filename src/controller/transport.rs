@@ -1,0 +1,220 @@
+//! The controller's HTTP/2 transport to one agent: one h2 connection, made on first use, remade on the next call
+//! after it fails, and driven by one task. tonic's generated client and codec run on top of it, because it is a tower
+//! `Service` (see [`H2Channel`]).
+//!
+//! Why not tonic's `Channel`: at 1,000 hosts (BENCHMARKS.md, "Controller rounds on simulated fleets") a `Channel`
+//! held about 70 KiB per host: a tower `Buffer` worker and hyper's dispatch queue each keep their own mpsc blocks
+//! (about 9 KiB each, and a second one after 32 calls, which is why memory grew over the first rounds). Every call
+//! also hopped through both tasks. Talking to h2 directly hands a call straight to the connection and keeps only h2's
+//! own buffers.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use crate::security::ClientTls;
+
+/// Errors of the transport, as tonic expects them (it turns them into `UNAVAILABLE` / `UNKNOWN` statuses).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Longest wait for the TLS handshake after the TCP connection is up.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = crate::security::TLS_HANDSHAKE_TIMEOUT;
+
+/// A cloneable handle on one agent's connection; clones share it.
+#[derive(Clone)]
+pub struct H2Channel {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `HOST:PORT` as dialled (names are resolved on every connect, so a moved host is found again).
+    addr: String,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
+    /// The live connection, with a number that tells it from the ones before it.
+    conn: Mutex<(u64, Option<h2::client::SendRequest<Bytes>>)>,
+}
+
+impl H2Channel {
+    /// A lazy channel to `authority` (`HOST:PORT`, IPv6 in brackets); nothing is dialled until the first call.
+    pub fn new(authority: &http::uri::Authority, tls: Option<&ClientTls>, connect_timeout: Duration) -> Result<H2Channel, String> {
+        let tls = match tls {
+            None => None,
+            Some(t) => {
+                // rustls wants the bare address for an IP, and checks it against the certificate's IP SAN.
+                let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+                let name = ServerName::try_from(host).map_err(|e| format!("not a valid TLS server name: {e}"))?;
+                Some((TlsConnector::from(t.config()), name))
+            }
+        };
+        let inner = Inner { addr: authority.as_str().to_string(), tls, connect_timeout, conn: Mutex::new((0, None)) };
+        Ok(H2Channel { inner: Arc::new(inner) })
+    }
+}
+
+impl Inner {
+    /// The live connection, or a new one. Holding the lock while connecting keeps concurrent calls to one host on one
+    /// connection.
+    async fn sender(&self) -> Result<(u64, h2::client::SendRequest<Bytes>), BoxError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(s) = slot.1.as_ref() {
+            return Ok((slot.0, s.clone()));
+        }
+        let s = tokio::time::timeout(self.connect_timeout, self.connect())
+            .await
+            .map_err(|_| format!("connecting to {} took longer than {:?}", self.addr, self.connect_timeout))??;
+        slot.0 += 1;
+        slot.1 = Some(s.clone());
+        Ok((slot.0, s))
+    }
+
+    async fn connect(&self) -> Result<h2::client::SendRequest<Bytes>, BoxError> {
+        let tcp = TcpStream::connect(&self.addr).await?;
+        // A reply's last small write must not wait for a delayed ACK (see the agent's TCP_NODELAY).
+        tcp.set_nodelay(true)?;
+        match &self.tls {
+            None => handshake(tcp).await,
+            Some((connector, name)) => {
+                let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, connector.connect(name.clone(), tcp))
+                    .await
+                    .map_err(|_| "TLS handshake timed out")??;
+                handshake(tls).await
+            }
+        }
+    }
+
+    /// Forgets connection number `failed` so that the next call dials again, unless another call already replaced
+    /// it with a newer one.
+    async fn forget(&self, failed: u64) {
+        let mut slot = self.conn.lock().await;
+        if slot.0 == failed {
+            slot.1 = None;
+        }
+    }
+
+    async fn call(&self, req: http::Request<tonic::body::Body>) -> Result<http::Response<RecvBody>, BoxError> {
+        let (parts, body) = req.into_parts();
+        // A unary call's body is one length-prefixed message; collecting it first lets it go out in one DATA frame.
+        let data = body.collect().await.map_err(|s| -> BoxError { Box::new(s) })?.to_bytes();
+        // tonic reports a `Status` found in the error as is: a host that cannot be reached is UNAVAILABLE, as with
+        // tonic's own transport, so that metrics and logs tell "down" from "broken".
+        let (number, sender) = self
+            .sender()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("cannot reach {}: {e}", self.addr)))?;
+        match send(sender, http::Request::from_parts(parts, ()), data).await {
+            Ok(r) => Ok(r),
+            // A stream reset by the agent leaves the connection usable, and tonic maps its reason code.
+            Err(e) if e.is_reset() && !e.is_go_away() => Err(e.into()),
+            // Anything else (GOAWAY, I/O, a closed connection): dial again on the next call.
+            Err(e) => {
+                self.forget(number).await;
+                Err(tonic::Status::unavailable(format!("connection to {} failed: {e}", self.addr)).into())
+            }
+        }
+    }
+}
+
+async fn send(
+    mut sender: h2::client::SendRequest<Bytes>,
+    req: http::Request<()>,
+    data: Bytes,
+) -> Result<http::Response<RecvBody>, h2::Error> {
+    sender = sender.ready().await?;
+    let (resp, mut stream) = sender.send_request(req, data.is_empty())?;
+    if !data.is_empty() {
+        // h2 buffers what the peer's window does not take yet; requests are a few KiB.
+        stream.send_data(data, true)?;
+    }
+    let resp = resp.await?;
+    let (parts, recv) = resp.into_parts();
+    Ok(http::Response::from_parts(parts, RecvBody { recv, data_done: false, done: false }))
+}
+
+async fn handshake<T>(io: T) -> Result<h2::client::SendRequest<Bytes>, BoxError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = h2::client::Builder::new()
+        // The agent's replies carry the same few headers each time; an HPACK table for them would be per-host memory
+        // that saves a few dozen bytes per reply.
+        .header_table_size(0)
+        .handshake::<T, Bytes>(io)
+        .await?;
+    tokio::spawn(async move {
+        // Ends when every handle is dropped (the host left the fleet) or the connection fails; the next call dials
+        // again in that case.
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "agent connection closed");
+        }
+    });
+    Ok(sender)
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for H2Channel {
+    type Response = http::Response<RecvBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Readiness is per connection and per stream; it is awaited inside the call, under the call's deadline.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.call(req).await })
+    }
+}
+
+/// A reply body: h2's DATA frames, then its trailers (where gRPC puts the status).
+pub struct RecvBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+    done: bool,
+}
+
+impl Body for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(b)) => {
+                    // Hand the window back at once: tonic buffers the message itself.
+                    let _ = this.recv.flow_control().release_capacity(b.len());
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        let t = std::task::ready!(this.recv.poll_trailers(cx));
+        this.done = true;
+        match t {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
