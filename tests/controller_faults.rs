@@ -197,21 +197,21 @@ async fn restarted_and_replaced_domains_get_fresh_baselines() {
         let r = rs
             .iter()
             .filter(|r| r.round > round && r.round <= round + 2)
-            .find(|r| r.vcpus.iter().any(|v| v.domain == dom && v.usage.is_none()))
+            .find(|r| r.vcpus.iter().any(|v| &*v.domain == dom && v.usage.is_none()))
             .unwrap_or_else(|| panic!("no fresh baseline for {dom} after round {round}: {rs:#?}"));
         assert_ne!(r.action.kind, ActionType::Error, "{r:#?}");
-        let vs: Vec<_> = r.vcpus.iter().filter(|v| v.domain == dom).collect();
+        let vs: Vec<_> = r.vcpus.iter().filter(|v| &*v.domain == dom).collect();
         assert!(vs.iter().all(|v| v.usage.is_none()), "round {}: {vs:?}", r.round);
         // The other domains keep their usage: only the changed one starts over.
-        assert!(r.vcpus.iter().filter(|v| v.domain != dom).all(|v| v.usage.is_some()), "{r:#?}");
+        assert!(r.vcpus.iter().filter(|v| &*v.domain != dom).all(|v| v.usage.is_some()), "{r:#?}");
         // And it starts over once: the next round measures it again.
         let next = rs.iter().find(|n| n.round == r.round + 1).unwrap();
-        assert!(next.vcpus.iter().filter(|v| v.domain == dom).all(|v| v.usage.is_some()), "{next:#?}");
+        assert!(next.vcpus.iter().filter(|v| &*v.domain == dom).all(|v| v.usage.is_some()), "{next:#?}");
     };
     after(5, "vm1");
     after(10, "vm2");
     let last = rs.last().unwrap();
-    assert_eq!(last.vcpus.iter().filter(|v| v.domain == "vm2").count(), 2, "the replacement has 2 vCPUs");
+    assert_eq!(last.vcpus.iter().filter(|v| &*v.domain == "vm2").count(), 2, "the replacement has 2 vCPUs");
     assert!(last.vcpus.iter().all(|v| v.usage.is_some()), "usage resumed: {last:#?}");
     sane_usage(&rs);
 }

@@ -191,9 +191,9 @@ async fn host_and_domain_restarts_get_fresh_baselines() {
     let after_restart = rs
         .iter()
         .filter(|r| (7..=8).contains(&r.round) && r.action.kind != ActionType::Error)
-        .find(|r| r.vcpus.iter().any(|v| v.domain == "vm3" && v.usage.is_none()))
+        .find(|r| r.vcpus.iter().any(|v| &*v.domain == "vm3" && v.usage.is_none()))
         .unwrap_or_else(|| panic!("no fresh baseline for vm3 in rounds 7-8: {rs:#?}"));
-    let vm3: Vec<_> = after_restart.vcpus.iter().filter(|v| v.domain == "vm3").collect();
+    let vm3: Vec<_> = after_restart.vcpus.iter().filter(|v| &*v.domain == "vm3").collect();
     assert!(vm3.iter().all(|v| v.usage.is_none()), "round {}: {vm3:?}", after_restart.round);
     // Down rounds are errors; the first successful round after is a baseline.
     let down: Vec<&RoundReport> = rs.iter().filter(|r| r.action.kind == ActionType::Error).collect();

@@ -163,7 +163,7 @@ fn settled_at(rs: &[RoundReport], n: usize) -> Option<usize> {
 }
 
 fn usage_of(r: &RoundReport, dom: &str) -> Option<f64> {
-    r.vcpus.iter().find(|v| v.domain == dom).and_then(|v| v.usage)
+    r.vcpus.iter().find(|v| &*v.domain == dom).and_then(|v| v.usage)
 }
 
 /// 1. The agent reports what libvirt reports: vCPU times (within 2 %), current pCPU and affinity; and the usage it
@@ -309,10 +309,10 @@ async fn guests_come_and_go() {
     })
     .await;
     assert!(rs.iter().all(|r| r.action.kind != ActionType::Error), "no failed round: {rs:#?}");
-    let first_seen = rs.iter().position(|r| r.vcpus.iter().any(|v| v.domain == new)).expect("new guest seen");
+    let first_seen = rs.iter().position(|r| r.vcpus.iter().any(|v| *v.domain == *new)).expect("new guest seen");
     assert_eq!(usage_of(&rs[first_seen], &new), None, "fresh baseline for the new guest");
     assert!(rs[first_seen + 1..].iter().any(|r| usage_of(r, &new).is_some()));
-    assert!(rs.last().unwrap().vcpus.iter().all(|v| v.domain != gone));
+    assert!(rs.last().unwrap().vcpus.iter().all(|v| *v.domain != *gone));
     assert!(rs[first_seen..].iter().any(|r| r.pins_applied > 0), "the controller acted after the new guest came");
     assert!(settled_at(&rs, 4).is_some(), "balanced at the end: {:#?}", rs.last());
     assert_eq!(virsh_vcpupin(&new)[0].len(), 1, "the new guest is pinned");

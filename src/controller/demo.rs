@@ -118,7 +118,7 @@ pub fn render_round(r: &RoundReport, label: &str) -> String {
             }
             s.push('\n');
             for p in &r.pcpus {
-                let on: Vec<&str> = r.vcpus.iter().filter(|v| v.pcpu == p.id).map(|v| v.domain.as_str()).collect();
+                let on: Vec<&str> = r.vcpus.iter().filter(|v| v.pcpu == p.id).map(|v| &*v.domain).collect();
                 s.push_str(&format!("      pCPU {} |{}| {:>5.1}%  {}\n", p.id, bar(p.usage), p.usage, on.join(" ")));
             }
         }

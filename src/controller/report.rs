@@ -9,7 +9,7 @@ use crate::model::PcpuId;
 /// One vCPU in a report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VcpuReport {
-    pub domain: String,
+    pub domain: std::sync::Arc<str>,
     pub vcpu: u32,
     pub pcpu: PcpuId,
     /// `null` while the domain has a fresh baseline.

@@ -5,6 +5,7 @@
 //! a vCPU time that went backwards) gets a fresh baseline: its usage is unknown this round, never negative.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -17,8 +18,10 @@ pub const MAX_VCPU_USAGE: f64 = 100.0;
 /// One vCPU in a round.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VcpuUsage {
-    pub domain: String,
-    pub uuid: String,
+    /// Shared by the domain's vCPUs and by every map the policy keys on them: a round clones these many times, and
+    /// a clone of an `Arc` is not an allocation.
+    pub domain: Arc<str>,
+    pub uuid: Arc<str>,
     pub vcpu: u32,
     pub pcpu: PcpuId,
     pub affinity: Vec<PcpuId>,
@@ -93,6 +96,7 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
             fresh.push((d.name.clone(), why));
         }
         let p = before.get(d.uuid.as_str());
+        let (name, uuid): (Arc<str>, Arc<str>) = (d.name.as_str().into(), d.uuid.as_str().into());
         let mut vs: Vec<_> = d.vcpus.iter().enumerate().collect();
         vs.sort_by_key(|(_, v)| v.index);
         for (i, v) in vs {
@@ -104,8 +108,8 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
                 _ => None,
             };
             vcpus.push(VcpuUsage {
-                domain: d.name.clone(),
-                uuid: d.uuid.clone(),
+                domain: name.clone(),
+                uuid: uuid.clone(),
                 vcpu: v.index,
                 pcpu: v.pcpu,
                 affinity: v.affinity.clone(),
@@ -203,7 +207,7 @@ pub(crate) mod tests {
         let u = compute(Some(&a), &b).unwrap();
         assert!(u.vcpus.iter().all(|v| v.usage.is_none()));
         assert_eq!(u.fresh.len(), 2);
-        assert!(u.vcpus.iter().all(|v| v.domain != "gone"));
+        assert!(u.vcpus.iter().all(|v| &*v.domain != "gone"));
     }
 
     proptest! {

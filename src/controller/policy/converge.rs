@@ -383,7 +383,7 @@ mod tests {
                 state = next;
                 let mut vs = cur.vcpus.clone();
                 for m in &p.moves {
-                    let v = vs.iter_mut().find(|v| v.uuid == m.uuid).unwrap();
+                    let v = vs.iter_mut().find(|v| *v.uuid == *m.uuid).unwrap();
                     v.pcpu = m.to;
                     v.affinity = vec![m.to];
                 }

@@ -19,7 +19,7 @@ pub mod constraints;
 pub mod converge;
 pub mod tenpercent;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -99,7 +99,7 @@ impl PolicyConfig {
 }
 
 /// A vCPU, as the policies key it: (domain UUID, vCPU index).
-pub type VcpuKey = (String, u32);
+pub type VcpuKey = (std::sync::Arc<str>, u32);
 
 /// What a policy remembers between rounds for one host. The per-host task owns it and passes it to
 /// [`decide`], which returns the next one; nothing else keeps state.
@@ -124,7 +124,7 @@ pub struct PolicyState {
 impl PolicyState {
     /// Records a pin the agent applied.
     pub fn record_applied(&mut self, pin: &PinRequest) {
-        self.last_pins.insert((pin.domain.clone(), pin.vcpu), pin.pcpus.clone());
+        self.last_pins.insert((pin.domain.as_str().into(), pin.vcpu), pin.pcpus.clone());
     }
 }
 
@@ -265,7 +265,7 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
         match why {
             Some(why) => {
                 is_held[i] = true;
-                let h = Held { domain: v.domain.clone(), vcpu: v.vcpu, pcpu: v.pcpu, why };
+                let h = Held { domain: v.domain.to_string(), vcpu: v.vcpu, pcpu: v.pcpu, why };
                 if why == HeldWhy::Manual && next.manual_reported.insert(key) {
                     newly_manual.push(h.clone());
                 }
@@ -314,8 +314,8 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
         target[i] = Some(to);
         next.last_moved.insert((v.uuid.clone(), v.vcpu), (next.round, v.pcpu));
         moves.push(Move {
-            domain: v.domain.clone(),
-            uuid: v.uuid.clone(),
+            domain: v.domain.to_string(),
+            uuid: v.uuid.to_string(),
             vcpu: v.vcpu,
             from: v.pcpu,
             to,
@@ -342,7 +342,7 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
                 None => v.pcpu,
             };
             (v.affinity.as_slice() != [to]).then(|| PinRequest {
-                domain: v.uuid.clone(),
+                domain: v.uuid.to_string(),
                 vcpu: v.vcpu,
                 pcpus: vec![to],
                 persist: false,
@@ -360,7 +360,7 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
 /// applies the pin ([`PolicyState::record_applied`]).
 fn remember_seen(u: &HostUsage, is_held: &[bool], pins: &[PinRequest], next: &mut PolicyState) {
     for (v, held) in u.vcpus.iter().zip(is_held) {
-        if *held || pins.iter().any(|p| p.domain == v.uuid && p.vcpu == v.vcpu) {
+        if *held || pins.iter().any(|p| *p.domain == *v.uuid && p.vcpu == v.vcpu) {
             continue;
         }
         next.last_pins.insert((v.uuid.clone(), v.vcpu), v.affinity.clone());
@@ -375,14 +375,24 @@ pub fn decide_once(u: &HostUsage, cfg: &PolicyConfig) -> Plan {
 /// The state without the vCPUs that are gone, and without the pins of domains that restarted: a restarted
 /// domain takes its affinity from its configuration again, which is not an operator's manual pin.
 fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
-    let fresh: BTreeSet<&str> = u.fresh.iter().map(|(name, _)| name.as_str()).collect();
-    let present: BTreeSet<VcpuKey> =
-        u.vcpus.iter().filter(|v| !fresh.contains(v.domain.as_str())).map(|v| (v.uuid.clone(), v.vcpu)).collect();
-    let keep = |k: &VcpuKey| present.contains(k);
+    let fresh: HashSet<&str> = u.fresh.iter().map(|(name, _)| name.as_str()).collect();
+    // Hashed, not ordered: this runs for every host every round, and sorting a thousand keys showed up in the
+    // controller's profile (BENCHMARKS.md).
+    let present: HashSet<(&str, u32)> =
+        u.vcpus.iter().filter(|v| !fresh.contains(&*v.domain)).map(|v| (&*v.uuid, v.vcpu)).collect();
+    let keep = |k: &VcpuKey| present.contains(&(&*k.0, k.1));
     // A domain that came, restarted or went changes what a good placement is: moves made for the old set of
     // domains no longer say anything about where a vCPU should not go back to, so cooldowns start over.
-    let uuids: BTreeSet<&str> = u.vcpus.iter().map(|v| v.uuid.as_str()).collect();
-    let churn = !fresh.is_empty() || state.last_pins.keys().any(|(uuid, _)| !uuids.contains(uuid.as_str()));
+    let uuids: HashSet<&str> = u.vcpus.iter().map(|v| &*v.uuid).collect();
+    let churn = !fresh.is_empty() || state.last_pins.keys().any(|(uuid, _)| !uuids.contains(&**uuid));
+    let all_kept = state.last_pins.keys().all(keep)
+        && state.last_moved.keys().all(keep)
+        && state.manual_reported.iter().all(keep)
+        && state.smoothed.keys().all(keep);
+    if all_kept && !churn {
+        // The usual round: nothing came or went, and a clone is far cheaper than rebuilding every map.
+        return state.clone();
+    }
     PolicyState {
         round: state.round,
         last_pins: state.last_pins.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -408,8 +418,8 @@ pub(crate) mod tests {
         let vcpus: Vec<VcpuUsage> = vcpus
             .iter()
             .map(|(d, p, u, pinned)| VcpuUsage {
-                domain: d.to_string(),
-                uuid: format!("uuid-{d}"),
+                domain: (*d).into(),
+                uuid: format!("uuid-{d}").into(),
                 vcpu: 0,
                 pcpu: *p,
                 affinity: if *pinned { vec![*p] } else { (0..n).collect() },
@@ -508,7 +518,7 @@ pub(crate) mod tests {
                 // Apply the moves to the input, as the host would.
                 let mut vs = cur.vcpus.clone();
                 for m in &p.moves {
-                    let v = vs.iter_mut().find(|v| v.domain == m.domain).unwrap();
+                    let v = vs.iter_mut().find(|v| *v.domain == *m.domain).unwrap();
                     v.pcpu = m.to;
                     v.affinity = vec![m.to];
                 }
@@ -580,7 +590,7 @@ pub(crate) mod tests {
         state.record_applied(&PinRequest { domain: "uuid-a".into(), vcpu: 0, pcpus: vec![1], persist: false });
         let (p, next) = decide(&h, &cfg(PolicyKind::Guarded), &state);
         assert!(p.held.is_empty(), "{p:?}");
-        assert_ne!(next.last_pins.get(&("uuid-a".to_string(), 0)), Some(&vec![1]), "the old pin is forgotten");
+        assert_ne!(next.last_pins.get(&("uuid-a".into(), 0)), Some(&vec![1]), "the old pin is forgotten");
     }
 
     #[test]
@@ -592,7 +602,7 @@ pub(crate) mod tests {
         state.record_applied(&PinRequest { domain: "uuid-b".into(), vcpu: 0, pcpus: vec![1], persist: false });
         let h = host(2, &[("a", 1, 50.0, true), ("c", 0, 30.0, true), ("n", 0, 57.0, true)]);
         let (p, next) = decide(&h, &cfg(PolicyKind::Converge), &state);
-        assert_ne!(next.last_moved.get(&("uuid-c".to_string(), 0)), Some(&(5, 1)), "the old move is forgotten");
+        assert_ne!(next.last_moved.get(&("uuid-c".into(), 0)), Some(&(5, 1)), "the old move is forgotten");
         assert!(!p.moves.is_empty(), "the host is rebalanced after the churn: {p:?}");
         // Without churn, the rule holds.
         let mut calm = state.clone();
@@ -641,9 +651,9 @@ pub(crate) mod tests {
             for pin in &p.pins {
                 prop_assert_eq!(pin.pcpus.len(), 1);
                 prop_assert!(h.pcpus.iter().any(|c| c.id == pin.pcpus[0]));
-                let v = h.vcpus.iter().find(|v| v.uuid == pin.domain && v.vcpu == pin.vcpu).unwrap();
+                let v = h.vcpus.iter().find(|v| *v.uuid == *pin.domain && v.vcpu == pin.vcpu).unwrap();
                 prop_assert!(v.affinity != pin.pcpus);
-                let moved = p.moves.iter().any(|m| m.uuid == v.uuid && m.vcpu == v.vcpu);
+                let moved = p.moves.iter().any(|m| *m.uuid == *v.uuid && m.vcpu == v.vcpu);
                 prop_assert_eq!(pin.pcpus[0] == v.pcpu, !moved);
             }
             // A vCPU is moved at most once per round.
