@@ -16,6 +16,11 @@ use vcpu_balancer::metrics::AgentMetrics;
 use vcpu_balancer::security::{self, PinPolicy, TlsFiles};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
+// glibc's malloc took about a third of the controller's CPU at 100 hosts x 64 vCPUs, much of it waiting on arena
+// locks between tokio's worker threads; mimalloc halved the CPU of a round (BENCHMARKS.md, "Controller rounds").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for invalid configuration (sysexits EX_USAGE).
 const EX_USAGE: i32 = 64;
 

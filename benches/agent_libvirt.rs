@@ -38,6 +38,11 @@ use vcpu_balancer::model::HostStats;
 
 use common::{summarize, ChildGuard};
 
+// The allocator of the shipped binaries (agent/main.rs, controller/main.rs), so that a figure and its floor in
+// this process are measured as they run in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_GUESTS: &str = "1,8,32";
 const DEFAULT_PREFIX: &str = "vcbbench";
 const DEFAULT_REPS: usize = 40;

@@ -35,6 +35,11 @@ use vcpu_balancer::controller::report::ActionType;
 
 use common::{raw_get_stats, summarize, ChildGuard, RawCodec, TempDir};
 
+// The allocator of the shipped binaries (agent/main.rs, controller/main.rs), so that a figure and its floor in
+// this process are measured as they run in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Fleets measured by default: (hosts, vCPUs per host).
 const FLEETS: &[(usize, u32)] = &[(10, 16), (100, 16), (100, 64), (1000, 16)];
 /// vCPUs per simulated domain; domains per host = vCPUs / this.

@@ -21,6 +21,11 @@ use vcpu_balancer::security::TlsFiles;
 use vcpu_balancer::model::{parse_cpu_list, PinRequest};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
+// glibc's malloc took about a third of the controller's CPU at 100 hosts x 64 vCPUs, much of it waiting on arena
+// locks between tokio's worker threads; mimalloc halved the CPU of a round (BENCHMARKS.md, "Controller rounds").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for invalid configuration (sysexits EX_USAGE).
 const EX_USAGE: i32 = 64;
 /// Exit code when the agent refused or could not be reached (sysexits EX_UNAVAILABLE).
