@@ -6,7 +6,7 @@
 //! `scripts/testbed down --prefix vcbbench`), every repetition times, in rotating order:
 //! - `agent`: one `GetStats` through the gRPC client to a `vcpu-agent --backend libvirt` process (the product);
 //! - `floor`: [`LibvirtHypervisor::stats`] in this process, no gRPC: the very calls the agent makes
-//!   (per-domain `virDomainGetInfo` + `virDomainGetCPUStats` + `virDomainGetVcpus`, on up to
+//!   (`virConnectListAllDomains`, then per domain `virDomainGetInfo` + `virDomainGetVcpus`, on up to
 //!   [`MAX_PARALLEL_READS`] blocking tasks);
 //! - `per-domain sequential`: the same calls on one task;
 //! - `bulk + GetVcpus`: one `virConnectGetAllDomainStats(VCPU|CPU_TOTAL)` plus one `virDomainGetVcpus` per domain

@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use tokio::sync::Semaphore;
+use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
+use vcpu_balancer::controller::transport::H2Channel;
 use vcpu_balancer::controller::client::{AgentClient, DEFAULT_RPC_TIMEOUT};
 use vcpu_balancer::controller::host::{HostWorker, LoopConfig, DEFAULT_MAX_INFLIGHT};
 use vcpu_balancer::controller::report::ActionType;
@@ -198,21 +200,43 @@ async fn controller_round(workers: Vec<HostWorker>, round: u64) -> anyhow::Resul
 }
 
 /// Channels to the floor server, configured like the controller's.
-fn floor_channels(hosts: &[SocketAddr]) -> anyhow::Result<Vec<Channel>> {
+/// A bare client for one host: a tonic `Channel` (the floor the issue names), or the controller's own transport
+/// (the same bare calls, on what the controller runs on).
+#[derive(Clone)]
+enum Bare {
+    Tonic(Channel, Uri),
+    Own(H2Channel, Uri),
+}
+
+fn floor_channels(hosts: &[SocketAddr]) -> anyhow::Result<Vec<Bare>> {
     hosts
         .iter()
         .map(|a| {
-            Ok(Endpoint::from_shared(format!("http://{a}"))?
+            let uri: Uri = format!("http://{a}").parse()?;
+            let ch = Endpoint::from(uri.clone())
                 .connect_timeout(DEFAULT_RPC_TIMEOUT)
                 .timeout(DEFAULT_RPC_TIMEOUT)
                 .tcp_nodelay(true)
-                .connect_lazy())
+                .connect_lazy();
+            Ok(Bare::Tonic(ch, uri))
+        })
+        .collect()
+}
+
+fn own_channels(hosts: &[SocketAddr]) -> anyhow::Result<Vec<Bare>> {
+    hosts
+        .iter()
+        .map(|a| {
+            let uri: Uri = format!("http://{a}").parse()?;
+            let auth = uri.authority().context("no authority")?.clone();
+            let ch = H2Channel::new(&auth, None, DEFAULT_RPC_TIMEOUT).map_err(anyhow::Error::msg)?;
+            Ok(Bare::Own(ch, uri))
         })
         .collect()
 }
 
 /// One bare unary call per host at once, each holding a permit of `inflight` while in flight.
-async fn floor_round(channels: &[Channel], inflight: &Arc<Semaphore>, expect_len: usize) -> anyhow::Result<Duration> {
+async fn floor_round(channels: &[Bare], inflight: &Arc<Semaphore>, expect_len: usize) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let tasks: Vec<_> = channels
         .iter()
@@ -221,7 +245,10 @@ async fn floor_round(channels: &[Channel], inflight: &Arc<Semaphore>, expect_len
             let inflight = inflight.clone();
             tokio::spawn(async move {
                 let _permit = inflight.acquire_owned().await.expect("never closed");
-                raw_get_stats(c, DEFAULT_RPC_TIMEOUT).await
+                match c {
+                    Bare::Tonic(ch, uri) => raw_get_stats(ch, uri, DEFAULT_RPC_TIMEOUT).await,
+                    Bare::Own(ch, uri) => raw_get_stats(ch, uri, DEFAULT_RPC_TIMEOUT).await,
+                }
             })
         })
         .collect();
@@ -299,8 +326,8 @@ async fn driver() -> anyhow::Result<()> {
     let base: u16 = env_or("VCB_PORT_BASE", DEFAULT_PORT_BASE);
     let tmp = TempDir::new("fleet")?;
     println!("# controller_fleet: {reps} pairs of rounds per fleet, max in flight {DEFAULT_MAX_INFLIGHT}, 2 vCPUs per domain");
-    println!("| hosts | vCPUs/host | reply bytes | controller round ms | floor round ms | ratio (median [min–max]) | bare calls to the real agent ms | controller CPU ms/round | floor client CPU ms/round |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| hosts | vCPUs/host | reply bytes | controller round ms | floor round ms (tonic Channel) | ratio (median [min–max]) | bare calls on the controller's transport ms | ratio to those | bare calls to the real agent ms | controller CPU ms/round | floor client CPU ms/round |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut memory_lines = Vec::new();
     for (nhosts, vcpus) in parse_fleets()? {
         let domains = vcpus / VCPUS_PER_DOMAIN;
@@ -320,8 +347,9 @@ async fn driver() -> anyhow::Result<()> {
         agent.wait_listening(*agent_hosts.last().expect("at least one host"))?;
 
         // The floor's bytes: what the real simulated agent sends for host 0.
-        let ch0 = Endpoint::from_shared(format!("http://{}", agent_hosts[0]))?.connect().await?;
-        let reply = raw_get_stats(ch0, DEFAULT_RPC_TIMEOUT).await?;
+        let uri0: Uri = format!("http://{}", agent_hosts[0]).parse()?;
+        let ch0 = Endpoint::from(uri0.clone()).connect().await?;
+        let reply = raw_get_stats(ch0, uri0, DEFAULT_RPC_TIMEOUT).await?;
         let reply_path = tmp.path().join("reply.bin");
         std::fs::write(&reply_path, &reply)?;
         let floor_base = base + FLOOR_PORT_OFFSET;
@@ -338,11 +366,14 @@ async fn driver() -> anyhow::Result<()> {
         let (mut workers, inflight) = controller(&agent_hosts)?;
         let floor_inflight = Arc::new(Semaphore::new(inflight.available_permits()));
         let channels = floor_channels(&floor_hosts)?;
+        let own = own_channels(&floor_hosts)?;
         for r in 1..=WARMUP_ROUNDS {
             workers = controller_round(workers, r).await?.0;
             floor_round(&channels, &floor_inflight, reply.len()).await?;
+            floor_round(&own, &floor_inflight, reply.len()).await?;
         }
         let (mut ctrl, mut flo, mut ratio, mut raw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut own_ms, mut own_ratio) = (Vec::new(), Vec::new());
         let (mut ctrl_cpu, mut floor_cpu) = (Vec::new(), Vec::new());
         let agent_channels = floor_channels(&agent_hosts)?;
         floor_round(&agent_channels, &floor_inflight, 0).await?;
@@ -372,6 +403,10 @@ async fn driver() -> anyhow::Result<()> {
                 ctrl_cpu.push(common::thread_cpu_delta_s(&t1, &t2) * 1e3);
                 (c, f)
             };
+            // The same bare calls on the controller's own transport, next to the round they are compared with.
+            let o = floor_round(&own, &floor_inflight, reply.len()).await?;
+            own_ms.push(o.as_secs_f64() * 1e3);
+            own_ratio.push(c.as_secs_f64() / o.as_secs_f64());
             // Where the gap goes: the same bare calls, but to the real simulated agent (its server-side work
             // included, the controller's decode and decision excluded).
             raw.push(floor_round(&agent_channels, &floor_inflight, 0).await?.as_secs_f64() * 1e3);
@@ -381,13 +416,16 @@ async fn driver() -> anyhow::Result<()> {
         }
         drop(workers);
         drop(channels);
+        drop(own);
         drop(agent_channels);
         println!(
-            "| {nhosts} | {vcpus} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {nhosts} | {vcpus} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             reply.len(),
             summarize(&ctrl),
             summarize(&flo),
             summarize(&ratio),
+            summarize(&own_ms),
+            summarize(&own_ratio),
             summarize(&raw),
             summarize(&ctrl_cpu),
             summarize(&floor_cpu)

@@ -216,12 +216,15 @@ impl Decoder for RawCodec {
 pub const GET_STATS_PATH: &str = "/vcpu.v1.Agent/GetStats";
 
 /// One `GetStats` call with the raw codec: the reply's message bytes, exactly as the agent encoded them.
-pub async fn raw_get_stats(
-    channel: tonic::transport::Channel,
-    timeout: Duration,
-) -> Result<Bytes, Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+pub async fn raw_get_stats<T>(channel: T, origin: tonic::codegen::http::Uri, timeout: Duration) -> Result<Bytes, Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let mut grpc = tonic::client::Grpc::with_origin(channel, origin);
+    grpc.ready().await.map_err(|e| Status::unavailable(e.into().to_string()))?;
     let mut req = tonic::Request::new(Bytes::new());
     req.set_timeout(timeout);
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(GET_STATS_PATH);

@@ -398,16 +398,11 @@ impl Inner {
         let (name, uuid) = self.identity(conn, dom)?;
         let call = |c| Call { name: c, domain: Some(&name), vcpu: None };
         let Some(id) = dom.id() else { return Err(not_running(&name, dom)) };
+        // virDomainGetInfo gives both the vCPU count that virDomainGetVcpus needs and the domain's CPU time (for
+        // QEMU the same cgroup counter that virDomainGetCPUStats reads), so two calls per domain do: a third fewer
+        // round trips to libvirtd than with virDomainGetCPUStats as well (BENCHMARKS.md, "Agent cost").
         let info = dom.info().map_err(|e| self.fail(conn, Some(dom), call("virDomainGetInfo"), e))?;
-        let cpu_time_ns = match dom.cpu_stats(-1, 1, 0) {
-            Ok(totals) => totals.first().and_then(|t| t.cpu_time).unwrap_or(info.cpu_time),
-            // Drivers without per-domain CPU accounting still report the total in virDomainGetInfo.
-            Err(e) if is_unsupported(&e) => {
-                tracing::debug!(domain = %name, error = %e, "virDomainGetCPUStats unsupported; using virDomainGetInfo");
-                info.cpu_time
-            }
-            Err(e) => return Err(self.fail(conn, Some(dom), call("virDomainGetCPUStats"), e)),
-        };
+        let cpu_time_ns = info.cpu_time;
         let vcpus = ffi::domain_vcpus(dom, info.nr_virt_cpu, node.npcpus)
             .map_err(|e| self.fail(conn, Some(dom), call("virDomainGetVcpus"), e))?
             .into_iter()
@@ -627,14 +622,6 @@ fn flags_unsupported(e: &VirtError) -> bool {
         Some(ErrorNumber::NoSupport) => true,
         _ => false,
     }
-}
-
-/// Whether `e` says the driver does not implement a call.
-fn is_unsupported(e: &VirtError) -> bool {
-    matches!(
-        e.code().known(),
-        Some(ErrorNumber::NoSupport | ErrorNumber::OperationUnsupported | ErrorNumber::ArgumentUnsupported)
-    )
 }
 
 /// Sorts a per-domain read into kept, skipped (the domain went away or stopped between listing and reading, or one
