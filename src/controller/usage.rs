@@ -76,14 +76,25 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
         return Err(BaselineReason::ClockDidNotAdvance);
     }
     let elapsed_ns = cur.sample_time_ns - prev.sample_time_ns;
-    let before: HashMap<&str, &crate::model::DomainStats> =
-        prev.domains.iter().map(|d| (d.uuid.as_str(), d)).collect();
+    // The agent lists domains in the same order every round, so the previous sample of a domain is almost always at
+    // the same position; the map is only for the rounds where domains came or went.
+    let by_uuid: HashMap<&str, &crate::model::DomainStats> =
+        if prev.domains.len() == cur.domains.len() && prev.domains.iter().zip(&cur.domains).all(|(a, b)| a.uuid == b.uuid) {
+            HashMap::new()
+        } else {
+            prev.domains.iter().map(|d| (d.uuid.as_str(), d)).collect()
+        };
+    let aligned = by_uuid.is_empty();
+    let before_of = |i: usize, d: &crate::model::DomainStats| {
+        if aligned { prev.domains.get(i) } else { by_uuid.get(d.uuid.as_str()).copied() }
+    };
     let mut vcpus = Vec::new();
     let mut fresh = Vec::new();
-    let mut domains: Vec<_> = cur.domains.iter().collect();
-    domains.sort_by(|a, b| a.name.cmp(&b.name).then(a.uuid.cmp(&b.uuid)));
-    for d in domains {
-        let why: Option<&'static str> = match before.get(d.uuid.as_str()) {
+    let mut domains: Vec<_> = cur.domains.iter().enumerate().collect();
+    domains.sort_by(|(_, a), (_, b)| a.name.cmp(&b.name).then(a.uuid.cmp(&b.uuid)));
+    for (i, d) in domains {
+        let p = before_of(i, d);
+        let why: Option<&'static str> = match p {
             None => Some("new domain"),
             Some(p) if p.id != d.id => Some("domain restarted (new id)"),
             Some(p) if p.vcpus.len() != d.vcpus.len() => Some("vCPU count changed"),
@@ -95,7 +106,6 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
         if let Some(why) = why {
             fresh.push((d.name.clone(), why));
         }
-        let p = before.get(d.uuid.as_str());
         let (name, uuid): (Arc<str>, Arc<str>) = (d.name.as_str().into(), d.uuid.as_str().into());
         let mut vs: Vec<_> = d.vcpus.iter().enumerate().collect();
         vs.sort_by_key(|(_, v)| v.index);
@@ -165,6 +175,20 @@ pub(crate) mod tests {
     }
 
     const S: u64 = 1_000_000_000;
+
+    /// The positional fast path must not pair a domain with another one that happens to sit at its old place.
+    #[test]
+    fn domains_are_matched_by_uuid_whatever_their_order() {
+        let a = stats(10 * S, &[("a", 1, &[(0, 0)]), ("b", 2, &[(S, 1)])]);
+        let swapped = stats(12 * S, &[("b", 2, &[(2 * S, 1)]), ("a", 1, &[(S / 2, 0)])]);
+        let u = compute(Some(&a), &swapped).unwrap();
+        let got: Vec<(&str, Option<f64>)> = u.vcpus.iter().map(|v| (&*v.domain, v.usage)).collect();
+        assert_eq!(got, vec![("a", Some(25.0)), ("b", Some(50.0))]);
+        let replaced = stats(12 * S, &[("a", 1, &[(S, 0)]), ("c", 2, &[(3 * S, 1)])]);
+        let u = compute(Some(&a), &replaced).unwrap();
+        assert_eq!(u.vcpus[1].usage, None, "c is new even though it has b's place and id");
+        assert_eq!(u.fresh, vec![("c".to_string(), "new domain")]);
+    }
 
     #[test]
     fn usage_is_delta_over_elapsed() {
