@@ -359,11 +359,16 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
 /// pin itself. vCPUs held back keep what was remembered; vCPUs about to be pinned are recorded when the agent
 /// applies the pin ([`PolicyState::record_applied`]).
 fn remember_seen(u: &HostUsage, is_held: &[bool], pins: &[PinRequest], next: &mut PolicyState) {
+    let pinned: HashSet<(&str, u32)> = pins.iter().map(|p| (p.domain.as_str(), p.vcpu)).collect();
     for (v, held) in u.vcpus.iter().zip(is_held) {
-        if *held || pins.iter().any(|p| *p.domain == *v.uuid && p.vcpu == v.vcpu) {
+        if *held || pinned.contains(&(&*v.uuid, v.vcpu)) {
             continue;
         }
-        next.last_pins.insert((v.uuid.clone(), v.vcpu), v.affinity.clone());
+        let key = (v.uuid.clone(), v.vcpu);
+        // Most rounds change nothing: skip the copy of an affinity that is already remembered.
+        if next.last_pins.get(&key) != Some(&v.affinity) {
+            next.last_pins.insert(key, v.affinity.clone());
+        }
     }
 }
 
