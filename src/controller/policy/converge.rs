@@ -531,6 +531,21 @@ mod tests {
             }
         }
 
+        /// A probe round (pCPUs newly saturated) only moves vCPUs off saturated pCPUs, onto pCPUs that are not
+        /// saturated, at most one onto each.
+        #[test]
+        fn probe_rounds_only_relieve(h in arb_host()) {
+            let p = decide_once(&h, &converge());
+            if p.reason.contains("newly saturated") {
+                let sat = saturated(&h);
+                let targets: BTreeSet<PcpuId> = p.moves.iter().map(|m| m.to).collect();
+                prop_assert_eq!(targets.len(), p.moves.len(), "{:?}", p);
+                for m in &p.moves {
+                    prop_assert!(sat.contains(&m.from) && !sat.contains(&m.to), "{:?}", p);
+                }
+            }
+        }
+
         /// With steady loads, repeated rounds settle: after the first round's moves are applied, the next rounds
         /// move nothing more than the first round left undone, and after a few rounds nothing at all.
         #[test]
