@@ -83,12 +83,15 @@ fn run_json_output() {
     assert!(r["spread"].as_f64().unwrap() > 90.0);
     assert_eq!(r["action"]["type"], "move");
     assert_eq!(r["action"]["from"], 0);
-    // The default policy (converge) moves six of the eight 40 % vCPUs off pCPU 0 at once, two per other pCPU;
-    // `action` shows the first move and `moves` lists them all.
+    // The default policy (converge) sees pCPU 0 saturated (its vCPUs read a fair share, not their demand), so it
+    // first moves one vCPU onto each other pCPU and plans the rest on the next reading; `action` shows the first
+    // move and `moves` lists them all.
     let moves = r["moves"].as_array().unwrap();
-    assert_eq!(moves.len(), 6, "{r}");
+    assert_eq!(moves.len(), 3, "{r}");
     assert!(moves.iter().all(|m| m["from"] == 0 && m["to"] != 0), "{r}");
-    assert_eq!(r["pins_applied"], 6);
+    let targets: std::collections::BTreeSet<_> = moves.iter().map(|m| m["to"].as_u64()).collect();
+    assert_eq!(targets.len(), 3, "one onto each other pCPU: {r}");
+    assert_eq!(r["pins_applied"], 3);
     // The human lines go to stderr, one per host per round.
     assert!(text(&out.stderr).matches(" round ").count() >= 3, "{}", text(&out.stderr));
 }

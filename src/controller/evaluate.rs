@@ -205,13 +205,15 @@ mod tests {
     }
 
     #[test]
-    fn all_on_one_one_move_per_round_versus_all_at_once() {
+    fn all_on_one_one_move_per_round_versus_several() {
         // 8 vCPUs of 40 % on pCPU 0 of 4: six must leave. One move per round needs rounds 2..=7 to move them, so
-        // the first balanced window is round 8; planning them together moves all six in round 2.
+        // the first balanced window is round 8. converge sees pCPU 0 saturated (every vCPU reads 12.5, not 40): it
+        // first probes with one vCPU onto each other pCPU (round 2), then plans on what the next readings show
+        // (rounds 3 and 4), and moves each of the six once.
         let g = run("all-on-one", PolicyKind::Guarded);
         assert_eq!((g.balanced_at, g.moves, g.pins_after), (Some(8), 6, 0), "{g:?}");
         let c = run("all-on-one", PolicyKind::Converge);
-        assert_eq!((c.balanced_at, c.moves, c.pins_after), (Some(3), 6, 0), "{c:?}");
+        assert_eq!((c.balanced_at, c.moves, c.pins_after), (Some(5), 6, 0), "{c:?}");
     }
 
     #[test]
@@ -236,8 +238,13 @@ mod tests {
         assert_eq!(run("heavy-light-unpinned", PolicyKind::Guarded).back_and_forth, 0);
     }
 
-    /// The claims POLICIES.md makes for the default policy, on every file in scenarios/: it balances, no later
-    /// than `guarded`, with no back-and-forth, and without churn once balanced (at most one improving step).
+    /// Where converge uses more pin changes in all than `guarded`; POLICIES.md names exactly these.
+    const CONVERGE_MORE_PINS_THAN_GUARDED: [&str; 2] = ["random-64x200", "sixteen-on-eight"];
+
+    /// The claims POLICIES.md makes for the default policy, on every file in scenarios/: it balances; earlier than
+    /// `guarded` wherever `guarded` needs more than the first reading, and never later; with no back-and-forth;
+    /// with no pin change once balanced; and with no more pin changes in all than `guarded`, except on the
+    /// scenarios listed in [`CONVERGE_MORE_PINS_THAN_GUARDED`] (and on those, with more: the list stays exact).
     #[test]
     fn converge_is_never_behind_guarded_on_the_suite() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
@@ -245,11 +252,18 @@ mod tests {
             let r = |k| evaluate(&name, &sc, &PolicyConfig::with_kind(k), DEFAULT_EVAL_ROUNDS, DEFAULT_EVAL_INTERVAL);
             let (c, g) = (r(PolicyKind::Converge), r(PolicyKind::Guarded));
             let at = c.balanced_at.unwrap_or_else(|| panic!("{name}: converge never balanced: {c:?}"));
-            assert!(g.balanced_at.is_none_or(|ga| at <= ga), "{name}: {c:?} vs {g:?}");
+            match g.balanced_at {
+                Some(2) => assert_eq!(at, 2, "{name}: {c:?} vs {g:?}"),
+                Some(ga) => assert!(at < ga, "{name}: not earlier than guarded: {c:?} vs {g:?}"),
+                None => {}
+            }
             assert_eq!(c.back_and_forth, 0, "{name}: {c:?}");
-            assert!(c.pins_after <= 2, "{name}: {c:?}");
-            if let Some(ga) = g.balanced_at {
-                assert!(c.pins_until <= g.pins_until, "{name}: balanced by both, converge used more pins: {c:?} vs {g:?} (at {ga})");
+            assert_eq!(c.pins_after, 0, "{name}: {c:?}");
+            let (cp, gp) = (c.pins_until + c.pins_after, g.pins_until + g.pins_after);
+            if CONVERGE_MORE_PINS_THAN_GUARDED.contains(&name.as_str()) {
+                assert!(cp > gp, "{name}: no longer an exception, update POLICIES.md: {c:?} vs {g:?}");
+            } else {
+                assert!(cp <= gp, "{name}: converge used more pins: {c:?} vs {g:?}");
             }
         }
     }
@@ -259,6 +273,6 @@ mod tests {
         let rs = vec![run("balanced", PolicyKind::Seed), run("all-on-one", PolicyKind::Converge)];
         let t = table(&rs);
         assert_eq!(t.lines().count(), 4);
-        assert!(t.contains("| all-on-one | converge | 3 |"), "{t}");
+        assert!(t.contains("| all-on-one | converge | 5 |"), "{t}");
     }
 }

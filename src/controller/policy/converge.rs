@@ -11,33 +11,40 @@
 //!    the freest pCPU first; if no step helps there, the busiest with the next freest ones, then the freest with
 //!    the next busiest ones (a heavy vCPU alone on the busiest pCPU does not block the rest of the host).
 //! 3. A step must narrow its pair's gap by at least [`MIN_STEP_GAIN`] points: moving a pin for less is churn.
-//! 4. A vCPU moved in the last [`COOLDOWN_ROUNDS`] rounds is not moved again. After a move, the usage read on a
-//!    pCPU that was saturated changes (its vCPUs were starved), and acting on the first reading after a move
-//!    would chase transients; the cooldown stops a vCPU going A→B→A on them.
+//! 4. A vCPU moved in the last [`COOLDOWN_ROUNDS`] round is not moved again: the first reading after a move is
+//!    the first that shows its demand in its new place, and a plan made before it would act on stale numbers.
 //!
 //!    For [`NO_RETURN_ROUNDS`] rounds, a vCPU is not moved back to the pCPU it was last moved off either: a
 //!    reading that says otherwise that soon is more likely a starved vCPU's reading than a real change, and
 //!    A→B→A is exactly the churn operators do not want.
 //! 5. It plans on smoothed usage: an exponential moving average per vCPU (weight [`SMOOTHING`] on the new
 //!    reading), restarted from the raw reading whenever that differs from the average by more than
-//!    [`SMOOTHING_RESET`] points. Noise of a few points is averaged away, so a balanced host is not churned by it;
-//!    a real change (a load phase, a starved vCPU that gets room) is taken at once, so smoothing costs no round.
-//!
+//!    [`SMOOTHING_RESET`] points, and for a vCPU that was just moved or whose pCPU is or was saturated (those
+//!    readings are new information, not noise). Noise of a few points is averaged away, so a balanced host is not
+//!    churned by it; a real change (a load phase, a starved vCPU that gets room) is taken at once.
 //! 6. A small excess (spread at most [`HOLD_FACTOR`] × threshold) is acted on only if the previous round was over
-//!    the threshold too: one noisy reading does not move anything, a real imbalance costs at most one round, and
-//!    a large one is acted on at once.
+//!    the trigger too: one noisy reading does not move anything, a real imbalance costs at most one round, and a
+//!    large one is acted on at once.
+//! 7. Hysteresis: once the host has been seen balanced and nothing has moved since, the trigger is
+//!    [`SETTLED_FACTOR`] × threshold instead of the threshold. Noise on a host balanced near the threshold moves
+//!    nothing; an imbalance that grows past the band is acted on (and balanced back to the threshold).
+//! 8. Saturation: on a pCPU at [`SATURATED`] % shared by several vCPUs, the vCPUs that read the top share were cut
+//!    to a fair share, and their demand is unknown (at least the reading). A plan built on those readings places
+//!    them wrongly, and fixing it later costs extra pins. So in a round where pCPUs have just become saturated, the
+//!    round only *probes*: it moves capped vCPUs off them, at most one onto each pCPU with room, and plans the rest
+//!    on the next reading, which shows their demand. If no such move helps, it plans on the readings as they are.
 //!
 //! The vCPUs' final places are compared with where they run: a vCPU moved several times within one round gets one
 //! pin, and one moved back to where it started gets none.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::controller::policy::{Decision, PolicyState, VcpuKey, View};
-use crate::controller::usage::HostUsage;
+use crate::controller::usage::{HostUsage, VcpuUsage};
 use crate::model::PcpuId;
 
 /// Rounds during which a vCPU that was moved stays where it was put.
-pub const COOLDOWN_ROUNDS: u64 = 2;
+pub const COOLDOWN_ROUNDS: u64 = 1;
 /// Spreads up to this many times the threshold must be seen twice in a row before anything moves.
 pub const HOLD_FACTOR: f64 = 2.0;
 /// Rounds during which a moved vCPU is not moved back to the pCPU it left.
@@ -45,20 +52,52 @@ pub const NO_RETURN_ROUNDS: u64 = 30;
 /// Smallest narrowing of a pair's gap, in points, worth a pin change.
 pub const MIN_STEP_GAIN: f64 = 3.0;
 
+/// Once the host has been seen balanced, a spread up to this many times the threshold is left alone
+/// (hysteresis): measurement noise on a host balanced near the threshold does not move anything.
+pub const SETTLED_FACTOR: f64 = 1.5;
+/// A pCPU reading at least this much, with two or more vCPUs on it, is saturated: its vCPUs read their fair
+/// share, which is a lower bound of their demand.
+pub const SATURATED: f64 = 98.0;
+/// vCPUs of a saturated pCPU reading within this many points of its top reading are taken as cut to a fair share.
+pub const CAPPED_TOLERANCE: f64 = 1.0;
+
 /// Weight of a new reading in the moving average.
 pub const SMOOTHING: f64 = 0.3;
 /// A reading this many points away from the average is a change, not noise: the average restarts from it.
 pub const SMOOTHING_RESET: f64 = 15.0;
 
-/// `u` with each known vCPU usage replaced by its moving average (updated in `avg`), and pCPU sums redone.
-pub fn smooth(u: &HostUsage, avg: &mut BTreeMap<VcpuKey, f64>) -> HostUsage {
+/// The spread above which `converge` acts: the threshold, or [`SETTLED_FACTOR`] times it once the host has been
+/// seen balanced and nothing has moved since.
+pub fn trigger(threshold: f64, state: &PolicyState) -> f64 {
+    if state.settled {
+        SETTLED_FACTOR * threshold
+    } else {
+        threshold
+    }
+}
+
+/// The pCPUs that read saturated: at least [`SATURATED`], shared by two or more vCPUs of known usage.
+pub fn saturated(u: &HostUsage) -> BTreeSet<PcpuId> {
+    u.pcpus
+        .iter()
+        .filter(|p| p.usage >= SATURATED)
+        .filter(|p| u.vcpus.iter().filter(|v| v.pcpu == p.id && v.usage.is_some()).count() >= 2)
+        .map(|p| p.id)
+        .collect()
+}
+
+/// `u` with each known vCPU usage replaced by its moving average (updated in `avg`), and pCPU sums redone. A vCPU
+/// for which `fresh_start` holds takes its raw reading, as does one whose reading jumped by more than
+/// [`SMOOTHING_RESET`].
+pub fn smooth(u: &HostUsage, avg: &mut BTreeMap<VcpuKey, f64>, fresh_start: impl Fn(&VcpuUsage) -> bool) -> HostUsage {
     let mut out = u.clone();
     for v in &mut out.vcpus {
         let key = (v.uuid.clone(), v.vcpu);
+        let fresh = fresh_start(v);
         match v.usage {
             Some(raw) => {
                 let s = match avg.get(&key) {
-                    Some(&a) if (raw - a).abs() <= SMOOTHING_RESET => a + SMOOTHING * (raw - a),
+                    Some(&a) if !fresh && (raw - a).abs() <= SMOOTHING_RESET => a + SMOOTHING * (raw - a),
                     _ => raw,
                 };
                 avg.insert(key, s);
@@ -83,6 +122,8 @@ struct Slot {
     usage: f64,
     /// A pCPU it must not go back to.
     not_to: Option<PcpuId>,
+    /// It sits on a newly saturated pCPU and reads the top share there: its demand is unknown, at least `usage`.
+    capped: bool,
 }
 
 /// One planned step: slot `a` goes from `p` to `q`; with `b`, slot `b` goes from `q` to `p` (a swap).
@@ -102,7 +143,7 @@ impl Step {
 }
 
 /// One round of `converge`.
-pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState) -> Decision {
+pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<PcpuId>) -> Decision {
     let this_round = state.round + 1;
     let cooling = |i: usize| {
         let x = v.vcpu(i);
@@ -126,8 +167,27 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState) -> Decision {
         .iter()
         .copied()
         .filter(|&i| stranded.contains(&i) || !cooling(i))
-        .map(|i| Slot { idx: i, pcpu: v.vcpu(i).pcpu, usage: v.vcpu(i).usage.unwrap_or(0.0), not_to: left[i] })
+        .map(|i| Slot {
+            idx: i,
+            pcpu: v.vcpu(i).pcpu,
+            usage: v.vcpu(i).usage.unwrap_or(0.0),
+            not_to: left[i],
+            capped: false,
+        })
         .collect();
+    // Newly saturated pCPUs (allowed, not saturated in the previous round) and their capped vCPUs: those reading
+    // within CAPPED_TOLERANCE of the top reading there, the level max-min fair sharing cut them to.
+    let newly: BTreeSet<PcpuId> = saturated
+        .iter()
+        .copied()
+        .filter(|p| v.allowed.contains(p) && !state.saturated.contains(p))
+        .collect();
+    for p in &newly {
+        let top = slots.iter().filter(|s| s.pcpu == *p).map(|s| s.usage).fold(0.0, f64::max);
+        for s in slots.iter_mut().filter(|s| s.pcpu == *p) {
+            s.capped = s.usage > 0.0 && s.usage >= top - CAPPED_TOLERANCE;
+        }
+    }
     let start: Vec<PcpuId> = slots.iter().map(|s| s.pcpu).collect();
     let mut notes = Vec::new();
 
@@ -149,16 +209,41 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState) -> Decision {
     let max_steps = 4 * slots.len() + 4;
     let mut stuck = None;
     let before = spread_of(&load);
-    let hold = off.is_empty() && before > threshold && before <= HOLD_FACTOR * threshold && !state.was_over;
-    for _ in 0..if hold { 0 } else { max_steps } {
+    let trigger = trigger(threshold, state);
+    let quiet = off.is_empty() && before > threshold && before <= trigger;
+    let hold = off.is_empty()
+        && before > trigger
+        && before <= HOLD_FACTOR * threshold
+        && !state.was_over;
+    // Saturated pCPUs: a round in which some became saturated first tries to only relieve them (see `probe_step`).
+    let sat: BTreeSet<PcpuId> = saturated.iter().copied().filter(|p| load.contains_key(p)).collect();
+    let mut probing = !newly.is_empty() && load.keys().any(|p| !sat.contains(p));
+    let mut probed = 0u32;
+    let mut received = BTreeSet::new();
+    for _ in 0..if hold || quiet { 0 } else { max_steps } {
         let Some(((b, hi), (f, lo))) = super::extremes(load.iter().map(|(k, x)| (*k, *x))) else { break };
         if hi - lo <= threshold {
             break;
         }
-        let Some(step) = find_step(&slots, &load, b, f, threshold) else {
+        let mut found = None;
+        if probing {
+            found = probe_step(&slots, &load, &sat, &received, threshold);
+            if found.is_none() && probed == 0 {
+                // Nothing to probe with: plan on the readings as they are.
+                probing = false;
+            }
+        }
+        if !probing {
+            found = find_step(&slots, &load, b, f, threshold);
+        }
+        let Some(step) = found else {
             stuck = Some(hi - lo);
             break;
         };
+        if probing {
+            received.insert(step.q);
+            probed += 1;
+        }
         let da = slots[step.a].usage;
         slots[step.a].pcpu = step.q;
         let db = step.b.map_or(0.0, |s| {
@@ -176,8 +261,10 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState) -> Decision {
     let after = spread_of(&load);
     let planned: Vec<(usize, PcpuId)> =
         slots.iter().zip(&start).filter(|(s, from)| s.pcpu != **from).map(|(s, _)| (s.idx, s.pcpu)).collect();
-    let mut reason = if hold {
-        format!("hold: spread {before:.1} > {threshold:.1} for the first round; acting if it persists")
+    let mut reason = if quiet {
+        format!("settled: spread {before:.1} is within {trigger:.1}, the band kept once balanced")
+    } else if hold {
+        format!("hold: spread {before:.1} > {trigger:.1} for the first round; acting if it persists")
     } else if moves + swaps == 0 && stuck.is_none() {
         format!("balanced: spread {before:.1} <= threshold {threshold:.1}")
     } else if moves + swaps == 0 {
@@ -193,6 +280,12 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState) -> Decision {
     if let Some(s) = stuck.filter(|_| moves + swaps > 0) {
         reason.push_str(&format!(" (best reachable this round: {s:.1})"));
     }
+    if probed > 0 {
+        reason.push_str(&format!(
+            "; {} pCPU(s) newly saturated: their vCPUs read fair shares, so only {probed} of those moved off, at most one onto each pCPU, until the next reading shows their demand",
+            newly.len()
+        ));
+    }
     for n in notes {
         reason.push_str("; ");
         reason.push_str(&n);
@@ -204,6 +297,33 @@ fn spread_of(load: &BTreeMap<PcpuId, f64>) -> f64 {
     super::extremes(load.iter().map(|(k, x)| (*k, *x))).map_or(0.0, |((_, hi), (_, lo))| hi - lo)
 }
 
+/// A step in a round where pCPUs became saturated. Their capped vCPUs read a fair share, a lower bound of their
+/// demand, so a full plan built on those readings would place them wrongly and have to move them again. This step
+/// only relieves: it moves one capped vCPU off a newly saturated pCPU (busiest first) onto a pCPU that is not
+/// saturated and has received nothing this round (freest first), so that the next reading shows the moved vCPU's
+/// and the source's real demand before the rest is planned. No swaps (the vCPU sent back would land on a pCPU whose
+/// demand is not known yet), and no vCPU whose reading is already its demand: moving those is the full plan's job,
+/// once the demand is known.
+fn probe_step(
+    slots: &[Slot],
+    load: &BTreeMap<PcpuId, f64>,
+    sat: &BTreeSet<PcpuId>,
+    received: &BTreeSet<PcpuId>,
+    threshold: f64,
+) -> Option<Step> {
+    let mut from: Vec<(PcpuId, f64)> = load.iter().filter(|(k, _)| sat.contains(k)).map(|(k, x)| (*k, *x)).collect();
+    from.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+    let mut to: Vec<(PcpuId, f64)> = load
+        .iter()
+        .filter(|(k, _)| !sat.contains(k) && !received.contains(k))
+        .map(|(k, x)| (*k, *x))
+        .collect();
+    to.sort_by(|x, y| x.1.total_cmp(&y.1).then(x.0.cmp(&y.0)));
+    from.iter()
+        .flat_map(|&(p, lp)| to.iter().map(move |&(q, lq)| (p, q, lp - lq)))
+        .find_map(|(p, q, g)| best_step(slots, g, p, q, threshold, true))
+}
+
 /// The first pair, in the documented order, that has a useful step, and its best step.
 fn find_step(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, b: PcpuId, f: PcpuId, threshold: f64) -> Option<Step> {
     let mut asc: Vec<(PcpuId, f64)> = load.iter().map(|(k, x)| (*k, *x)).collect();
@@ -213,22 +333,23 @@ fn find_step(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, b: PcpuId, f: PcpuId,
     std::iter::once((b, f))
         .chain(asc.iter().filter(|(q, _)| *q != b && *q != f).map(|(q, _)| (b, *q)))
         .chain(desc.iter().filter(|(p, _)| *p != b && *p != f).map(|(p, _)| (*p, f)))
-        .find_map(|(p, q)| best_step(slots, load[&p] - load[&q], p, q, threshold))
+        .find_map(|(p, q)| best_step(slots, load[&p] - load[&q], p, q, threshold, false))
 }
 
 /// The best step between `p` and `q` (gap `g > 0`), if any narrows the gap by at least [`MIN_STEP_GAIN`].
-fn best_step(slots: &[Slot], g: f64, p: PcpuId, q: PcpuId, threshold: f64) -> Option<Step> {
+/// With `probe`, only moves of capped vCPUs.
+fn best_step(slots: &[Slot], g: f64, p: PcpuId, q: PcpuId, threshold: f64, probe: bool) -> Option<Step> {
     if g <= 0.0 {
         return None;
     }
     let on = |c: PcpuId| (0..slots.len()).filter(move |&s| slots[s].pcpu == c);
     let mut cands = Vec::new();
-    for a in on(p).filter(|&a| slots[a].not_to != Some(q)) {
+    for a in on(p).filter(|&a| slots[a].not_to != Some(q) && (!probe || slots[a].capped)) {
         let ua = slots[a].usage;
         if ua > 0.0 && ua < g {
             cands.push(Step { a, b: None, p, q, new_gap: (g - 2.0 * ua).abs() });
         }
-        for b in on(q).filter(|&b| slots[b].not_to != Some(p)) {
+        for b in on(q).filter(|&b| !probe && slots[b].not_to != Some(p)) {
             let d = ua - slots[b].usage;
             if d > 0.0 && d < g {
                 cands.push(Step { a, b: Some(b), p, q, new_gap: (g - 2.0 * d).abs() });
@@ -269,8 +390,9 @@ mod tests {
 
     #[test]
     fn all_on_one_is_spread_in_one_round() {
+        // pCPU 0 at 80 %, not saturated: the readings are the demand, and all six moves are made at once.
         let names: Vec<String> = (0..8).map(|i| format!("vm{i}")).collect();
-        let spec: Vec<(&str, u32, f64, bool)> = names.iter().map(|n| (n.as_str(), 0, 12.5, true)).collect();
+        let spec: Vec<(&str, u32, f64, bool)> = names.iter().map(|n| (n.as_str(), 0, 10.0, true)).collect();
         let h = host(4, &spec);
         let p = decide_once(&h, &converge());
         assert_eq!(p.moves.len(), 6, "{p:?}");
@@ -278,9 +400,46 @@ mod tests {
     }
 
     #[test]
+    fn a_newly_saturated_pcpu_is_probed_before_the_full_plan() {
+        // pCPU 0 at 100 %: a, b, c read the fair share 26.7 (their demand is unknown), d reads its demand 20.
+        // Only capped vCPUs move, at most one onto each pCPU with room; d, whose reading is its demand, stays.
+        let h = host(
+            3,
+            &[("a", 0, 80.0 / 3.0, true), ("b", 0, 80.0 / 3.0, true), ("c", 0, 80.0 / 3.0, true), ("d", 0, 20.0, true)],
+        );
+        let (p, state) = decide(&h, &converge(), &Default::default());
+        assert_eq!(p.moves.len(), 2, "{p:?}");
+        assert!(p.moves.iter().all(|m| m.domain != "d"), "{p:?}");
+        let targets: BTreeSet<u32> = p.moves.iter().map(|m| m.to).collect();
+        assert_eq!(targets, BTreeSet::from([1, 2]), "{p:?}");
+        assert!(p.reason.contains("newly saturated"), "{}", p.reason);
+        assert_eq!(state.saturated, BTreeSet::from([0]));
+        // Still saturated in the next round: no more probing, the plan is made on the readings.
+        let (p, _) = decide(&h, &converge(), &PolicyState { round: 5, ..state });
+        assert!(!p.reason.contains("newly saturated"), "{}", p.reason);
+    }
+
+    #[test]
+    fn once_balanced_a_small_excess_is_left_alone() {
+        // A spread of 14 (threshold 10): acted on while the host was never seen balanced, left alone once it was.
+        let h = host(2, &[("a", 0, 12.0, true), ("b", 0, 30.0, true), ("c", 1, 28.0, true)]);
+        let fresh = PolicyState { was_over: true, ..Default::default() };
+        assert_eq!(decide(&h, &converge(), &fresh).0.moves.len(), 1);
+        let settled = PolicyState { was_over: true, settled: true, ..Default::default() };
+        let (p, next) = decide(&h, &converge(), &settled);
+        assert!(p.moves.is_empty() && p.reason.starts_with("settled"), "{p:?}");
+        assert!(next.settled && !next.was_over);
+        // Past the band (1.5 × threshold) it acts again, and the host is no longer settled.
+        let big = host(2, &[("a", 0, 12.0, true), ("b", 0, 40.0, true), ("c", 1, 28.0, true)]);
+        let (p, next) = decide(&big, &converge(), &PolicyState { was_over: true, ..settled });
+        assert_eq!(p.moves.len(), 1, "{p:?}");
+        assert!(!next.settled);
+    }
+
+    #[test]
     fn a_swap_beats_two_moves_when_moves_cannot_balance() {
-        // {55, 55} vs {20, 20}: moving a 55 mirrors nothing useful (gap 70 -> 40), a swap of 55 and 20 closes it.
-        let h = host(2, &[("h1", 0, 55.0, true), ("h2", 0, 55.0, true), ("l1", 1, 20.0, true), ("l2", 1, 20.0, true)]);
+        // {45, 45} vs {10, 10}: moving a 45 mirrors the gap (70 -> 20), a swap of 45 and 10 closes it.
+        let h = host(2, &[("h1", 0, 45.0, true), ("h2", 0, 45.0, true), ("l1", 1, 10.0, true), ("l2", 1, 10.0, true)]);
         let p = decide_once(&h, &converge());
         assert_eq!(p.moves.len(), 2, "{p:?}");
         assert_eq!(spread(&apply(&h, &p)), 0.0);
@@ -333,11 +492,13 @@ mod tests {
     fn smoothing_averages_noise_but_follows_real_changes() {
         let mut avg = BTreeMap::new();
         let h = |x: f64| host(1, &[("a", 0, x, true)]);
-        assert_eq!(smooth(&h(40.0), &mut avg).vcpus[0].usage, Some(40.0));
-        let s = smooth(&h(44.0), &mut avg).vcpus[0].usage.unwrap();
+        assert_eq!(smooth(&h(40.0), &mut avg, |_| false).vcpus[0].usage, Some(40.0));
+        let s = smooth(&h(44.0), &mut avg, |_| false).vcpus[0].usage.unwrap();
         assert!(s > 40.0 && s < 44.0, "noise is damped: {s}");
         // A jump beyond SMOOTHING_RESET is a change: taken at once.
-        assert_eq!(smooth(&h(90.0), &mut avg).vcpus[0].usage, Some(90.0));
+        assert_eq!(smooth(&h(90.0), &mut avg, |_| false).vcpus[0].usage, Some(90.0));
+        // So is any reading the caller marks as new information (a vCPU just moved, a saturated pCPU).
+        assert_eq!(smooth(&h(80.0), &mut avg, |_| true).vcpus[0].usage, Some(80.0));
     }
 
     #[test]
@@ -367,6 +528,21 @@ mod tests {
                 prop_assert!(spread(&after) <= spread(&before) + 1e-9);
                 let sq = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
                 prop_assert!(sq(&after) < sq(&before));
+            }
+        }
+
+        /// A probe round (pCPUs newly saturated) only moves vCPUs off saturated pCPUs, onto pCPUs that are not
+        /// saturated, at most one onto each.
+        #[test]
+        fn probe_rounds_only_relieve(h in arb_host()) {
+            let p = decide_once(&h, &converge());
+            if p.reason.contains("newly saturated") {
+                let sat = saturated(&h);
+                let targets: BTreeSet<PcpuId> = p.moves.iter().map(|m| m.to).collect();
+                prop_assert_eq!(targets.len(), p.moves.len(), "{:?}", p);
+                for m in &p.moves {
+                    prop_assert!(sat.contains(&m.from) && !sat.contains(&m.to), "{:?}", p);
+                }
             }
         }
 

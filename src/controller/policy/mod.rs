@@ -117,8 +117,13 @@ pub struct PolicyState {
     pub manual_reported: BTreeSet<VcpuKey>,
     /// Smoothed usage of each vCPU (for [`converge`]).
     pub smoothed: BTreeMap<VcpuKey, f64>,
-    /// Whether the previous round's spread was over the threshold (for [`converge`]'s hold).
+    /// Whether the previous round's spread was over the level that triggers action (for [`converge`]'s hold).
     pub was_over: bool,
+    /// pCPUs that read saturated in the previous round (for [`converge`]: their vCPUs' readings were fair shares,
+    /// not demands, so the next reading of those vCPUs is not smoothed with them).
+    pub saturated: BTreeSet<PcpuId>,
+    /// Whether the host has been seen balanced since [`converge`] last moved anything (its hysteresis).
+    pub settled: bool,
 }
 
 impl PolicyState {
@@ -242,8 +247,16 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
     let mut next = prune(u, state);
     next.round = state.round + 1;
     let smoothed;
+    let saturated = converge::saturated(u);
     let u = if cfg.kind == PolicyKind::Converge {
-        smoothed = converge::smooth(u, &mut next.smoothed);
+        // Readings that were or are fair shares of a saturated pCPU, and readings of vCPUs that were just moved,
+        // are new information rather than noise: the average restarts from them.
+        let fresh_start = |v: &VcpuUsage| {
+            state.saturated.contains(&v.pcpu)
+                || saturated.contains(&v.pcpu)
+                || state.last_moved.get(&(v.uuid.clone(), v.vcpu)).is_some_and(|&(r, _)| r == state.round)
+        };
+        smoothed = converge::smooth(u, &mut next.smoothed, fresh_start);
         &smoothed
     } else {
         u
@@ -300,11 +313,17 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
         return (plan, next);
     };
     let spread = hi - lo;
-    next.was_over = spread > cfg.threshold;
+    next.was_over = spread > converge::trigger(cfg.threshold, state);
+    next.saturated = saturated.clone();
     let d = match cfg.kind {
         PolicyKind::Seed => tenpercent::decide(&view, cfg.threshold, false),
         PolicyKind::Guarded => tenpercent::decide(&view, cfg.threshold, true),
-        PolicyKind::Converge => converge::decide(&view, cfg.threshold, state),
+        PolicyKind::Converge => converge::decide(&view, cfg.threshold, state, &saturated),
+    };
+    next.settled = if !d.moves.is_empty() {
+        false
+    } else {
+        state.settled || spread <= cfg.threshold
     };
     let mut target: Vec<Option<PcpuId>> = vec![None; u.vcpus.len()];
     let mut moves = Vec::new();
@@ -409,6 +428,8 @@ fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
         manual_reported: state.manual_reported.iter().filter(|k| keep(k)).cloned().collect(),
         smoothed: state.smoothed.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect(),
         was_over: state.was_over,
+        saturated: state.saturated.clone(),
+        settled: state.settled && !churn,
     }
 }
 
