@@ -130,16 +130,23 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
     let mut online = cur.online_pcpus.clone();
     online.sort_unstable();
     online.dedup();
-    // One pass over the vCPUs (a host can have a thousand vCPUs on a hundred pCPUs). Sums start at +0.0: an empty
-    // f64 sum is -0.0, which prints as "-0.0".
-    let mut sums: HashMap<PcpuId, f64> = online.iter().map(|&id| (id, 0.0)).collect();
-    for v in &vcpus {
-        if let (Some(u), Some(sum)) = (v.usage, sums.get_mut(&v.pcpu)) {
-            *sum += u;
+    let mut u = HostUsage { elapsed_ns, pcpus: online.iter().map(|&id| PcpuUsage { id, usage: 0.0 }).collect(), vcpus, fresh };
+    sum_pcpus(&mut u);
+    Ok(u)
+}
+
+/// Sets each pCPU's usage to the sum of its vCPUs' known usages, in one pass over the vCPUs (a host can have a
+/// thousand vCPUs on a hundred pCPUs). `u.pcpus` must be sorted by id. Sums start at +0.0: an empty f64 sum is
+/// -0.0, which prints as "-0.0".
+pub fn sum_pcpus(u: &mut HostUsage) {
+    for p in &mut u.pcpus {
+        p.usage = 0.0;
+    }
+    for v in &u.vcpus {
+        if let (Some(x), Ok(i)) = (v.usage, u.pcpus.binary_search_by_key(&v.pcpu, |p| p.id)) {
+            u.pcpus[i].usage += x;
         }
     }
-    let pcpus = online.iter().map(|&id| PcpuUsage { id, usage: sums[&id] }).collect();
-    Ok(HostUsage { elapsed_ns, pcpus, vcpus, fresh })
 }
 
 #[cfg(test)]

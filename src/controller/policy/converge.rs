@@ -94,23 +94,26 @@ pub fn smooth(u: &HostUsage, avg: &mut BTreeMap<VcpuKey, f64>, fresh_start: impl
     for v in &mut out.vcpus {
         let key = (v.uuid.clone(), v.vcpu);
         let fresh = fresh_start(v);
-        match v.usage {
-            Some(raw) => {
-                let s = match avg.get(&key) {
-                    Some(&a) if !fresh && (raw - a).abs() <= SMOOTHING_RESET => a + SMOOTHING * (raw - a),
-                    _ => raw,
-                };
-                avg.insert(key, s);
-                v.usage = Some(s);
+        match (v.usage, avg.get_mut(&key)) {
+            (Some(raw), Some(a)) => {
+                // Updated in place: one lookup per vCPU and round, no insert, for the usual round.
+                if !fresh && (raw - *a).abs() <= SMOOTHING_RESET {
+                    *a += SMOOTHING * (raw - *a);
+                } else {
+                    *a = raw;
+                }
+                v.usage = Some(*a);
             }
-            None => {
+            (Some(raw), None) => {
+                avg.insert(key, raw);
+            }
+            (None, Some(_)) => {
                 avg.remove(&key);
             }
+            (None, None) => {}
         }
     }
-    for p in &mut out.pcpus {
-        p.usage = out.vcpus.iter().filter(|v| v.pcpu == p.id).filter_map(|v| v.usage).fold(0.0, |a, b| a + b);
-    }
+    crate::controller::usage::sum_pcpus(&mut out);
     out
 }
 
