@@ -218,3 +218,71 @@ impl Body for RecvBody {
         self.done
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// An h2 server on loopback that answers every request with a bare 200 and reports when the client's
+    /// connection ends.
+    async fn server() -> (http::uri::Authority, tokio::sync::oneshot::Receiver<usize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: http::uri::Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let mut served = 0;
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                served += 1;
+                respond.send_response(http::Response::new(()), true).unwrap();
+            }
+            let _ = done_tx.send(served);
+        });
+        (authority, done_rx)
+    }
+
+    fn request(a: &http::uri::Authority) -> http::Request<tonic::body::Body> {
+        http::Request::builder().uri(format!("http://{a}/x")).body(tonic::body::Body::empty()).unwrap()
+    }
+
+    /// Calls share one connection, and dropping the last handle (a host removed from the fleet by a reload) closes
+    /// it: the controller does not keep connections to hosts it no longer balances.
+    #[tokio::test]
+    async fn calls_share_one_connection_that_closes_with_the_last_handle() {
+        let (a, done) = server().await;
+        let ch = H2Channel::new(&a, None, Duration::from_secs(2)).unwrap();
+        let clone = ch.clone();
+        for c in [&ch, &clone, &ch] {
+            let r = c.inner.call(request(&a)).await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        drop(ch);
+        drop(clone);
+        let served = tokio::time::timeout(Duration::from_secs(5), done).await.expect("connection closed").unwrap();
+        assert_eq!(served, 3, "one server connection saw every call");
+    }
+
+    /// A host that is down is UNAVAILABLE (so that metrics and logs say "down"), and the next call dials again.
+    #[tokio::test]
+    async fn a_host_that_is_down_is_unavailable_and_dialled_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a: http::uri::Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        drop(listener);
+        let ch = H2Channel::new(&a, None, Duration::from_secs(2)).unwrap();
+        let Err(e) = ch.inner.call(request(&a)).await else { panic!("a closed port answered") };
+        let status = tonic::Status::from_error(e);
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        // The same address comes up: the same channel reaches it.
+        let listener = TcpListener::bind(a.as_str()).await.unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                respond.send_response(http::Response::new(()), true).unwrap();
+            }
+        });
+        assert_eq!(ch.inner.call(request(&a)).await.unwrap().status(), 200);
+    }
+}
