@@ -88,7 +88,7 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
     let before_of = |i: usize, d: &crate::model::DomainStats| {
         if aligned { prev.domains.get(i) } else { by_uuid.get(d.uuid.as_str()).copied() }
     };
-    let mut vcpus = Vec::new();
+    let mut vcpus = Vec::with_capacity(cur.domains.iter().map(|d| d.vcpus.len()).sum());
     let mut fresh = Vec::new();
     let mut domains: Vec<_> = cur.domains.iter().enumerate().collect();
     domains.sort_by(|(_, a), (_, b)| a.name.cmp(&b.name).then(a.uuid.cmp(&b.uuid)));
@@ -107,9 +107,15 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
             fresh.push((d.name.clone(), why));
         }
         let (name, uuid): (Arc<str>, Arc<str>) = (d.name.as_str().into(), d.uuid.as_str().into());
-        let mut vs: Vec<_> = d.vcpus.iter().enumerate().collect();
-        vs.sort_by_key(|(_, v)| v.index);
-        for (i, v) in vs {
+        // Agents send vCPUs in index order; sorting (and its allocation) is only for one that does not.
+        let order: Option<Vec<usize>> = (!d.vcpus.is_sorted_by_key(|v| v.index)).then(|| {
+            let mut o: Vec<usize> = (0..d.vcpus.len()).collect();
+            o.sort_by_key(|&i| d.vcpus[i].index);
+            o
+        });
+        for k in 0..d.vcpus.len() {
+            let i = order.as_ref().map_or(k, |o| o[k]);
+            let v = &d.vcpus[i];
             let usage = match (why, p) {
                 (None, Some(p)) => {
                     let delta = v.time_ns - p.vcpus[i].time_ns;
@@ -182,6 +188,19 @@ pub(crate) mod tests {
     }
 
     const S: u64 = 1_000_000_000;
+
+    /// vCPUs that an agent lists out of index order come out in index order, each with its own usage.
+    #[test]
+    fn vcpus_out_of_order_are_sorted_and_keep_their_usage() {
+        let mut a = stats(10 * S, &[("a", 1, &[(0, 0), (0, 1)])]);
+        let mut b = stats(12 * S, &[("a", 1, &[(S, 0), (2 * S, 1)])]);
+        for h in [&mut a, &mut b] {
+            h.domains[0].vcpus.reverse();
+        }
+        let u = compute(Some(&a), &b).unwrap();
+        let got: Vec<(u32, u32, Option<f64>)> = u.vcpus.iter().map(|v| (v.vcpu, v.pcpu, v.usage)).collect();
+        assert_eq!(got, vec![(0, 0, Some(50.0)), (1, 1, Some(100.0))]);
+    }
 
     /// The positional fast path must not pair a domain with another one that happens to sit at its old place.
     #[test]
