@@ -6,7 +6,9 @@
 //! second, first over an idle window, then over a window in which a controller in this process
 //! ([`HostWorker::round`]) runs one round per second against it. With the libvirt backend the driver also samples
 //! `libvirtd` over the same windows: the CPU the daemon spends serving the agent is the baseline the agent's own CPU
-//! is compared with (the agent should cost no more than the libvirt work it asks for).
+//! is compared with (the agent should cost no more than the libvirt work it asks for). With libvirt, a third window
+//! makes the same sample in this process with no gRPC (`LibvirtHypervisor::stats`, one per second) and reports this
+//! process's CPU: the floor of the agent's own CPU per round.
 //!
 //! Environment: `VCB_BACKEND` (`sim`, default, or `libvirt`), `VCB_URI` (default `qemu:///system`), `VCB_SECS`
 //! (length of each window, default 30), `VCB_PORT` (default 21980), `VCB_DOMAINS` (simulated domains, default 32).
@@ -178,5 +180,42 @@ fn main() -> anyhow::Result<()> {
         "\nCPU from per-thread schedstat (ns); the ticks columns (utime+stime, 1/{} s) are a coarse cross-check.",
         common::CLK_TCK
     );
+    #[cfg(feature = "libvirt")]
+    if backend == "libvirt" {
+        let floor = rt.block_on(floor_window(&uri, libvirtd, secs))?;
+        let agent_ms = busy.agent_cpu_s * 1e3 / busy.rounds.max(1) as f64;
+        println!("\nThe same sample made in this process, once per {ROUND_INTERVAL:?}, with no gRPC (`LibvirtHypervisor::stats`):\n");
+        println!("| rounds | floor CPU ms/round (this process) | libvirtd CPU ms/round | agent CPU ms/round (above) | agent / floor |");
+        println!("|---:|---:|---:|---:|---:|");
+        println!(
+            "| {} | {:.2} | {:.2} | {agent_ms:.2} | {:.2} |",
+            floor.0,
+            floor.1 * 1e3 / floor.0 as f64,
+            floor.2 * 1e3 / floor.0 as f64,
+            agent_ms / (floor.1 * 1e3 / floor.0 as f64)
+        );
+    }
     Ok(())
+}
+
+/// The floor of the agent's CPU: the same libvirt sample made in this process, one per [`ROUND_INTERVAL`] for
+/// `secs`. Returns (rounds, this process's CPU s, libvirtd's CPU s).
+#[cfg(feature = "libvirt")]
+async fn floor_window(uri: &str, libvirtd: Option<u32>, secs: u64) -> anyhow::Result<(u64, f64, f64)> {
+    use vcpu_balancer::hypervisor::libvirt::LibvirtHypervisor;
+    use vcpu_balancer::hypervisor::Hypervisor;
+    let hv = LibvirtHypervisor::new(uri);
+    hv.stats().await?; // connects, as the agent was connected before its window
+    let me = std::process::id();
+    let lv = libvirtd.context("libvirtd is not running")?;
+    let (t0, l0) = (proc_thread_cpu_ns(me)?, proc_thread_cpu_ns(lv)?);
+    let mut ticker = tokio::time::interval(ROUND_INTERVAL);
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut rounds = 0;
+    while Instant::now() < end {
+        ticker.tick().await;
+        hv.stats().await?;
+        rounds += 1;
+    }
+    Ok((rounds, thread_cpu_delta_s(&t0, &proc_thread_cpu_ns(me)?), thread_cpu_delta_s(&l0, &proc_thread_cpu_ns(lv)?)))
 }
