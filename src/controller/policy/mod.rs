@@ -109,7 +109,9 @@ pub struct PolicyState {
     pub round: u64,
     /// The last pin this controller applied to each vCPU. A vCPU whose affinity differs from it was pinned by
     /// someone else since.
-    pub last_pins: BTreeMap<VcpuKey, Vec<PcpuId>>,
+    /// Shared with the previous round's state until a pin changes: most rounds change none, and copying a
+    /// thousand affinities per host and round showed in the controller's profile.
+    pub last_pins: std::sync::Arc<BTreeMap<VcpuKey, Vec<PcpuId>>>,
     /// Round at which each vCPU was last moved, and the pCPU it left (for [`converge`]'s cooldown and its
     /// no-return rule).
     pub last_moved: BTreeMap<VcpuKey, (u64, PcpuId)>,
@@ -132,7 +134,7 @@ pub struct PolicyState {
 impl PolicyState {
     /// Records a pin the agent applied.
     pub fn record_applied(&mut self, pin: &PinRequest) {
-        self.last_pins.insert((pin.domain.as_str().into(), pin.vcpu), pin.pcpus.clone());
+        std::sync::Arc::make_mut(&mut self.last_pins).insert((pin.domain.as_str().into(), pin.vcpu), pin.pcpus.clone());
     }
 }
 
@@ -389,7 +391,7 @@ fn remember_seen(u: &HostUsage, is_held: &[bool], pins: &[PinRequest], next: &mu
         let key = (v.uuid.clone(), v.vcpu);
         // Most rounds change nothing: skip the copy of an affinity that is already remembered.
         if next.last_pins.get(&key) != Some(&v.affinity) {
-            next.last_pins.insert(key, v.affinity.clone());
+            std::sync::Arc::make_mut(&mut next.last_pins).insert(key, v.affinity.clone());
         }
     }
 }
@@ -430,7 +432,9 @@ fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
     }
     PolicyState {
         round: state.round,
-        last_pins: state.last_pins.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        last_pins: std::sync::Arc::new(
+            state.last_pins.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ),
         last_moved: if churn {
             BTreeMap::new()
         } else {
@@ -644,7 +648,7 @@ pub(crate) mod tests {
         assert!(!p.moves.is_empty(), "the host is rebalanced after the churn: {p:?}");
         // Without churn, the rule holds.
         let mut calm = state.clone();
-        calm.last_pins.clear();
+        calm.last_pins = Default::default();
         for (d, p) in [("uuid-a", 1), ("uuid-c", 0), ("uuid-n", 0)] {
             calm.record_applied(&PinRequest { domain: d.into(), vcpu: 0, pcpus: vec![p], persist: false });
         }
