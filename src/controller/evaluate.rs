@@ -381,18 +381,49 @@ mod tests {
             if s >= need { items.len() } else { usize::MAX }
         }
 
+        /// The fewest departures plus arrivals that can leave a pCPU with vCPUs `items` (summing to `sum`) in
+        /// `lo..=hi`, arrivals weighing `lightest..=heaviest` each (see [`lower_bound`]). Every subset of `items`
+        /// is tried, so this is for pCPUs with a handful of vCPUs.
+        fn touches(items: &[u64], sum: u64, lo: u64, hi: u64, lightest: u64, heaviest: u64) -> usize {
+            assert!(items.len() <= 16, "too many vCPUs on one pCPU to try every subset");
+            let mut best = usize::MAX;
+            for mask in 0u32..(1 << items.len()) {
+                let gone: u64 = (0..items.len()).filter(|i| mask & (1 << i) != 0).map(|i| items[i]).sum();
+                let rest = sum - gone;
+                let k = mask.count_ones() as usize;
+                // The fewest arrivals m with rest + m * lightest <= hi and rest + m * heaviest >= lo.
+                let m = (0..=items.len() + 64).find(|&m| {
+                    let m = m as u64;
+                    rest + m * lightest <= hi && rest + m * heaviest >= lo
+                });
+                if let Some(m) = m {
+                    best = best.min(k + m);
+                }
+            }
+            best
+        }
+
         /// A lower bound on the vCPUs that must change pCPU for spread <= 10, for hosts too big to search. For
-        /// each possible `lo`: a pCPU whose vCPUs sum over `lo + 10` must lose at least the fewest of its own
-        /// vCPUs that cover the excess (arrivals only add to it), `out`; a pCPU under `lo` must receive at least
-        /// the fewest vCPUs of the whole host (its own excluded) that cover the deficit, `in`. Each moved vCPU
-        /// leaves one pCPU and arrives at one, so it counts once in `out` and once in `in`: moves >=
-        /// max(out, in). The bound is the least of that over the possible `lo`.
+        /// each possible `lo`, three counts, each a lower bound:
+        /// - `out`: a pCPU whose vCPUs sum over `lo + 10` must lose at least the fewest of its own vCPUs that
+        ///   cover the excess (arrivals only add to it); summed over pCPUs.
+        /// - `in`: a pCPU under `lo` must receive at least the fewest vCPUs of the whole host (its own excluded)
+        ///   that cover the deficit; summed. Each moved vCPU leaves one pCPU, so moves >= out, and arrives at one,
+        ///   so moves >= in.
+        /// - `touch / 2`: per pCPU, the fewest departures plus arrivals that can leave it in `lo..=lo + 10`
+        ///   (departures: any subset of its vCPUs; `m` arrivals add between `m` × the lightest and `m` × the
+        ///   heaviest load of the host), summed. A pCPU that must shed its heavy vCPUs and would then fall under
+        ///   `lo` counts the arrival it then needs. Each move touches two pCPUs, so moves >= touch / 2.
+        ///
+        /// The bound is, over the possible `lo`, the least of the largest of the three.
         pub fn lower_bound(n: usize, v: &[(u64, usize)]) -> usize {
             let mut on: Vec<Vec<u64>> = vec![Vec::new(); n];
             for &(l, p) in v {
                 on[p].push(l);
             }
             let sums: Vec<u64> = on.iter().map(|x| x.iter().sum()).collect();
+            let lightest = v.iter().map(|x| x.0).min().unwrap_or(0);
+            let heaviest = v.iter().map(|x| x.0).max().unwrap_or(0);
             lows(n, v)
                 .map(|lo| {
                     let hi = lo + 100;
@@ -406,7 +437,10 @@ mod tests {
                             inn = inn.saturating_add(fewest(&mut others, lo - sums[p]));
                         }
                     }
-                    out.max(inn)
+                    let touch = (0..n)
+                        .map(|p| touches(&on[p], sums[p], lo, hi, lightest, heaviest))
+                        .fold(0usize, usize::saturating_add);
+                    out.max(inn).max(touch.div_ceil(2))
                 })
                 .min()
                 .unwrap_or(0)
@@ -428,16 +462,34 @@ mod tests {
         let g = evaluate("sixteen-on-eight", &scenario_file("sixteen-on-eight"), &PolicyConfig::with_kind(PolicyKind::Guarded), DEFAULT_EVAL_ROUNDS, DEFAULT_EVAL_INTERVAL);
         assert!(k < (g.pins_until + g.pins_after) as usize, "{g:?}");
         // The bound below is sound but weaker here.
-        assert!(min_pins::lower_bound(n, &v) <= k);
+        assert!(min_pins::lower_bound(n, &v) <= k, "{}", min_pins::lower_bound(n, &v));
     }
 
-    /// random-64x200: no placement with spread <= 10 is fewer than 38 pin changes away (a lower bound, not
-    /// necessarily reachable). `guarded` uses 41 without balancing, so counting alone does not rule out beating it.
+    /// random-64x200: no placement with spread <= 10 is fewer than 39 pin changes away (a lower bound), and one
+    /// is 43 away (below: found by a randomised greedy search outside the repository, checked here). So the
+    /// minimum is 39 to 43. `guarded` uses 41 without balancing: whether any policy can balance this host with
+    /// fewer pin changes than that is not decided by these numbers.
     #[test]
-    fn random_64x200_needs_at_least_38_pin_changes() {
+    fn random_64x200_needs_39_to_43_pin_changes() {
         let (n, v) = min_pins::pinned_loads(&scenario_file("random-64x200"));
         assert_eq!((n, v.len()), (64, 200));
-        assert_eq!(min_pins::lower_bound(n, &v), 38);
+        assert_eq!(min_pins::lower_bound(n, &v), 39);
+        // (vCPU index = the domain r000..r199, new pCPU); every other vCPU stays where the scenario pins it.
+        let moved: [(usize, usize); 43] = [
+            (1, 45), (4, 3), (9, 35), (12, 14), (20, 63), (31, 23), (35, 19), (36, 59), (40, 14), (42, 56), (50, 44),
+            (62, 10), (63, 34), (67, 5), (73, 41), (79, 41), (81, 54), (82, 41), (86, 9), (96, 63), (98, 9), (99, 30),
+            (100, 47), (106, 57), (107, 46), (115, 30), (121, 42), (123, 17), (124, 47), (128, 16), (131, 11),
+            (132, 60), (136, 36), (139, 16), (147, 25), (150, 7), (155, 7), (178, 15), (187, 25), (194, 28),
+            (196, 48), (197, 30), (199, 20),
+        ];
+        let mut sums = vec![0u64; n];
+        for (i, &(l, p)) in v.iter().enumerate() {
+            let to = moved.iter().find(|m| m.0 == i).map_or(p, |m| m.1);
+            assert!(moved.iter().all(|m| m.0 != i || m.1 != p), "r{i:03} does not change pCPU");
+            sums[to] += l;
+        }
+        let (hi, lo) = (sums.iter().max().unwrap(), sums.iter().min().unwrap());
+        assert!(hi - lo <= 100, "spread {} tenths", hi - lo);
     }
 
     /// The search and the bound on hosts small enough to check by hand.
