@@ -238,7 +238,9 @@ mod tests {
         assert_eq!(run("heavy-light-unpinned", PolicyKind::Guarded).back_and_forth, 0);
     }
 
-    /// Where converge uses more pin changes in all than `guarded`; POLICIES.md names exactly these.
+    /// Where converge uses more pin changes in all than `guarded`; POLICIES.md names exactly these. Balancing them
+    /// needs exactly 8 and 39 to 43 pin changes ([`sixteen_on_eight_needs_exactly_eight_pin_changes`],
+    /// [`random_64x200_needs_39_to_43_pin_changes`]); `guarded` uses 10 and 41 without balancing.
     const CONVERGE_MORE_PINS_THAN_GUARDED: [&str; 2] = ["random-64x200", "sixteen-on-eight"];
 
     /// The claims POLICIES.md makes for the default policy, on every file in scenarios/: it balances; earlier than
