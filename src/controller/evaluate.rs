@@ -465,6 +465,13 @@ mod tests {
         assert!(k < (g.pins_until + g.pins_after) as usize, "{g:?}");
         // The bound below is sound but weaker here.
         assert!(min_pins::lower_bound(n, &v) <= k, "{}", min_pins::lower_bound(n, &v));
+        // After converge's probe round (vm01 to pCPU 6, vm03 to 4, vm04 to 5, vm08 to 7: 4 pins), 5 more are
+        // needed and enough: 9 in all, still fewer than guarded's 10. converge makes 8 more (12 in all).
+        let mut after_probe = v.clone();
+        for (vm, to) in [(0, 6), (2, 4), (3, 5), (7, 7)] {
+            after_probe[vm].1 = to;
+        }
+        assert_eq!(min_pins::exact(n, &after_probe).unwrap().0, 5);
     }
 
     /// random-64x200: no placement with spread <= 10 is fewer than 39 pin changes away (a lower bound), and one
