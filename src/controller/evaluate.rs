@@ -238,7 +238,9 @@ mod tests {
         assert_eq!(run("heavy-light-unpinned", PolicyKind::Guarded).back_and_forth, 0);
     }
 
-    /// Where converge uses more pin changes in all than `guarded`; POLICIES.md names exactly these.
+    /// Where converge uses more pin changes in all than `guarded`; POLICIES.md names exactly these. Balancing them
+    /// needs exactly 8 and 39 to 43 pin changes ([`sixteen_on_eight_needs_exactly_eight_pin_changes`],
+    /// [`random_64x200_needs_39_to_43_pin_changes`]); `guarded` uses 10 and 41 without balancing.
     const CONVERGE_MORE_PINS_THAN_GUARDED: [&str; 2] = ["random-64x200", "sixteen-on-eight"];
 
     /// The claims POLICIES.md makes for the default policy, on every file in scenarios/: it balances; earlier than
@@ -266,6 +268,257 @@ mod tests {
                 assert!(cp <= gp, "{name}: converge used more pins: {c:?} vs {g:?}");
             }
         }
+    }
+
+    /// How few pin changes *any* policy needs to balance a scenario. Applies to scenarios where every vCPU starts
+    /// pinned to one pCPU with a constant load (the two exceptions above): a vCPU that gets no pin stays where it
+    /// is, so the pins applied are at least the number of vCPUs whose final pCPU differs from the first, and that
+    /// many pins, all in one round, reach that final placement. Loads are in tenths of a point (the scenarios
+    /// round them so), and the total demand is below 90 % per pCPU, so in a placement with spread <= 10 no pCPU
+    /// is saturated (a saturated one reads 100, which would put every other at 90 or more): a pCPU's true usage
+    /// is the sum of its vCPUs' loads. With `lo` the freest pCPU's usage, spread <= 10 means every pCPU's sum is
+    /// in `lo..=lo + 10`, and the sums add up to the total, so `lo` is one of few values.
+    mod min_pins {
+        use super::*;
+        use crate::hypervisor::sim::LoadProfile;
+
+        /// (pCPUs, per vCPU (load in tenths, first pCPU)).
+        pub fn pinned_loads(sc: &Scenario) -> (usize, Vec<(u64, usize)>) {
+            let mut v = Vec::new();
+            for d in &sc.domains {
+                let LoadProfile::Constant(l) = d.load else { panic!("{}: not a constant load", d.name) };
+                let Some([p]) = d.affinity.as_deref() else { panic!("{}: not pinned to one pCPU", d.name) };
+                let tenths = (l * 10.0).round();
+                assert!((tenths - l * 10.0).abs() < 1e-6, "{}: load {l} is not in tenths", d.name);
+                for _ in 0..d.vcpus {
+                    v.push((tenths as u64, *p as usize));
+                }
+            }
+            let n = sc.pcpus as usize;
+            let total: u64 = v.iter().map(|x| x.0).sum();
+            assert!(total < 900 * n as u64, "a balanced placement could saturate a pCPU: the argument fails");
+            (n, v)
+        }
+
+        /// The `lo` values (tenths) a balanced placement can have: `n * lo <= total <= n * (lo + 100)`.
+        pub fn lows(n: usize, v: &[(u64, usize)]) -> std::ops::RangeInclusive<u64> {
+            let total: u64 = v.iter().map(|x| x.0).sum();
+            let n = n as u64;
+            total.div_ceil(n).saturating_sub(100)..=total / n
+        }
+
+        /// Can the vCPUs in `movers` be placed (anywhere, their own pCPU included) so that every pCPU's sum is in
+        /// `lo..=lo + 100`, the others staying put? Depth-first, heaviest mover first, pCPUs with equal sums tried
+        /// once (they are interchangeable once a mover may go anywhere).
+        pub fn placeable(n: usize, v: &[(u64, usize)], movers: &[usize], lo: u64) -> bool {
+            let hi = lo + 100;
+            let mut sums = vec![0u64; n];
+            for (i, &(l, p)) in v.iter().enumerate() {
+                if !movers.contains(&i) {
+                    sums[p] += l;
+                }
+            }
+            if sums.iter().any(|&s| s > hi) {
+                return false;
+            }
+            let mut loads: Vec<u64> = movers.iter().map(|&i| v[i].0).collect();
+            loads.sort_unstable_by(|a, b| b.cmp(a));
+            fn dfs(sums: &mut [u64], loads: &[u64], lo: u64, hi: u64) -> bool {
+                let left: u64 = loads.iter().sum();
+                if sums.iter().map(|&s| lo.saturating_sub(s)).sum::<u64>() > left {
+                    return false;
+                }
+                let Some((&l, rest)) = loads.split_first() else { return true };
+                let mut tried = Vec::new();
+                for p in 0..sums.len() {
+                    if sums[p] + l > hi || tried.contains(&sums[p]) {
+                        continue;
+                    }
+                    tried.push(sums[p]);
+                    sums[p] += l;
+                    let ok = dfs(sums, rest, lo, hi);
+                    sums[p] -= l;
+                    if ok {
+                        return true;
+                    }
+                }
+                false
+            }
+            dfs(&mut sums, &loads, lo, hi)
+        }
+
+        /// The fewest vCPUs that must change pCPU for spread <= 10, by trying every set of movers of size 0, 1,
+        /// ... in turn (exact; only for small hosts), and one such set; `None` if no placement is balanced.
+        pub fn exact(n: usize, v: &[(u64, usize)]) -> Option<(usize, Vec<usize>)> {
+            assert!(v.len() <= 20, "exhaustive search is for small hosts");
+            for k in 0..=v.len() {
+                let mut found = None;
+                for mask in 0u32..(1 << v.len()) {
+                    if mask.count_ones() as usize != k {
+                        continue;
+                    }
+                    let movers: Vec<usize> = (0..v.len()).filter(|i| mask & (1 << i) != 0).collect();
+                    if lows(n, v).any(|lo| placeable(n, v, &movers, lo)) {
+                        found = Some(movers);
+                        break;
+                    }
+                }
+                if let Some(m) = found {
+                    return Some((k, m));
+                }
+            }
+            None
+        }
+
+        /// Fewest items of `items` whose sum reaches `need` (heaviest first is optimal); `usize::MAX` if none.
+        fn fewest(items: &mut [u64], need: u64) -> usize {
+            items.sort_unstable_by(|a, b| b.cmp(a));
+            let mut s = 0;
+            for (k, &x) in items.iter().enumerate() {
+                if s >= need {
+                    return k;
+                }
+                s += x;
+            }
+            if s >= need { items.len() } else { usize::MAX }
+        }
+
+        /// The fewest departures plus arrivals that can leave a pCPU with vCPUs `items` (summing to `sum`) in
+        /// `lo..=hi`, arrivals weighing `lightest..=heaviest` each (see [`lower_bound`]). Every subset of `items`
+        /// is tried, so this is for pCPUs with a handful of vCPUs.
+        fn touches(items: &[u64], sum: u64, lo: u64, hi: u64, lightest: u64, heaviest: u64) -> usize {
+            assert!(items.len() <= 16, "too many vCPUs on one pCPU to try every subset");
+            let mut best = usize::MAX;
+            for mask in 0u32..(1 << items.len()) {
+                let gone: u64 = (0..items.len()).filter(|i| mask & (1 << i) != 0).map(|i| items[i]).sum();
+                let rest = sum - gone;
+                let k = mask.count_ones() as usize;
+                // The fewest arrivals m with rest + m * lightest <= hi and rest + m * heaviest >= lo.
+                let m = (0..=items.len() + 64).find(|&m| {
+                    let m = m as u64;
+                    rest + m * lightest <= hi && rest + m * heaviest >= lo
+                });
+                if let Some(m) = m {
+                    best = best.min(k + m);
+                }
+            }
+            best
+        }
+
+        /// A lower bound on the vCPUs that must change pCPU for spread <= 10, for hosts too big to search. For
+        /// each possible `lo`, three counts, each a lower bound:
+        /// - `out`: a pCPU whose vCPUs sum over `lo + 10` must lose at least the fewest of its own vCPUs that
+        ///   cover the excess (arrivals only add to it); summed over pCPUs.
+        /// - `in`: a pCPU under `lo` must receive at least the fewest vCPUs of the whole host (its own excluded)
+        ///   that cover the deficit; summed. Each moved vCPU leaves one pCPU, so moves >= out, and arrives at one,
+        ///   so moves >= in.
+        /// - `touch / 2`: per pCPU, the fewest departures plus arrivals that can leave it in `lo..=lo + 10`
+        ///   (departures: any subset of its vCPUs; `m` arrivals add between `m` × the lightest and `m` × the
+        ///   heaviest load of the host), summed. A pCPU that must shed its heavy vCPUs and would then fall under
+        ///   `lo` counts the arrival it then needs. Each move touches two pCPUs, so moves >= touch / 2.
+        ///
+        /// The bound is, over the possible `lo`, the least of the largest of the three.
+        pub fn lower_bound(n: usize, v: &[(u64, usize)]) -> usize {
+            let mut on: Vec<Vec<u64>> = vec![Vec::new(); n];
+            for &(l, p) in v {
+                on[p].push(l);
+            }
+            let sums: Vec<u64> = on.iter().map(|x| x.iter().sum()).collect();
+            let lightest = v.iter().map(|x| x.0).min().unwrap_or(0);
+            let heaviest = v.iter().map(|x| x.0).max().unwrap_or(0);
+            lows(n, v)
+                .map(|lo| {
+                    let hi = lo + 100;
+                    let (mut out, mut inn) = (0usize, 0usize);
+                    for p in 0..n {
+                        if sums[p] > hi {
+                            out = out.saturating_add(fewest(&mut on[p].clone(), sums[p] - hi));
+                        }
+                        if sums[p] < lo {
+                            let mut others: Vec<u64> = v.iter().filter(|x| x.1 != p).map(|x| x.0).collect();
+                            inn = inn.saturating_add(fewest(&mut others, lo - sums[p]));
+                        }
+                    }
+                    let touch = (0..n)
+                        .map(|p| touches(&on[p], sums[p], lo, hi, lightest, heaviest))
+                        .fold(0usize, usize::saturating_add);
+                    out.max(inn).max(touch.div_ceil(2))
+                })
+                .min()
+                .unwrap_or(0)
+        }
+    }
+
+    fn scenario_file(name: &str) -> Scenario {
+        Scenario::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios").join(format!("{name}.toml")))
+            .unwrap()
+    }
+
+    /// sixteen-on-eight: exactly 8 pin changes are needed (and enough) to balance it. `guarded` uses 10 and never
+    /// balances; converge uses more (POLICIES.md). So "balanced with fewer pin changes than guarded" is possible.
+    #[test]
+    fn sixteen_on_eight_needs_exactly_eight_pin_changes() {
+        let (n, v) = min_pins::pinned_loads(&scenario_file("sixteen-on-eight"));
+        let (k, movers) = min_pins::exact(n, &v).unwrap();
+        assert_eq!(k, 8, "movers {movers:?}");
+        let g = evaluate("sixteen-on-eight", &scenario_file("sixteen-on-eight"), &PolicyConfig::with_kind(PolicyKind::Guarded), DEFAULT_EVAL_ROUNDS, DEFAULT_EVAL_INTERVAL);
+        assert!(k < (g.pins_until + g.pins_after) as usize, "{g:?}");
+        // The bound below is sound but weaker here.
+        assert!(min_pins::lower_bound(n, &v) <= k, "{}", min_pins::lower_bound(n, &v));
+        // After converge's probe round (vm01 to pCPU 6, vm03 to 4, vm04 to 5, vm08 to 7: 4 pins), 5 more are
+        // needed and enough: 9 in all, still fewer than guarded's 10. converge makes 8 more (12 in all).
+        let mut after_probe = v.clone();
+        for (vm, to) in [(0, 6), (2, 4), (3, 5), (7, 7)] {
+            after_probe[vm].1 = to;
+        }
+        assert_eq!(min_pins::exact(n, &after_probe).unwrap().0, 5);
+    }
+
+    /// random-64x200: no placement with spread <= 10 is fewer than 39 pin changes away (a lower bound), and one
+    /// is 43 away (below: found by a randomised greedy search outside the repository, checked here). So the
+    /// minimum is 39 to 43. `guarded` uses 41 without balancing: whether any policy can balance this host with
+    /// fewer pin changes than that is not decided by these numbers.
+    #[test]
+    fn random_64x200_needs_39_to_43_pin_changes() {
+        let (n, v) = min_pins::pinned_loads(&scenario_file("random-64x200"));
+        assert_eq!((n, v.len()), (64, 200));
+        assert_eq!(min_pins::lower_bound(n, &v), 39);
+        // (vCPU index = the domain r000..r199, new pCPU); every other vCPU stays where the scenario pins it.
+        let moved: [(usize, usize); 43] = [
+            (1, 45), (4, 3), (9, 35), (12, 14), (20, 63), (31, 23), (35, 19), (36, 59), (40, 14), (42, 56), (50, 44),
+            (62, 10), (63, 34), (67, 5), (73, 41), (79, 41), (81, 54), (82, 41), (86, 9), (96, 63), (98, 9), (99, 30),
+            (100, 47), (106, 57), (107, 46), (115, 30), (121, 42), (123, 17), (124, 47), (128, 16), (131, 11),
+            (132, 60), (136, 36), (139, 16), (147, 25), (150, 7), (155, 7), (178, 15), (187, 25), (194, 28),
+            (196, 48), (197, 30), (199, 20),
+        ];
+        let mut sums = vec![0u64; n];
+        for (i, &(l, p)) in v.iter().enumerate() {
+            let to = moved.iter().find(|m| m.0 == i).map_or(p, |m| m.1);
+            assert!(moved.iter().all(|m| m.0 != i || m.1 != p), "r{i:03} does not change pCPU");
+            sums[to] += l;
+        }
+        let (hi, lo) = (sums.iter().max().unwrap(), sums.iter().min().unwrap());
+        assert!(hi - lo <= 100, "spread {} tenths", hi - lo);
+    }
+
+    /// The search and the bound on hosts small enough to check by hand.
+    #[test]
+    fn min_pins_on_small_hosts() {
+        // 4 x 40 on pCPU 0 of 2: two must leave (80 / 80).
+        let v = vec![(400, 0); 4];
+        assert_eq!(min_pins::exact(2, &v).unwrap().0, 2);
+        assert_eq!(min_pins::lower_bound(2, &v), 2);
+        // Already balanced: nothing.
+        let v = vec![(500, 0), (300, 1), (250, 1)];
+        assert_eq!(min_pins::exact(2, &v).unwrap().0, 0);
+        // 60 + 20 on 2 pCPUs: no placement is within 10.
+        let v = vec![(600, 0), (200, 0)];
+        assert_eq!(min_pins::lows(2, &v), 300..=400);
+        assert_eq!(min_pins::exact(2, &v), None);
+        // 3 x 30 on 0, 10 on 1, of 3 pCPUs: one 30 to each of 1 and 2 (30 / 40 / 30).
+        let v = vec![(300, 0), (300, 0), (300, 0), (100, 1)];
+        assert_eq!(min_pins::exact(3, &v).unwrap().0, 2);
+        assert_eq!(min_pins::lower_bound(3, &v), 2);
     }
 
     #[test]
