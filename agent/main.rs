@@ -16,10 +16,8 @@ use vcpu_balancer::metrics::AgentMetrics;
 use vcpu_balancer::security::{self, PinPolicy, TlsFiles};
 use vcpu_balancer::telemetry::{self, LogFormat};
 
-// glibc's malloc took about a third of the controller's CPU at 100 hosts x 64 vCPUs, much of it waiting on arena
-// locks between tokio's worker threads; mimalloc halved the CPU of a round (BENCHMARKS.md, "Controller rounds").
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The agent keeps the system allocator, unlike the controller (controller/main.rs): with mimalloc the simulated
+// agent's resident memory went from 7 to 20 MiB for no CPU it needs to save (BENCHMARKS.md, "Agent cost").
 
 /// Exit code for invalid configuration (sysexits EX_USAGE).
 const EX_USAGE: i32 = 64;

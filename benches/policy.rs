@@ -2,7 +2,9 @@
 //! Run: `cargo bench --bench policy`.
 //!
 //! Measured in the same criterion run, on the same two samples:
-//! - `decide`: [`policy::decide`] on a precomputed usage (the policy alone);
+//! - `decide`: [`policy::decide`] on a precomputed usage with an empty state (the policy alone, on a host's first
+//!   round: everything it remembers is new);
+//! - `decide_steady`: the same, with the state the first decision left (every later round of a host);
 //! - `usage+decide`: [`usage::compute`] then [`policy::decide`], what a round computes between its two RPCs;
 //! - baselines: `usage::compute` alone, and `single_pass`, one pass over the vCPUs that sums usage per pCPU and
 //!   finds the busiest and freest pCPU (the least any policy must do).
@@ -15,8 +17,8 @@ use vcpu_balancer::controller::policy::{self, PolicyConfig};
 use vcpu_balancer::controller::usage;
 use vcpu_balancer::model::{DomainStats, HostStats, VcpuStats};
 
-// The allocator of the shipped binaries (agent/main.rs, controller/main.rs), so that a figure and its floor in
-// this process are measured as they run in production.
+// The controller's allocator (controller/main.rs), so that a figure and its floor in this process are measured as
+// the controller runs in production.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -96,6 +98,12 @@ fn bench(c: &mut Criterion) {
             assert!(!plan.moves.is_empty(), "the bench input must make the policy move a vCPU");
             let mut g = c.benchmark_group(format!("policy_{kind}_1000vcpus_128pcpus_{label}"));
             g.bench_function("decide", |b| b.iter(|| policy::decide_once(black_box(&u), black_box(&cfg))));
+            // What a host costs every round once the controller has seen it: the state after one decision on the same
+            // readings (the policy's memory is filled, nothing came or went).
+            let (_, state) = policy::decide(&u, &cfg, &policy::PolicyState::default());
+            g.bench_function("decide_steady", |b| {
+                b.iter(|| policy::decide(black_box(&u), black_box(&cfg), black_box(&state)))
+            });
             g.bench_function("usage+decide", |b| {
                 b.iter(|| {
                     let u = usage::compute(Some(black_box(&prev)), black_box(&cur)).expect("valid samples");
