@@ -27,9 +27,12 @@ use vcpu_balancer::controller::client::{AgentClient, DEFAULT_RPC_TIMEOUT};
 use vcpu_balancer::controller::host::{HostWorker, LoopConfig};
 use vcpu_balancer::controller::report::ActionType;
 
-// No #[global_allocator]: the in-process floors here stand for the agent, which runs on the system allocator.
 use common::{proc_cpu_seconds, proc_status_kib, proc_thread_cpu_ns, summarize, thread_cpu_delta_s, ChildGuard, TempDir};
 
+// The allocator of the shipped binaries (agent/main.rs, controller/main.rs), so that a figure and its floor in
+// this process are measured as they run in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DEFAULT_SECS: u64 = 30;
 const DEFAULT_PORT: u16 = 21980;

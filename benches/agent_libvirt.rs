@@ -36,9 +36,12 @@ use vcpu_balancer::hypervisor::libvirt::{LibvirtHypervisor, MAX_PARALLEL_READS};
 use vcpu_balancer::hypervisor::Hypervisor;
 use vcpu_balancer::model::HostStats;
 
-// No #[global_allocator]: the in-process floors here stand for the agent, which runs on the system allocator.
 use common::{summarize, ChildGuard};
 
+// The allocator of the shipped binaries (agent/main.rs, controller/main.rs), so that a figure and its floor in
+// this process are measured as they run in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DEFAULT_GUESTS: &str = "1,8,32";
 const DEFAULT_PREFIX: &str = "vcbbench";

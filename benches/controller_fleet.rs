@@ -37,8 +37,8 @@ use vcpu_balancer::controller::report::ActionType;
 
 use common::{raw_get_stats, summarize, ChildGuard, RawCodec, TempDir};
 
-// The controller's allocator (controller/main.rs), so that a figure and its floor in this process are measured as
-// the controller runs in production.
+// The allocator of the shipped binaries (agent/main.rs, controller/main.rs), so that a figure and its floor in
+// this process are measured as they run in production.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

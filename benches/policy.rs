@@ -52,7 +52,10 @@ fn samples(pinned: bool) -> (HostStats, HostStats) {
             pv.push(VcpuStats { index: i, time_ns: t0, pcpu, affinity: affinity.clone() });
             cv.push(VcpuStats { index: i, time_ns: t0 + usage_pct * ELAPSED_NS / 100, pcpu, affinity });
         }
-        let uuid = format!("00000000-0000-4000-8000-{d:012x}");
+        // Random-looking, as libvirt's (v4) and the simulator's UUIDs are: a shared prefix would make every key
+        // comparison in the policy's maps scan it.
+        let (a, b) = (next(), next());
+        let uuid = format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", a >> 32, (a >> 16) & 0xffff, a & 0xfff, b >> 52, b & 0xffff_ffff_ffff);
         let name = format!("vm{d:04}");
         prev.push(DomainStats { uuid: uuid.clone(), name: name.clone(), id: d + 1, cpu_time_ns: 0, vcpus: pv });
         cur.push(DomainStats { uuid, name, id: d + 1, cpu_time_ns: 0, vcpus: cv });
