@@ -146,7 +146,10 @@ load = 20
     let before: Vec<&RoundReport> = rs[..first_move.unwrap()].iter().filter(|r| r.spread.is_some()).collect();
     assert!(before.len() >= 2, "some balanced rounds before the change: {rs:#?}");
     assert!(before.iter().all(|r| r.spread.unwrap() <= 10.0 && r.action.kind == ActionType::None));
-    assert!(m.spread.unwrap() > 40.0, "{m:#?}");
+    // The full change is a spread of 50. A round whose window straddles the change (the simulated clock runs 20x
+    // real time, so a busy machine stretches rounds) reads less; converge acts at once above twice the threshold,
+    // and never below the threshold on exact readings.
+    assert!(m.spread.unwrap() > 2.0 * 10.0, "{m:#?}");
     assert_eq!((m.action.domain.as_deref(), m.action.from, m.action.to), (Some("vm2"), Some(0), Some(1)));
     assert!(settled_at(rs, 10.0, 5).is_some(), "{rs:#?}");
 }
