@@ -25,11 +25,8 @@ use tokio_rustls::TlsConnector;
 
 use crate::security::ClientTls;
 
-/// Errors of the transport, as tonic expects them (it turns them into `UNAVAILABLE` / `UNKNOWN` statuses).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Longest wait for the TLS handshake after the TCP connection is up.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = crate::security::TLS_HANDSHAKE_TIMEOUT;
+/// Errors of the transport, as tonic expects them (a `Status` inside is reported as is).
+pub type BoxError = tonic::codegen::StdError;
 
 /// A cloneable handle on one agent's connection; clones share it.
 #[derive(Clone)]
@@ -41,6 +38,7 @@ struct Inner {
     /// `HOST:PORT` as dialled (names are resolved on every connect, so a moved host is found again).
     addr: String,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Bounds the whole dial: TCP, TLS and the HTTP/2 handshake.
     connect_timeout: Duration,
     /// The live connection, with a number that tells it from the ones before it.
     conn: Mutex<(u64, Option<h2::client::SendRequest<Bytes>>)>,
@@ -85,12 +83,7 @@ impl Inner {
         tcp.set_nodelay(true)?;
         match &self.tls {
             None => handshake(tcp).await,
-            Some((connector, name)) => {
-                let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, connector.connect(name.clone(), tcp))
-                    .await
-                    .map_err(|_| "TLS handshake timed out")??;
-                handshake(tls).await
-            }
+            Some((connector, name)) => handshake(connector.connect(name.clone(), tcp).await?).await,
         }
     }
 
@@ -224,23 +217,24 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
-    /// An h2 server on loopback that answers every request with a bare 200 and reports when the client's
-    /// connection ends.
-    async fn server() -> (http::uri::Authority, tokio::sync::oneshot::Receiver<usize>) {
+    /// Serves one h2 connection on `listener`, answering every request with a bare 200; returns how many requests
+    /// it served once the client's connection ends.
+    async fn serve_one(listener: TcpListener) -> usize {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut conn = h2::server::handshake(tcp).await.unwrap();
+        let mut served = 0;
+        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            served += 1;
+            respond.send_response(http::Response::new(()), true).unwrap();
+        }
+        served
+    }
+
+    /// Such a server on a free loopback port.
+    async fn server() -> (http::uri::Authority, tokio::task::JoinHandle<usize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority: http::uri::Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut conn = h2::server::handshake(tcp).await.unwrap();
-            let mut served = 0;
-            while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                served += 1;
-                respond.send_response(http::Response::new(()), true).unwrap();
-            }
-            let _ = done_tx.send(served);
-        });
-        (authority, done_rx)
+        (authority, tokio::spawn(serve_one(listener)))
     }
 
     fn request(a: &http::uri::Authority) -> http::Request<tonic::body::Body> {
@@ -275,14 +269,7 @@ mod tests {
         let status = tonic::Status::from_error(e);
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
         // The same address comes up: the same channel reaches it.
-        let listener = TcpListener::bind(a.as_str()).await.unwrap();
-        tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut conn = h2::server::handshake(tcp).await.unwrap();
-            while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                respond.send_response(http::Response::new(()), true).unwrap();
-            }
-        });
+        tokio::spawn(serve_one(TcpListener::bind(a.as_str()).await.unwrap()));
         assert_eq!(ch.inner.call(request(&a)).await.unwrap().status(), 200);
     }
 }
