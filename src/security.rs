@@ -125,33 +125,32 @@ impl TlsFiles {
         use tokio_rustls::rustls;
         use tokio_rustls::rustls::pki_types::pem::PemObject;
         use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let pem_err = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |e: &dyn std::fmt::Display| SecurityError::Pem { what, path: path.clone(), reason: e.to_string() }
+        let pem = |what: &'static str, path: &Path, e: &dyn std::fmt::Display| SecurityError::Pem {
+            what,
+            path: path.to_path_buf(),
+            reason: e.to_string(),
         };
         let certs = |what: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, SecurityError> {
             let bytes = Self::read(what, path)?;
-            let v = CertificateDer::pem_slice_iter(&bytes)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| pem_err(what, path)(&e))?;
+            let v = CertificateDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>().map_err(|e| pem(what, path, &e))?;
             if v.is_empty() {
-                return Err(pem_err(what, path)(&"no PEM certificate in the file"));
+                return Err(pem(what, path, &"no PEM certificate in the file"));
             }
             Ok(v)
         };
         let mut roots = rustls::RootCertStore::empty();
         for c in certs("CA certificate", &self.ca)? {
-            roots.add(c).map_err(|e| pem_err("CA certificate", &self.ca)(&e))?;
+            roots.add(c).map_err(|e| pem("CA certificate", &self.ca, &e))?;
         }
         let chain = certs("certificate", &self.cert)?;
-        let key = PrivateKeyDer::from_pem_slice(&Self::read("key", &self.key)?).map_err(|e| pem_err("key", &self.key)(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(&Self::read("key", &self.key)?).map_err(|e| pem("key", &self.key, &e))?;
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| pem_err("certificate", &self.cert)(&e))?
+            .map_err(|e| pem("certificate", &self.cert, &e))?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
-            .map_err(|e| pem_err("key", &self.key)(&e))?;
+            .map_err(|e| pem("key", &self.key, &e))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(ClientTls { config: std::sync::Arc::new(config) })
     }
