@@ -423,13 +423,6 @@ fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
     // domains no longer say anything about where a vCPU should not go back to, so cooldowns start over.
     let uuids: HashSet<&str> = u.vcpus.iter().map(|v| &*v.uuid).collect();
     let churn = !fresh.is_empty() || state.last_pins.keys().any(|(uuid, _)| !uuids.contains(&**uuid));
-    let all_kept = state.last_pins.keys().all(keep)
-        && state.last_moved.keys().all(keep)
-        && state.manual_reported.iter().all(keep)
-        && state.smoothed.keys().all(keep);
-    if all_kept && !churn {
-        return PolicyState { seen, ..state.clone() };
-    }
     PolicyState {
         round: state.round,
         last_pins: std::sync::Arc::new(
