@@ -78,13 +78,10 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
     let elapsed_ns = cur.sample_time_ns - prev.sample_time_ns;
     // The agent lists domains in the same order every round, so the previous sample of a domain is almost always at
     // the same position; the map is only for the rounds where domains came or went.
+    let aligned =
+        prev.domains.len() == cur.domains.len() && prev.domains.iter().zip(&cur.domains).all(|(a, b)| a.uuid == b.uuid);
     let by_uuid: HashMap<&str, &crate::model::DomainStats> =
-        if prev.domains.len() == cur.domains.len() && prev.domains.iter().zip(&cur.domains).all(|(a, b)| a.uuid == b.uuid) {
-            HashMap::new()
-        } else {
-            prev.domains.iter().map(|d| (d.uuid.as_str(), d)).collect()
-        };
-    let aligned = by_uuid.is_empty();
+        if aligned { HashMap::new() } else { prev.domains.iter().map(|d| (d.uuid.as_str(), d)).collect() };
     let before_of = |i: usize, d: &crate::model::DomainStats| {
         if aligned { prev.domains.get(i) } else { by_uuid.get(d.uuid.as_str()).copied() }
     };
