@@ -24,15 +24,7 @@ impl SimAgent {
 
     /// Serves an existing simulated hypervisor on `bind`.
     pub async fn start_with(hv: Arc<SimHypervisor>, bind: &str) -> SimAgent {
-        let listener = TcpListener::bind(bind).await.expect("bind loopback");
-        let addr = listener.local_addr().unwrap().to_string();
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        let h = hv.clone();
-        let task = tokio::spawn(async move {
-            vcpu_balancer::agent::serve(h, listener, s.cancelled_owned()).await.expect("agent serves");
-        });
-        SimAgent { addr, hv, stop, task }
+        Self::start_opts(hv, bind, vcpu_balancer::agent::ServeOptions::default()).await
     }
 
     /// Serves an existing simulated hypervisor on `bind` with TLS and a pin policy as `opts` say.
