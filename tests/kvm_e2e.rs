@@ -66,6 +66,20 @@ fn virsh_vcpu_cpu(dom: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The pCPU each vCPU last ran on, read until vCPU 0 has run on `want` or `PIN_SETTLE_READS` reads have passed.
+fn vcpu_cpu_after_pin(dom: &str, want: u32) -> Vec<u32> {
+    const PIN_SETTLE_READS: usize = 50;
+    let mut cpus = virsh_vcpu_cpu(dom);
+    for _ in 0..PIN_SETTLE_READS {
+        if cpus.first() == Some(&want) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        cpus = virsh_vcpu_cpu(dom);
+    }
+    cpus
+}
+
 /// Per-vCPU cumulative time (ns) from `virsh domstats --vcpu DOM`.
 fn virsh_vcpu_times(dom: &str) -> Vec<u64> {
     let mut t: BTreeMap<u32, u64> = BTreeMap::new();
@@ -275,7 +289,9 @@ async fn manual_pins_show_in_virsh() {
     let mut c = agent.client().await;
     c.pin_vcpu(pb::PinVcpuRequest { domain: dom.clone(), vcpu: 0, pcpus: vec![0], persist: false }).await.unwrap();
     assert_eq!(virsh_vcpupin(&dom), vec![vec![0]]);
-    assert_eq!(virsh_vcpu_cpu(&dom), vec![0], "the vCPU thread moved");
+    // The kernel moves a sleeping thread only when it next runs, so `vcpuinfo` may still name the old pCPU for a
+    // moment after the pin: wait for the thread's next run (the guest's load wakes it many times a second).
+    assert_eq!(vcpu_cpu_after_pin(&dom, 0), vec![0], "the vCPU thread moved");
 
     let info = c.get_host_info(pb::GetHostInfoRequest {}).await.unwrap().into_inner();
     let missing_pcpu = info.npcpus.to_string();
