@@ -17,7 +17,8 @@
 //! Each figure is reported with its ratio to the floor of the same repetition (median and spread).
 //!
 //! Environment: `VCB_URI` (default `qemu:///system`), `VCB_GUESTS` (default `1,8,32`), `VCB_PREFIX` (default
-//! `vcbbench`), `VCB_LOAD` (testbed load of every guest, default 0 = idle), `VCB_BUSY` (this many of the guests run
+//! `vcbbench`), `VCB_CLIENT_RT` (`current`, the default, or `multi`: the tokio runtime of this process, which
+//! drives the agent client and the floor alike), `VCB_LOAD` (testbed load of every guest, default 0 = idle), `VCB_BUSY` (this many of the guests run
 //! at 100 % instead, default 0), `VCB_REPS` (default 40), `VCB_PORT` (agent port, default 21990), `VCB_TESTBED`
 //! (default `scripts/testbed` of this repository), `VCB_NO_TESTBED=1` (measure the domains already running, e.g.
 //! with `VCB_URI=test:///default VCB_GUESTS=1`), `VCB_KEEP_GUESTS=1` (leave the guests running after a successful
@@ -181,7 +182,15 @@ fn main() -> anyhow::Result<()> {
     let mut agent = ChildGuard::spawn(cmd, "vcpu-agent (libvirt)")?;
     agent.wait_listening(addr)?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // One caller on one thread, like the CLI or grpcurl: a multi-thread client runtime adds its own cross-thread
+    // wake-ups to every agent round trip (about 0.2 ms on the 2-core VM of BENCHMARKS.md), which is the client's cost,
+    // not the agent's. `VCB_CLIENT_RT=multi` measures with the multi-thread runtime instead (both figure and floor).
+    let multi = std::env::var("VCB_CLIENT_RT").is_ok_and(|v| v == "multi");
+    let rt = if multi {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    };
     // The gRPC channel spawns its connection task on the runtime it is created in.
     let _guard = rt.enter();
     let mut setup = Setup {
@@ -190,7 +199,8 @@ fn main() -> anyhow::Result<()> {
         sequential: LibvirtHypervisor::with_parallel_reads(&uri, 1),
     };
     println!(
-        "# agent_libvirt: uri {uri}, {reps} repetitions, guests load {load} ({busy} at {BUSY_LOAD}), parallel reads {MAX_PARALLEL_READS}"
+        "# agent_libvirt: uri {uri}, {reps} repetitions, guests load {load} ({busy} at {BUSY_LOAD}), parallel reads {MAX_PARALLEL_READS}, {} client runtime",
+        if multi { "multi-thread" } else { "current-thread" }
     );
     println!("| guests | vCPUs | variant | ms (median [min–max]) | ratio to floor (median [min–max]) |");
     println!("|---:|---:|---|---:|---:|");
