@@ -39,7 +39,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::controller::policy::{Decision, PolicyState, VcpuKey, View};
+use crate::controller::policy::{Decision, PolicyState, VcpuMap, View};
 use crate::controller::usage::{HostUsage, VcpuUsage};
 use crate::model::PcpuId;
 
@@ -89,7 +89,7 @@ pub fn saturated(u: &HostUsage) -> BTreeSet<PcpuId> {
 /// `u` with each known vCPU usage replaced by its moving average (updated in `avg`), and pCPU sums redone. A vCPU
 /// for which `fresh_start` holds takes its raw reading, as does one whose reading jumped by more than
 /// [`SMOOTHING_RESET`].
-pub fn smooth(u: &HostUsage, avg: &mut BTreeMap<VcpuKey, f64>, fresh_start: impl Fn(&VcpuUsage) -> bool) -> HostUsage {
+pub fn smooth(u: &HostUsage, avg: &mut VcpuMap<f64>, fresh_start: impl Fn(&VcpuUsage) -> bool) -> HostUsage {
     let mut out = u.clone();
     for v in &mut out.vcpus {
         let key = (v.uuid.clone(), v.vcpu);
@@ -493,7 +493,7 @@ mod tests {
 
     #[test]
     fn smoothing_averages_noise_but_follows_real_changes() {
-        let mut avg = BTreeMap::new();
+        let mut avg = VcpuMap::default();
         let h = |x: f64| host(1, &[("a", 0, x, true)]);
         assert_eq!(smooth(&h(40.0), &mut avg, |_| false).vcpus[0].usage, Some(40.0));
         let s = smooth(&h(44.0), &mut avg, |_| false).vcpus[0].usage.unwrap();

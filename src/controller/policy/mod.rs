@@ -19,7 +19,7 @@ pub mod constraints;
 pub mod converge;
 pub mod tenpercent;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -101,6 +101,13 @@ impl PolicyConfig {
 /// A vCPU, as the policies key it: (domain UUID, vCPU index).
 pub type VcpuKey = (std::sync::Arc<str>, u32);
 
+/// Per-vCPU memory of the policies. Hashed with a fixed seed, not ordered: every round looks up every vCPU
+/// several times, and an ordered map's string comparisons (ten per lookup at 1,000 vCPUs) were most of a balanced
+/// host's decision time (benches/policy.rs, `balanced`). Nothing iterates these maps in an order that matters.
+pub type VcpuMap<V> = HashMap<VcpuKey, V, foldhash::fast::FixedState>;
+/// The set form of [`VcpuMap`].
+pub type VcpuSet = HashSet<VcpuKey, foldhash::fast::FixedState>;
+
 /// What a policy remembers between rounds for one host. The per-host task owns it and passes it to
 /// [`decide`], which returns the next one; nothing else keeps state.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -111,14 +118,14 @@ pub struct PolicyState {
     /// someone else since.
     /// Shared with the previous round's state until a pin changes: most rounds change none, and copying a
     /// thousand affinities per host and round showed in the controller's profile.
-    pub last_pins: std::sync::Arc<BTreeMap<VcpuKey, Vec<PcpuId>>>,
+    pub last_pins: std::sync::Arc<VcpuMap<Vec<PcpuId>>>,
     /// Round at which each vCPU was last moved, and the pCPU it left (for [`converge`]'s cooldown and its
     /// no-return rule).
-    pub last_moved: BTreeMap<VcpuKey, (u64, PcpuId)>,
+    pub last_moved: VcpuMap<(u64, PcpuId)>,
     /// vCPUs already reported as pinned by hand, so the log says it once, not every round.
-    pub manual_reported: BTreeSet<VcpuKey>,
+    pub manual_reported: VcpuSet,
     /// Smoothed usage of each vCPU (for [`converge`]).
-    pub smoothed: BTreeMap<VcpuKey, f64>,
+    pub smoothed: VcpuMap<f64>,
     /// Whether the previous round's spread was over the level that triggers action (for [`converge`]'s hold).
     pub was_over: bool,
     /// pCPUs that read saturated in the previous round (for [`converge`]: their vCPUs' readings were fair shares,
@@ -256,10 +263,13 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
     let u = if cfg.kind == PolicyKind::Converge {
         // Readings that were or are fair shares of a saturated pCPU, and readings of vCPUs that were just moved,
         // are new information rather than noise: the average restarts from them.
+        // Usually none: one pass over the moves beats a lookup per vCPU.
+        let just_moved: VcpuSet =
+            state.last_moved.iter().filter(|(_, &(r, _))| r == state.round).map(|(k, _)| k.clone()).collect();
         let fresh_start = |v: &VcpuUsage| {
             state.saturated.contains(&v.pcpu)
                 || saturated.contains(&v.pcpu)
-                || state.last_moved.get(&(v.uuid.clone(), v.vcpu)).is_some_and(|&(r, _)| r == state.round)
+                || (!just_moved.is_empty() && just_moved.contains(&(v.uuid.clone(), v.vcpu)))
         };
         smoothed = converge::smooth(u, &mut next.smoothed, fresh_start);
         &smoothed
@@ -271,14 +281,20 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
     let mut newly_manual = Vec::new();
     let mut movable = Vec::new();
     let mut is_held = vec![false; u.vcpus.len()];
+    // Whether the affinity seen is the one remembered: looked up once here, used again by `remember_seen`.
+    let mut remembered = vec![false; u.vcpus.len()];
     for (i, v) in u.vcpus.iter().enumerate() {
         let key = (v.uuid.clone(), v.vcpu);
         let why = if c.excludes(&v.domain, &v.uuid) {
             Some(HeldWhy::Excluded)
-        } else if !c.override_manual && next.last_pins.get(&key).is_some_and(|p| *p != v.affinity) {
-            Some(HeldWhy::Manual)
         } else {
-            None
+            let last = next.last_pins.get(&key);
+            remembered[i] = last == Some(&v.affinity);
+            if !c.override_manual && last.is_some() && !remembered[i] {
+                Some(HeldWhy::Manual)
+            } else {
+                None
+            }
         };
         match why {
             Some(why) => {
@@ -290,7 +306,9 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
                 held.push(h);
             }
             None => {
-                next.manual_reported.remove(&key);
+                if !next.manual_reported.is_empty() {
+                    next.manual_reported.remove(&key);
+                }
                 if v.usage.is_some() {
                     movable.push(i);
                 }
@@ -373,7 +391,7 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
             })
         })
         .collect();
-    remember_seen(u, &is_held, &pins, &mut next);
+    remember_seen(u, &is_held, &remembered, &pins, &mut next);
     let plan = Plan { spread, busiest: Some(busiest), freest: Some(freest), moves, reason, held, newly_manual, pins };
     (plan, next)
 }
@@ -382,17 +400,15 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
 /// make (an operator's `virsh vcpupin`) is recognised as a manual pin even on a vCPU the controller never had to
 /// pin itself. vCPUs held back keep what was remembered; vCPUs about to be pinned are recorded when the agent
 /// applies the pin ([`PolicyState::record_applied`]).
-fn remember_seen(u: &HostUsage, is_held: &[bool], pins: &[PinRequest], next: &mut PolicyState) {
+/// `remembered[i]` says that vCPU `i`'s affinity is already the remembered one.
+fn remember_seen(u: &HostUsage, is_held: &[bool], remembered: &[bool], pins: &[PinRequest], next: &mut PolicyState) {
     let pinned: HashSet<(&str, u32)> = pins.iter().map(|p| (p.domain.as_str(), p.vcpu)).collect();
-    for (v, held) in u.vcpus.iter().zip(is_held) {
-        if *held || pinned.contains(&(&*v.uuid, v.vcpu)) {
+    for ((v, held), remembered) in u.vcpus.iter().zip(is_held).zip(remembered) {
+        // Most rounds change nothing: skip the copy of an affinity that is already remembered.
+        if *held || *remembered || pinned.contains(&(&*v.uuid, v.vcpu)) {
             continue;
         }
-        let key = (v.uuid.clone(), v.vcpu);
-        // Most rounds change nothing: skip the copy of an affinity that is already remembered.
-        if next.last_pins.get(&key) != Some(&v.affinity) {
-            std::sync::Arc::make_mut(&mut next.last_pins).insert(key, v.affinity.clone());
-        }
+        std::sync::Arc::make_mut(&mut next.last_pins).insert((v.uuid.clone(), v.vcpu), v.affinity.clone());
     }
 }
 
@@ -429,7 +445,7 @@ fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
             state.last_pins.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
         ),
         last_moved: if churn {
-            BTreeMap::new()
+            VcpuMap::default()
         } else {
             state.last_moved.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect()
         },
