@@ -24,7 +24,8 @@ pub struct VcpuUsage {
     pub uuid: Arc<str>,
     pub vcpu: u32,
     pub pcpu: PcpuId,
-    pub affinity: Vec<PcpuId>,
+    /// Shared for the same reason: the policy copies it into its memory of each vCPU's last affinity.
+    pub affinity: Arc<[PcpuId]>,
     /// % of one pCPU over the round; `None` for a fresh baseline.
     pub usage: Option<f64>,
 }
@@ -125,7 +126,7 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
                 uuid: uuid.clone(),
                 vcpu: v.index,
                 pcpu: v.pcpu,
-                affinity: v.affinity.clone(),
+                affinity: v.affinity.as_slice().into(),
                 usage,
             });
         }

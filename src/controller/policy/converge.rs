@@ -564,7 +564,7 @@ mod tests {
                 for m in &p.moves {
                     let v = vs.iter_mut().find(|v| *v.uuid == *m.uuid).unwrap();
                     v.pcpu = m.to;
-                    v.affinity = vec![m.to];
+                    v.affinity = [m.to].into();
                 }
                 let n = cur.pcpus.len() as u32;
                 cur = with_loads(n, vs);

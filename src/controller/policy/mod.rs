@@ -118,7 +118,7 @@ pub struct PolicyState {
     /// someone else since.
     /// Shared with the previous round's state until a pin changes: most rounds change none, and copying a
     /// thousand affinities per host and round showed in the controller's profile.
-    pub last_pins: std::sync::Arc<VcpuMap<Vec<PcpuId>>>,
+    pub last_pins: std::sync::Arc<VcpuMap<std::sync::Arc<[PcpuId]>>>,
     /// Round at which each vCPU was last moved, and the pCPU it left (for [`converge`]'s cooldown and its
     /// no-return rule).
     pub last_moved: VcpuMap<(u64, PcpuId)>,
@@ -141,7 +141,7 @@ pub struct PolicyState {
 impl PolicyState {
     /// Records a pin the agent applied.
     pub fn record_applied(&mut self, pin: &PinRequest) {
-        std::sync::Arc::make_mut(&mut self.last_pins).insert((pin.domain.as_str().into(), pin.vcpu), pin.pcpus.clone());
+        std::sync::Arc::make_mut(&mut self.last_pins).insert((pin.domain.as_str().into(), pin.vcpu), pin.pcpus.as_slice().into());
     }
 }
 
@@ -383,7 +383,7 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
                 None if !view.allowed.contains(&v.pcpu) => return None,
                 None => v.pcpu,
             };
-            (v.affinity.as_slice() != [to]).then(|| PinRequest {
+            (*v.affinity != [to]).then(|| PinRequest {
                 domain: v.uuid.to_string(),
                 vcpu: v.vcpu,
                 pcpus: vec![to],
@@ -473,7 +473,7 @@ pub(crate) mod tests {
                 uuid: format!("uuid-{d}").into(),
                 vcpu: 0,
                 pcpu: *p,
-                affinity: if *pinned { vec![*p] } else { (0..n).collect() },
+                affinity: if *pinned { [*p].into() } else { (0..n).collect() },
                 usage: Some(*u),
             })
             .collect();
@@ -571,7 +571,7 @@ pub(crate) mod tests {
                 for m in &p.moves {
                     let v = vs.iter_mut().find(|v| *v.domain == *m.domain).unwrap();
                     v.pcpu = m.to;
-                    v.affinity = vec![m.to];
+                    v.affinity = [m.to].into();
                 }
                 cur = with_loads(4, vs);
             }
@@ -641,7 +641,7 @@ pub(crate) mod tests {
         state.record_applied(&PinRequest { domain: "uuid-a".into(), vcpu: 0, pcpus: vec![1], persist: false });
         let (p, next) = decide(&h, &cfg(PolicyKind::Guarded), &state);
         assert!(p.held.is_empty(), "{p:?}");
-        assert_ne!(next.last_pins.get(&("uuid-a".into(), 0)), Some(&vec![1]), "the old pin is forgotten");
+        assert_ne!(next.last_pins.get(&("uuid-a".into(), 0)), Some(&[1].into()), "the old pin is forgotten");
     }
 
     #[test]
@@ -718,7 +718,7 @@ pub(crate) mod tests {
                 prop_assert_eq!(pin.pcpus.len(), 1);
                 prop_assert!(h.pcpus.iter().any(|c| c.id == pin.pcpus[0]));
                 let v = h.vcpus.iter().find(|v| *v.uuid == *pin.domain && v.vcpu == pin.vcpu).unwrap();
-                prop_assert!(v.affinity != pin.pcpus);
+                prop_assert!(*v.affinity != *pin.pcpus);
                 let moved = p.moves.iter().any(|m| *m.uuid == *v.uuid && m.vcpu == v.vcpu);
                 prop_assert_eq!(pin.pcpus[0] == v.pcpu, !moved);
             }
