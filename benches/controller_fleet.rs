@@ -9,7 +9,10 @@
 //!   does), bounded by a semaphore of [`DEFAULT_MAX_INFLIGHT`] permits; a floor round is one bare tonic unary call
 //!   with the raw-bytes codec per host, one task per host, bounded by a semaphore of the same size;
 //! - controller and floor rounds alternate (which goes first alternates too), and the ratio of each pair is
-//!   reported: median and spread.
+//!   reported: median and spread;
+//! - after each pair, the same bare calls on the controller's own transport, and bare calls to the real simulated
+//!   agents (same bytes, but the agents' own work included: on one machine their CPU competes with the
+//!   controller's, which the pre-encoded floor server's does not), each with its ratio to that controller round.
 //!
 //! Peak memory: for the 1,000-host fleet, a separate process runs only the controller's rounds (or only the floor's)
 //! and reports its `VmHWM`, so the driver's own allocations do not count.
@@ -326,8 +329,8 @@ async fn driver() -> anyhow::Result<()> {
     let base: u16 = env_or("VCB_PORT_BASE", DEFAULT_PORT_BASE);
     let tmp = TempDir::new("fleet")?;
     println!("# controller_fleet: {reps} pairs of rounds per fleet, max in flight {DEFAULT_MAX_INFLIGHT}, 2 vCPUs per domain");
-    println!("| hosts | vCPUs/host | reply bytes | controller round ms | floor round ms (tonic Channel) | ratio (median [min–max]) | bare calls on the controller's transport ms | ratio to those | bare calls to the real agent ms | controller CPU ms/round | floor client CPU ms/round |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| hosts | vCPUs/host | reply bytes | controller round ms | floor round ms (tonic Channel) | ratio (median [min–max]) | bare calls on the controller's transport ms | ratio to those | bare calls to the real agent ms | ratio to those | controller CPU ms/round | floor client CPU ms/round |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut memory_lines = Vec::new();
     for (nhosts, vcpus) in parse_fleets()? {
         let domains = vcpus / VCPUS_PER_DOMAIN;
@@ -373,7 +376,7 @@ async fn driver() -> anyhow::Result<()> {
             floor_round(&own, &floor_inflight, reply.len()).await?;
         }
         let (mut ctrl, mut flo, mut ratio, mut raw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut own_ms, mut own_ratio) = (Vec::new(), Vec::new());
+        let (mut own_ms, mut own_ratio, mut raw_ratio) = (Vec::new(), Vec::new(), Vec::new());
         let (mut ctrl_cpu, mut floor_cpu) = (Vec::new(), Vec::new());
         let agent_channels = floor_channels(&agent_hosts)?;
         floor_round(&agent_channels, &floor_inflight, 0).await?;
@@ -409,7 +412,9 @@ async fn driver() -> anyhow::Result<()> {
             own_ratio.push(c.as_secs_f64() / o.as_secs_f64());
             // Where the gap goes: the same bare calls, but to the real simulated agent (its server-side work
             // included, the controller's decode and decision excluded).
-            raw.push(floor_round(&agent_channels, &floor_inflight, 0).await?.as_secs_f64() * 1e3);
+            let a = floor_round(&agent_channels, &floor_inflight, 0).await?;
+            raw.push(a.as_secs_f64() * 1e3);
+            raw_ratio.push(c.as_secs_f64() / a.as_secs_f64());
             ctrl.push(c.as_secs_f64() * 1e3);
             flo.push(f.as_secs_f64() * 1e3);
             ratio.push(c.as_secs_f64() / f.as_secs_f64());
@@ -419,7 +424,7 @@ async fn driver() -> anyhow::Result<()> {
         drop(own);
         drop(agent_channels);
         println!(
-            "| {nhosts} | {vcpus} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {nhosts} | {vcpus} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             reply.len(),
             summarize(&ctrl),
             summarize(&flo),
@@ -427,6 +432,7 @@ async fn driver() -> anyhow::Result<()> {
             summarize(&own_ms),
             summarize(&own_ratio),
             summarize(&raw),
+            summarize(&raw_ratio),
             summarize(&ctrl_cpu),
             summarize(&floor_cpu)
         );
