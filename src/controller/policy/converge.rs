@@ -423,7 +423,7 @@ const EPS: f64 = 1e-9;
 
 /// Band positions tried by [`fewest_moves`]: the freest pCPU's planned load `lo` runs from `mean − threshold` to
 /// `mean` in this many equal steps (plus one).
-const BANDS: u32 = 10;
+const BANDS: u32 = 4;
 
 /// A placement of the whole host, planned at once, in which every pCPU's load is within `[lo, lo + threshold]`
 /// for some `lo`, each vCPU moves at most once, and as few move as this heuristic finds: for each of a few bands,
@@ -447,7 +447,11 @@ fn fewest_moves(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, threshold: f64) ->
         let lo = mean - threshold + threshold * f64::from(k) / f64::from(BANDS);
         for heavy in [false, true] {
             for complete in [false, true] {
-                let Some(to) = fewest_in_band(slots, load, lo, lo + threshold, heavy, complete) else { continue };
+                // A band whose plan would move more vCPUs than the best so far is given up early.
+                let limit = best.as_ref().map_or(usize::MAX, |b| b.0);
+                let Some(to) = fewest_in_band(slots, load, (lo, lo + threshold), (heavy, complete), limit) else {
+                    continue;
+                };
                 let moved = slots.iter().zip(&to).filter(|(s, t)| s.pcpu != **t).count();
                 let sq = squares(slots, load, &to);
                 if best.as_ref().is_none_or(|(m, q, _)| moved < *m || (moved == *m && sq < *q - EPS)) {
@@ -512,23 +516,27 @@ fn squares(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, to: &[PcpuId]) -> f64 {
 fn fewest_in_band(
     slots: &[Slot],
     load: &BTreeMap<PcpuId, f64>,
-    lo: f64,
-    hi: f64,
-    heavy: bool,
-    complete: bool,
+    (lo, hi): (f64, f64),
+    (heavy, complete): (bool, bool),
+    limit: usize,
 ) -> Option<Vec<PcpuId>> {
     let ids: Vec<PcpuId> = load.keys().copied().collect();
     let at = |p: PcpuId| ids.binary_search(&p).expect("slots are on allowed pCPUs");
     let n = ids.len();
     let mut sum: Vec<f64> = load.values().copied().collect();
     let mut to: Vec<PcpuId> = slots.iter().map(|s| s.pcpu).collect();
+    // Each slot's pCPU as an index into `ids`: where it started, and where it is planned.
+    let origin: Vec<usize> = slots.iter().map(|s| at(s.pcpu)).collect();
+    let mut toi = origin.clone();
+    // Slots planned away from where they started.
+    let mut moved = 0usize;
     // Per pCPU, its vCPUs worth a pin, lightest first: moving one changes a gap by twice its usage, which must be
     // at least MIN_STEP_GAIN, as for a step.
     let worth = |u: f64| 2.0 * u >= MIN_STEP_GAIN;
     let mut on: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (s, x) in slots.iter().enumerate() {
         if worth(x.usage) {
-            on[at(x.pcpu)].push(s);
+            on[origin[s]].push(s);
         }
     }
     let by_usage = |a: &usize, b: &usize| slots[*a].usage.total_cmp(&slots[*b].usage).then(a.cmp(b));
@@ -567,6 +575,11 @@ fn fewest_in_band(
             };
             let j = fills().or_else(|| freest(true)).or_else(|| freest(false))?;
             to[s] = ids[j];
+            toi[s] = j;
+            moved += 1;
+            if moved > limit {
+                return None;
+            }
             sum[j] += u;
         }
     }
@@ -581,7 +594,7 @@ fn fewest_in_band(
         // moving, or one going back where it was), then the lightest that completes or the heaviest that does not.
         let mut pick: Option<((bool, i32, f64), usize)> = None;
         for (s, x) in slots.iter().enumerate() {
-            let r = at(to[s]);
+            let r = toi[s];
             let u = x.usage;
             if r == q || !worth(u) || u > cap + EPS || sum[r] - u < lo - EPS || x.not_to == Some(ids[q]) {
                 continue;
@@ -597,20 +610,26 @@ fn fewest_in_band(
             }
         }
         let (_, s) = pick?;
-        sum[at(to[s])] -= slots[s].usage;
+        sum[toi[s]] -= slots[s].usage;
         sum[q] += slots[s].usage;
+        moved = moved + usize::from(toi[s] == origin[s]) - usize::from(q == origin[s]);
+        if moved > limit {
+            return None;
+        }
         to[s] = ids[q];
+        toi[s] = q;
     }
     if (0..n).any(|i| sum[i] < lo - EPS || sum[i] > hi + EPS) {
         return None;
     }
     // 4. A moved vCPU that fits back where it was, both pCPUs staying in the band, goes back.
     for (s, x) in slots.iter().enumerate() {
-        let (o, t) = (at(x.pcpu), at(to[s]));
+        let (o, t) = (origin[s], toi[s]);
         if o != t && sum[o] + x.usage <= hi + EPS && sum[t] - x.usage >= lo - EPS {
             sum[o] += x.usage;
             sum[t] -= x.usage;
             to[s] = x.pcpu;
+            toi[s] = o;
         }
     }
     Some(to)
