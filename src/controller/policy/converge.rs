@@ -33,6 +33,16 @@
 //!    them wrongly, and fixing it later costs extra pins. So in a round where pCPUs have just become saturated, the
 //!    round only *probes*: it moves capped vCPUs off them, at most one onto each pCPU with room, and plans the rest
 //!    on the next reading, which shows their demand. If no such move helps, it plans on the readings as they are.
+//! 9. Whole-host plan: in a round that acts and does not probe, it also plans the whole host at once
+//!    ([`fewest_moves`]): a placement with every pCPU within one band of width threshold, in which each vCPU
+//!    moves at most once and as few as a cheap deterministic heuristic finds move (pCPUs over the band shed the
+//!    fewest of their vCPUs that bring them into it, the rest staying in place; the shed vCPUs go, heaviest first,
+//!    to the freest pCPU they fit on, and chains of such sheds make swaps; pCPUs still under the band receive;
+//!    moved vCPUs that fit back where they were go back; a few band positions and two tie rules are tried). That
+//!    plan replaces the steps' plan when it balances and the steps' does not, or when it needs fewer pin changes;
+//!    it also has to lower the sum of squared loads. The steps' rules bind it too: it moves no vCPU lighter than
+//!    half of [`MIN_STEP_GAIN`] (such a move changes a gap by less), vCPUs cooling down stay put, and none goes
+//!    back to the pCPU it left.
 //!
 //! The vCPUs' final places are compared with where they run: a vCPU moved several times within one round gets one
 //! pin, and one moved back to where it started gets none.
@@ -223,6 +233,7 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTr
     let mut probing = !newly.is_empty() && load.keys().any(|p| !sat.contains(p));
     let mut probed = 0u32;
     let mut received = BTreeSet::new();
+    let (slots0, load0) = (slots.clone(), load.clone());
     for _ in 0..if hold || quiet { 0 } else { max_steps } {
         let Some(((b, hi), (f, lo))) = super::extremes(load.iter().map(|(k, x)| (*k, *x))) else { break };
         if hi - lo <= threshold {
@@ -261,6 +272,30 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTr
             moves += 1;
         }
     }
+    // The whole host at once, each vCPU moving at most once: kept if it balances with fewer pins than the steps.
+    let mut fewest = false;
+    if probed == 0 && !hold && !quiet && before > threshold {
+        let pins = |sl: &[Slot]| sl.iter().zip(&start).filter(|(s, from)| s.pcpu != **from).count();
+        if let Some(to) = fewest_moves(&slots0, &load0, threshold) {
+            let mut sl = slots0.clone();
+            for (s, t) in sl.iter_mut().zip(&to) {
+                s.pcpu = *t;
+            }
+            let sq_before: f64 = load0.values().map(|x| x * x).sum();
+            let sq = squares(&slots0, &load0, &to);
+            let steps_ok = spread_of(&load) <= threshold + EPS;
+            if sq < sq_before && (!steps_ok || pins(&sl) < pins(&slots)) {
+                let mut l = load0.clone();
+                for (s, t) in slots0.iter().zip(&to) {
+                    *l.get_mut(&s.pcpu).expect("allowed") -= s.usage;
+                    *l.get_mut(t).expect("allowed") += s.usage;
+                }
+                slots = sl;
+                load = l;
+                fewest = true;
+            }
+        }
+    }
     let after = spread_of(&load);
     let planned: Vec<(usize, PcpuId)> =
         slots.iter().zip(&start).filter(|(s, from)| s.pcpu != **from).map(|(s, _)| (s.idx, s.pcpu)).collect();
@@ -280,6 +315,13 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTr
             planned.len()
         )
     };
+    if fewest {
+        reason = format!(
+            "spread {before:.1} > {threshold:.1}: {} pin change(s) for the whole host at once, each vCPU moved at most once, expected spread {after:.1}",
+            planned.len()
+        );
+        stuck = None;
+    }
     if let Some(s) = stuck.filter(|_| moves + swaps > 0) {
         reason.push_str(&format!(" (best reachable this round: {s:.1})"));
     }
@@ -374,6 +416,223 @@ fn best_step(slots: &[Slot], g: f64, p: PcpuId, q: PcpuId, threshold: f64, probe
             .then(kx.4.cmp(&ky.4))
             .then(kx.5.cmp(&ky.5))
     })
+}
+
+/// Floating-point slack when comparing planned loads with a band's edges.
+const EPS: f64 = 1e-9;
+
+/// Band positions tried by [`fewest_moves`]: the freest pCPU's planned load `lo` runs from `mean − threshold` to
+/// `mean` in this many equal steps (plus one).
+const BANDS: u32 = 4;
+
+/// A placement of the whole host, planned at once, in which every pCPU's load is within `[lo, lo + threshold]`
+/// for some `lo`, each vCPU moves at most once, and as few move as this heuristic finds: for each of a few bands,
+/// (1) every pCPU over the band sheds the fewest of its vCPUs it can (one that lands it in the band, the lightest
+/// such; else its heaviest, and again), keeping the rest in place; (2) the shed vCPUs, heaviest first, go to the
+/// freest pCPU they fit on; (3) a pCPU still under the band receives a vCPU from a pCPU that can spare it,
+/// preferring one that moves anyway; (4) a moved vCPU that now fits back where it was goes back. The band with
+/// the fewest moves wins. Returns each slot's new pCPU, or `None` if no band works out.
+///
+/// Cost: per band, a sort of each pCPU's vCPUs and of the shed ones, and a scan of the pCPUs per shed vCPU and of
+/// the vCPUs per pCPU left under the band: O(n log n + n·p) for n vCPUs on p pCPUs.
+fn fewest_moves(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, threshold: f64) -> Option<Vec<PcpuId>> {
+    let n = load.len();
+    if n == 0 {
+        return None;
+    }
+    let total: f64 = load.values().sum();
+    let mean = total / n as f64;
+    let mut best: Option<(usize, f64, Vec<PcpuId>)> = None;
+    for k in 0..=BANDS {
+        let lo = mean - threshold + threshold * f64::from(k) / f64::from(BANDS);
+        for heavy in [false, true] {
+            for complete in [false, true] {
+                // A band whose plan would move more vCPUs than the best so far is given up early.
+                let limit = best.as_ref().map_or(usize::MAX, |b| b.0);
+                let Some(to) = fewest_in_band(slots, load, (lo, lo + threshold), (heavy, complete), limit) else {
+                    continue;
+                };
+                let moved = slots.iter().zip(&to).filter(|(s, t)| s.pcpu != **t).count();
+                let sq = squares(slots, load, &to);
+                if best.as_ref().is_none_or(|(m, q, _)| moved < *m || (moved == *m && sq < *q - EPS)) {
+                    best = Some((moved, sq, to));
+                }
+            }
+        }
+    }
+    best.map(|(_, _, to)| to)
+}
+
+/// Which of a pCPU's unmoved vCPUs `v` (lightest first) it sheds next, to lose at least `ex` and at most `room`:
+/// the lightest that does it alone, else the pair with the lightest sum that does (both are taken, the second
+/// on the next call), else the lightest that covers `ex` (the pCPU then falls under the band and receives), else
+/// the heaviest (and again). Removes it from `v`; `None` if `v` is empty.
+fn shed(slots: &[Slot], v: &mut Vec<usize>, ex: f64, room: f64, heavy: bool) -> Option<usize> {
+    let u = |j: usize| slots[v[j]].usage;
+    let first = v.iter().position(|&s| slots[s].usage >= ex - EPS);
+    let last = v.iter().rposition(|&s| slots[s].usage <= room + EPS);
+    let j = match (first, last) {
+        (Some(j), Some(k)) if j <= k => {
+            if heavy {
+                k
+            } else {
+                j
+            }
+        }
+        _ => {
+            // Pairs: for each lighter `a`, the lightest `b` above it with u(a) + u(b) >= ex.
+            let mut pair: Option<(f64, usize)> = None;
+            for a in 0..v.len() {
+                let b = (a + 1..v.len()).find(|&b| u(a) + u(b) >= ex - EPS);
+                if let Some(b) = b.filter(|&b| u(a) + u(b) <= room + EPS) {
+                    if pair.is_none_or(|(t, _)| u(a) + u(b) < t - EPS) {
+                        pair = Some((u(a) + u(b), b));
+                    }
+                }
+            }
+            match (pair, first) {
+                (Some((_, b)), _) => b,
+                (None, Some(j)) => j,
+                (None, None) => v.len().checked_sub(1)?,
+            }
+        }
+    };
+    Some(v.remove(j))
+}
+
+/// Sum of squared pCPU loads once the slots are at `to`.
+fn squares(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, to: &[PcpuId]) -> f64 {
+    let mut l = load.clone();
+    for (s, &t) in slots.iter().zip(to) {
+        if s.pcpu != t {
+            *l.get_mut(&s.pcpu).expect("allowed") -= s.usage;
+            *l.get_mut(&t).expect("allowed") += s.usage;
+        }
+    }
+    l.values().map(|x| x * x).sum()
+}
+
+/// [`fewest_moves`] for one band `[lo, hi]`.
+fn fewest_in_band(
+    slots: &[Slot],
+    load: &BTreeMap<PcpuId, f64>,
+    (lo, hi): (f64, f64),
+    (heavy, complete): (bool, bool),
+    limit: usize,
+) -> Option<Vec<PcpuId>> {
+    let ids: Vec<PcpuId> = load.keys().copied().collect();
+    let at = |p: PcpuId| ids.binary_search(&p).expect("slots are on allowed pCPUs");
+    let n = ids.len();
+    let mut sum: Vec<f64> = load.values().copied().collect();
+    let mut to: Vec<PcpuId> = slots.iter().map(|s| s.pcpu).collect();
+    // Each slot's pCPU as an index into `ids`: where it started, and where it is planned.
+    let origin: Vec<usize> = slots.iter().map(|s| at(s.pcpu)).collect();
+    let mut toi = origin.clone();
+    // Slots planned away from where they started.
+    let mut moved = 0usize;
+    // Per pCPU, its vCPUs worth a pin, lightest first: moving one changes a gap by twice its usage, which must be
+    // at least MIN_STEP_GAIN, as for a step.
+    let worth = |u: f64| 2.0 * u >= MIN_STEP_GAIN;
+    let mut on: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (s, x) in slots.iter().enumerate() {
+        if worth(x.usage) {
+            on[origin[s]].push(s);
+        }
+    }
+    let by_usage = |a: &usize, b: &usize| slots[*a].usage.total_cmp(&slots[*b].usage).then(a.cmp(b));
+    for v in &mut on {
+        v.sort_by(by_usage);
+    }
+    // 1 and 2, until no pCPU is over the band: every pCPU over it sheds some of its vCPUs that have not moved
+    // (see `shed`); they go, heaviest first, to the freest pCPU they fit on, or if none, to the freest pCPU,
+    // which then sheds in turn (a swap, or a longer chain). Each vCPU is shed at most once, so this ends.
+    loop {
+        let mut pool = Vec::new();
+        for i in 0..n {
+            while sum[i] > hi + EPS {
+                let s = shed(slots, &mut on[i], sum[i] - hi, sum[i] - lo, heavy)?;
+                sum[i] -= slots[s].usage;
+                pool.push(s);
+            }
+        }
+        if pool.is_empty() {
+            break;
+        }
+        pool.sort_by(|a, b| by_usage(b, a));
+        for &s in &pool {
+            let u = slots[s].usage;
+            let ok = |j: usize| ids[j] != slots[s].pcpu && slots[s].not_to != Some(ids[j]);
+            let freest = |fit: bool| {
+                (0..n)
+                    .filter(|&j| ok(j) && (!fit || sum[j] + u <= hi + EPS))
+                    .min_by(|&a, &b| sum[a].total_cmp(&sum[b]).then(a.cmp(&b)))
+            };
+            // The fullest pCPU under the band that it brings into the band, if `complete`.
+            let fills = || {
+                (0..n)
+                    .filter(|&j| ok(j) && complete && sum[j] < lo - EPS && sum[j] + u >= lo - EPS && sum[j] + u <= hi + EPS)
+                    .max_by(|&a, &b| sum[a].total_cmp(&sum[b]).then(b.cmp(&a)))
+            };
+            let j = fills().or_else(|| freest(true)).or_else(|| freest(false))?;
+            to[s] = ids[j];
+            toi[s] = j;
+            moved += 1;
+            if moved > limit {
+                return None;
+            }
+            sum[j] += u;
+        }
+    }
+    // 3. Fill the pCPUs still under the band.
+    for _ in 0..2 * n + slots.len() {
+        let q = (0..n).min_by(|&a, &b| sum[a].total_cmp(&sum[b]).then(a.cmp(&b)))?;
+        if sum[q] >= lo - EPS {
+            break;
+        }
+        let (need, cap) = (lo - sum[q], hi - sum[q]);
+        // (completes the pCPU, extra pins, usage) to minimise: completing first, then no new pin (a vCPU already
+        // moving, or one going back where it was), then the lightest that completes or the heaviest that does not.
+        let mut pick: Option<((bool, i32, f64), usize)> = None;
+        for (s, x) in slots.iter().enumerate() {
+            let r = toi[s];
+            let u = x.usage;
+            if r == q || !worth(u) || u > cap + EPS || sum[r] - u < lo - EPS || x.not_to == Some(ids[q]) {
+                continue;
+            }
+            let moving = to[s] != x.pcpu;
+            let cost = if ids[q] == x.pcpu { -1 } else { i32::from(!moving) };
+            let done = u >= need - EPS;
+            let key = (!done, cost, if done { u } else { -u });
+            if pick.as_ref().is_none_or(|(k, _)| {
+                key.0.cmp(&k.0).then(key.1.cmp(&k.1)).then(key.2.total_cmp(&k.2)).is_lt()
+            }) {
+                pick = Some((key, s));
+            }
+        }
+        let (_, s) = pick?;
+        sum[toi[s]] -= slots[s].usage;
+        sum[q] += slots[s].usage;
+        moved = moved + usize::from(toi[s] == origin[s]) - usize::from(q == origin[s]);
+        if moved > limit {
+            return None;
+        }
+        to[s] = ids[q];
+        toi[s] = q;
+    }
+    if (0..n).any(|i| sum[i] < lo - EPS || sum[i] > hi + EPS) {
+        return None;
+    }
+    // 4. A moved vCPU that fits back where it was, both pCPUs staying in the band, goes back.
+    for (s, x) in slots.iter().enumerate() {
+        let (o, t) = (origin[s], toi[s]);
+        if o != t && sum[o] + x.usage <= hi + EPS && sum[t] - x.usage >= lo - EPS {
+            sum[o] += x.usage;
+            sum[t] -= x.usage;
+            to[s] = x.pcpu;
+            toi[s] = o;
+        }
+    }
+    Some(to)
 }
 
 #[cfg(test)]
@@ -517,6 +776,50 @@ mod tests {
         state.round = 1 + NO_RETURN_ROUNDS;
         let (p, _) = decide(&h, &converge(), &state);
         assert!(p.moves.iter().any(|m| m.domain == "a"), "after the no-return window it may: {p:?}");
+    }
+
+    /// Slots and loads for [`fewest_moves`]: (pCPU, usage) per vCPU on `n` pCPUs.
+    fn slots_of(n: u32, vs: &[(u32, f64)]) -> (Vec<Slot>, BTreeMap<PcpuId, f64>) {
+        let mut load: BTreeMap<PcpuId, f64> = (0..n).map(|p| (p, 0.0)).collect();
+        let slots = vs
+            .iter()
+            .enumerate()
+            .map(|(idx, &(pcpu, usage))| {
+                *load.get_mut(&pcpu).unwrap() += usage;
+                Slot { idx, pcpu, usage, not_to: None, capped: false }
+            })
+            .collect();
+        (slots, load)
+    }
+
+    fn planned(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, to: &[PcpuId]) -> (usize, f64) {
+        let mut l = load.clone();
+        for (s, t) in slots.iter().zip(to) {
+            *l.get_mut(&s.pcpu).unwrap() -= s.usage;
+            *l.get_mut(t).unwrap() += s.usage;
+        }
+        (slots.iter().zip(to).filter(|(s, t)| s.pcpu != **t).count(), spread_of(&l))
+    }
+
+    #[test]
+    fn the_whole_host_plan_moves_few_vcpus_once() {
+        // 8 x 10 on pCPU 0 of 4, and a 5 on pCPU 1: six must leave pCPU 0, and nothing else needs to move.
+        let mut vs = vec![(0, 10.0); 8];
+        vs.push((1, 5.0));
+        let (slots, load) = slots_of(4, &vs);
+        let to = fewest_moves(&slots, &load, 10.0).unwrap();
+        let (moved, spread) = planned(&slots, &load, &to);
+        assert!(spread <= 10.0 + 1e-9, "{spread}");
+        assert_eq!((moved, to[8]), (6, 1), "{to:?}");
+        // A swap is found where no single move balances: {45, 45} vs {10, 10}.
+        let (slots, load) = slots_of(2, &[(0, 45.0), (0, 45.0), (1, 10.0), (1, 10.0)]);
+        let to = fewest_moves(&slots, &load, 10.0).unwrap();
+        assert_eq!(planned(&slots, &load, &to), (2, 0.0));
+        // A vCPU does not go back to the pCPU it left: with "a" barred from pCPU 1, "b" goes.
+        let (mut slots, load) = slots_of(2, &[(0, 30.0), (0, 30.0)]);
+        slots[0].not_to = Some(1);
+        let to = fewest_moves(&slots, &load, 10.0).unwrap();
+        assert_eq!(to, vec![0, 1]);
     }
 
     proptest! {
