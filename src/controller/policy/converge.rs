@@ -157,6 +157,22 @@ impl Step {
 
 /// One round of `converge`.
 pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<PcpuId>) -> Decision {
+    balanced(v, threshold).unwrap_or_else(|| plan(v, threshold, state, saturated))
+}
+
+/// The decision for a host within the threshold with no movable vCPU on a reserved pCPU, which is most hosts in
+/// most rounds: [`plan`] cannot move anything there (its steps stop at the threshold, and the probe and the
+/// whole-host plan act only above it), so its per-vCPU set-up is skipped. `None` for any other host.
+/// `the_balanced_shortcut_decides_as_the_plan` checks that the two agree.
+fn balanced(v: &View<'_>, threshold: f64) -> Option<Decision> {
+    let ((_, hi), (_, lo)) = v.extremes()?;
+    let before = hi - lo;
+    (before <= threshold && v.stranded().is_empty())
+        .then(|| Decision { moves: Vec::new(), reason: format!("balanced: spread {before:.1} <= threshold {threshold:.1}") })
+}
+
+/// [`decide`] for a host that is not [`balanced`].
+fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<PcpuId>) -> Decision {
     let this_round = state.round + 1;
     let cooling = |i: usize| {
         let x = v.vcpu(i);
@@ -639,6 +655,7 @@ fn fewest_in_band(
 mod tests {
     use super::*;
     use crate::controller::policy::tests::{apply, arb_host, cfg, host, with_loads};
+    use crate::controller::policy::View;
     use crate::controller::policy::{decide, decide_once, PolicyKind};
     use proptest::prelude::*;
 
@@ -823,6 +840,24 @@ mod tests {
     }
 
     proptest! {
+        /// Where the shortcut for balanced hosts applies, it decides what the full plan decides. A threshold up
+        /// to 200 points makes most random hosts balanced; random reserved pCPUs strand some vCPUs.
+        #[test]
+        fn the_balanced_shortcut_decides_as_the_plan(
+            h in arb_host(),
+            threshold in 0.0f64..200.0,
+            reserved in proptest::collection::btree_set(0u32..8, 0..3),
+            round in 0u64..3,
+        ) {
+            let allowed: BTreeSet<PcpuId> = h.pcpus.iter().map(|p| p.id).filter(|id| !reserved.contains(id)).collect();
+            let movable = (0..h.vcpus.len()).filter(|&i| h.vcpus[i].usage.is_some()).collect();
+            let v = View { u: &h, load: h.pcpus.iter().map(|p| (p.id, p.usage)).collect(), allowed, movable };
+            let state = PolicyState { round, ..Default::default() };
+            if let Some(d) = balanced(&v, threshold) {
+                prop_assert_eq!(d, plan(&v, threshold, &state, &saturated(&h)));
+            }
+        }
+
         /// A converge round never widens the spread over the planned loads, and lowers the sum of squares when it
         /// moves anything.
         #[test]
