@@ -18,7 +18,8 @@
 //!
 //! Environment: `VCB_URI` (default `qemu:///system`), `VCB_GUESTS` (default `1,8,32`), `VCB_PREFIX` (default
 //! `vcbbench`), `VCB_CLIENT_RT` (`current`, the default, or `multi`: the tokio runtime of this process, which
-//! drives the agent client and the floor alike), `VCB_LOAD` (testbed load of every guest, default 0 = idle), `VCB_BUSY` (this many of the guests run
+//! drives the agent client and the floor alike), `VCB_SETTLE_SECS` (wait after starting guests, default 15),
+//! `VCB_LOAD` (testbed load of every guest, default 0 = idle), `VCB_BUSY` (this many of the guests run
 //! at 100 % instead, default 0), `VCB_REPS` (default 40), `VCB_PORT` (agent port, default 21990), `VCB_TESTBED`
 //! (default `scripts/testbed` of this repository), `VCB_NO_TESTBED=1` (measure the domains already running, e.g.
 //! with `VCB_URI=test:///default VCB_GUESTS=1`), `VCB_KEEP_GUESTS=1` (leave the guests running after a successful
@@ -48,6 +49,8 @@ const DEFAULT_GUESTS: &str = "1,8,32";
 const DEFAULT_PREFIX: &str = "vcbbench";
 const DEFAULT_REPS: usize = 40;
 const DEFAULT_PORT: u16 = 21990;
+/// Seconds to wait after starting guests, before measuring, so that their boot is over.
+const DEFAULT_SETTLE_S: u64 = 15;
 /// Untimed calls of every variant before timing (connections opened, caches warm).
 const WARMUP: usize = 3;
 /// Deadline of the agent RPC: far above any expected sample, so a slow one is measured rather than cut.
@@ -170,6 +173,7 @@ fn main() -> anyhow::Result<()> {
     let load: u32 = env_or("VCB_LOAD", 0);
     let busy: usize = env_or("VCB_BUSY", 0);
     let port: u16 = env_or("VCB_PORT", DEFAULT_PORT);
+    let settle_s: u64 = env_or("VCB_SETTLE_SECS", DEFAULT_SETTLE_S);
     let use_testbed = std::env::var("VCB_NO_TESTBED").map(|v| v != "1").unwrap_or(true);
     let script = std::env::var("VCB_TESTBED")
         .unwrap_or_else(|_| format!("{}/scripts/testbed", env!("CARGO_MANIFEST_DIR")));
@@ -207,6 +211,9 @@ fn main() -> anyhow::Result<()> {
     for &n in &counts {
         if let Some(tb) = testbed.as_mut() {
             tb.grow_to(n, load, busy)?;
+            // Guests that just booted still run their init for a while: measured at once, the first size's figures
+            // carried their boot (up to 20 ms per call with 1 guest).
+            std::thread::sleep(Duration::from_secs(settle_s));
         }
         rt.block_on(async {
             for v in VARIANTS {
