@@ -297,15 +297,9 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
             for (s, t) in sl.iter_mut().zip(&to) {
                 s.pcpu = *t;
             }
-            let sq_before: f64 = load0.values().map(|x| x * x).sum();
-            let sq = squares(&slots0, &load0, &to);
+            let l = loads_after(&slots0, &load0, &to);
             let steps_ok = spread_of(&load) <= threshold + EPS;
-            if sq < sq_before && (!steps_ok || pins(&sl) < pins(&slots)) {
-                let mut l = load0.clone();
-                for (s, t) in slots0.iter().zip(&to) {
-                    *l.get_mut(&s.pcpu).expect("allowed") -= s.usage;
-                    *l.get_mut(t).expect("allowed") += s.usage;
-                }
+            if sum_of_squares(&l) < sum_of_squares(&load0) && (!steps_ok || pins(&sl) < pins(&slots)) {
                 slots = sl;
                 load = l;
                 fewest = true;
@@ -518,6 +512,11 @@ fn shed(slots: &[Slot], v: &mut Vec<usize>, ex: f64, room: f64, heavy: bool) -> 
 
 /// Sum of squared pCPU loads once the slots are at `to`.
 fn squares(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, to: &[PcpuId]) -> f64 {
+    sum_of_squares(&loads_after(slots, load, to))
+}
+
+/// The pCPU loads once each slot has gone to its pCPU in `to`.
+fn loads_after(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, to: &[PcpuId]) -> BTreeMap<PcpuId, f64> {
     let mut l = load.clone();
     for (s, &t) in slots.iter().zip(to) {
         if s.pcpu != t {
@@ -525,7 +524,11 @@ fn squares(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, to: &[PcpuId]) -> f64 {
             *l.get_mut(&t).expect("allowed") += s.usage;
         }
     }
-    l.values().map(|x| x * x).sum()
+    l
+}
+
+fn sum_of_squares(load: &BTreeMap<PcpuId, f64>) -> f64 {
+    load.values().map(|x| x * x).sum()
 }
 
 /// [`fewest_moves`] for one band `[lo, hi]`.
