@@ -63,6 +63,9 @@ pub fn backoff_delay(interval: Duration, failures: u32, j: f64) -> Duration {
 /// State a host task keeps between rounds.
 struct HostState {
     prev: Option<HostStats>,
+    /// The last round's usage: the next one takes its unchanged names and affinities from it
+    /// ([`usage::compute_reusing`]).
+    last_usage: Option<usage::HostUsage>,
     /// Kept across outages: the pins the controller applied are still the host's business when it comes back.
     policy: PolicyState,
     failures: u32,
@@ -72,7 +75,7 @@ struct HostState {
 
 impl HostState {
     fn new() -> Self {
-        HostState { prev: None, policy: PolicyState::default(), failures: 0, next_attempt: None, was_down: false }
+        HostState { prev: None, last_usage: None, policy: PolicyState::default(), failures: 0, next_attempt: None, was_down: false }
     }
 }
 
@@ -176,9 +179,9 @@ async fn one_round(
     }
     st.failures = 0;
     st.next_attempt = None;
-    let computed = usage::compute(st.prev.as_ref(), &cur);
+    let computed = usage::compute_reusing(st.prev.as_ref(), &cur, st.last_usage.as_ref());
     st.prev = Some(cur);
-    let u = match computed {
+    let mut u = match computed {
         Ok(u) => u,
         Err(why) => {
             return RoundReport::bare(&host, round, ActionReport::simple(ActionType::Baseline, why.as_str()), cfg.dry_run)
@@ -187,17 +190,18 @@ async fn one_round(
     for (domain, why) in &u.fresh {
         tracing::info!(host = %host, domain = %domain, reason = why, "fresh baseline for domain");
     }
-    let (plan, mut next) = policy::decide(&u, &cfg.policy, &st.policy);
-    if cfg.dry_run {
-        // Nothing is moved in a dry run, so nothing may cool down: each round shows what a real run would do now.
-        next.last_moved.clone_from(&st.policy.last_moved);
+    // Nothing is moved in a dry run, so nothing may cool down: each round shows what a real run would do now.
+    let unmoved = cfg.dry_run.then(|| st.policy.last_moved.clone());
+    let plan = policy::decide_mut(&mut u, &cfg.policy, &mut st.policy);
+    if let Some(m) = unmoved {
+        st.policy.last_moved = m;
     }
-    st.policy = next;
     for h in &plan.newly_manual {
         tracing::info!(host = %host, domain = %h.domain, vcpu = h.vcpu, pcpu = h.pcpu,
             "vCPU pinned by someone else since the controller's last pin: left where it is (--override-manual takes it back)");
     }
     let mut report = RoundReport::from_plan(&host, round, &u, &plan, cfg.dry_run);
+    st.last_usage = Some(u);
     if cfg.dry_run || plan.pins.is_empty() {
         return report;
     }
@@ -234,6 +238,7 @@ async fn one_round(
 fn failed(st: &mut HostState, cfg: &LoopConfig, host: &str, round: u64, err: String) -> RoundReport {
     // Whatever happened in between is unknown: start over from a fresh baseline when the host is back.
     st.prev = None;
+    st.last_usage = None;
     st.failures += 1;
     st.was_down = true;
     let delay = backoff_delay(cfg.interval, st.failures, rand::random::<f64>() * 2.0 - 1.0);

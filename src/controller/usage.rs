@@ -69,6 +69,18 @@ impl BaselineReason {
 
 /// Usage between `prev` and `cur`, or why there is none (the caller keeps `cur` as the new baseline either way).
 pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, BaselineReason> {
+    compute_reusing(prev, cur, None)
+}
+
+/// [`compute`], taking the shared names, UUIDs and affinities from `last` (the previous round's usage) wherever
+/// they are unchanged, instead of allocating them again. A host's domains and pins rarely change, so in most rounds
+/// this allocates nothing per vCPU, and the policy's comparisons with its memory of the last round (whose keys
+/// are these same `Arc`s) stop at the pointer. The result is the same as [`compute`]'s.
+pub fn compute_reusing(
+    prev: Option<&HostStats>,
+    cur: &HostStats,
+    last: Option<&HostUsage>,
+) -> Result<HostUsage, BaselineReason> {
     let prev = prev.ok_or(BaselineReason::FirstSample)?;
     if prev.agent_instance != cur.agent_instance {
         return Err(BaselineReason::AgentRestarted);
@@ -104,7 +116,13 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
         if let Some(why) = why {
             fresh.push((d.name.clone(), why));
         }
-        let (name, uuid): (Arc<str>, Arc<str>) = (d.name.as_str().into(), d.uuid.as_str().into());
+        // The vCPU at this place of the last usage, if it is this domain's first: both lists are sorted the same way,
+        // so with the same domains they line up.
+        let was = last.and_then(|l| l.vcpus.get(vcpus.len())).filter(|w| *w.uuid == *d.uuid);
+        let (name, uuid): (Arc<str>, Arc<str>) = match was {
+            Some(w) if *w.domain == *d.name => (w.domain.clone(), w.uuid.clone()),
+            _ => (d.name.as_str().into(), d.uuid.as_str().into()),
+        };
         // Agents send vCPUs in index order; sorting (and its allocation) is only for one that does not.
         let order: Option<Vec<usize>> = (!d.vcpus.is_sorted_by_key(|v| v.index)).then(|| {
             let mut o: Vec<usize> = (0..d.vcpus.len()).collect();
@@ -121,14 +139,13 @@ pub fn compute(prev: Option<&HostStats>, cur: &HostStats) -> Result<HostUsage, B
                 }
                 _ => None,
             };
-            vcpus.push(VcpuUsage {
-                domain: name.clone(),
-                uuid: uuid.clone(),
-                vcpu: v.index,
-                pcpu: v.pcpu,
-                affinity: v.affinity.as_slice().into(),
-                usage,
-            });
+            let affinity = match last.and_then(|l| l.vcpus.get(vcpus.len())) {
+                Some(w) if Arc::ptr_eq(&w.uuid, &uuid) && w.vcpu == v.index && *w.affinity == *v.affinity => {
+                    w.affinity.clone()
+                }
+                _ => v.affinity.as_slice().into(),
+            };
+            vcpus.push(VcpuUsage { domain: name.clone(), uuid: uuid.clone(), vcpu: v.index, pcpu: v.pcpu, affinity, usage });
         }
     }
     let mut online = cur.online_pcpus.clone();
@@ -212,6 +229,27 @@ pub(crate) mod tests {
         let u = compute(Some(&a), &replaced).unwrap();
         assert_eq!(u.vcpus[1].usage, None, "c is new even though it has b's place and id");
         assert_eq!(u.fresh, vec![("c".to_string(), "new domain")]);
+    }
+
+    /// Reusing the last usage's names and affinities gives the same usage, shares what did not change, and takes
+    /// what did change from the new sample.
+    #[test]
+    fn reusing_the_last_usage_changes_nothing_but_allocations() {
+        let a = stats(10 * S, &[("a", 1, &[(0, 0), (0, 1)]), ("b", 2, &[(S, 2)])]);
+        let b = stats(12 * S, &[("a", 1, &[(S, 0), (S, 1)]), ("b", 2, &[(2 * S, 2)])]);
+        let last = compute(Some(&a), &b).unwrap();
+        let mut c = stats(14 * S, &[("a", 1, &[(2 * S, 0), (3 * S, 1)]), ("b", 2, &[(3 * S, 2)])]);
+        c.domains[0].vcpus[1].affinity = vec![1, 3];
+        let plain = compute(Some(&b), &c).unwrap();
+        let reused = compute_reusing(Some(&b), &c, Some(&last)).unwrap();
+        assert_eq!(plain, reused);
+        assert!(Arc::ptr_eq(&reused.vcpus[0].uuid, &last.vcpus[0].uuid));
+        assert!(Arc::ptr_eq(&reused.vcpus[0].affinity, &last.vcpus[0].affinity));
+        assert!(!Arc::ptr_eq(&reused.vcpus[1].affinity, &last.vcpus[1].affinity), "a changed affinity is new");
+        assert_eq!(*reused.vcpus[1].affinity, [1, 3]);
+        // Another set of domains: nothing lines up, and nothing is taken from the wrong vCPU.
+        let d = stats(16 * S, &[("b", 2, &[(4 * S, 2)]), ("c", 3, &[(0, 0)])]);
+        assert_eq!(compute_reusing(Some(&c), &d, Some(&last)).unwrap(), compute(Some(&c), &d).unwrap());
     }
 
     #[test]

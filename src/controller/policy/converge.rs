@@ -49,7 +49,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::controller::policy::{Decision, PolicyState, VcpuMap, View};
+use crate::controller::policy::{Decision, PolicyState, View};
 use crate::controller::usage::{HostUsage, VcpuUsage};
 use crate::model::PcpuId;
 
@@ -96,35 +96,56 @@ pub fn saturated(u: &HostUsage) -> BTreeSet<PcpuId> {
         .collect()
 }
 
-/// `u` with each known vCPU usage replaced by its moving average (updated in `avg`), and pCPU sums redone. A vCPU
-/// for which `fresh_start` holds takes its raw reading, as does one whose reading jumped by more than
-/// [`SMOOTHING_RESET`].
-pub fn smooth(u: &HostUsage, avg: &mut VcpuMap<f64>, fresh_start: impl Fn(&VcpuUsage) -> bool) -> HostUsage {
+/// `u` with each known vCPU usage replaced by its moving average, and pCPU sums redone. `avg` holds the averages in
+/// the order of `u.vcpus` (`None`: no average yet) and is updated. A vCPU for which `fresh_start` holds takes its raw
+/// reading, as does one whose reading jumped by more than [`SMOOTHING_RESET`].
+pub fn smooth(u: &HostUsage, avg: &mut Vec<Option<f64>>, fresh_start: impl Fn(&VcpuUsage) -> bool) -> HostUsage {
     let mut out = u.clone();
-    for v in &mut out.vcpus {
-        let key = (v.uuid.clone(), v.vcpu);
-        let fresh = fresh_start(v);
-        match (v.usage, avg.get_mut(&key)) {
-            (Some(raw), Some(a)) => {
-                // Updated in place: one lookup per vCPU and round, no insert, for the usual round.
-                if !fresh && (raw - *a).abs() <= SMOOTHING_RESET {
-                    *a += SMOOTHING * (raw - *a);
-                } else {
-                    *a = raw;
-                }
-                v.usage = Some(*a);
-            }
-            (Some(raw), None) => {
-                avg.insert(key, raw);
-            }
-            (None, Some(_)) => {
-                avg.remove(&key);
-            }
-            (None, None) => {}
+    smooth_in_place(&mut out, avg, fresh_start);
+    out
+}
+
+/// The raw readings of a usage that [`smooth_in_place`] smoothed, to put back with [`Raw::restore`].
+#[derive(Debug)]
+pub struct Raw {
+    vcpus: Vec<Option<f64>>,
+    pcpus: Vec<f64>,
+}
+
+impl Raw {
+    /// Puts the raw readings back into `u`, the usage they were taken from.
+    pub fn restore(self, u: &mut HostUsage) {
+        for (v, x) in u.vcpus.iter_mut().zip(self.vcpus) {
+            v.usage = x;
+        }
+        for (p, x) in u.pcpus.iter_mut().zip(self.pcpus) {
+            p.usage = x;
         }
     }
-    crate::controller::usage::sum_pcpus(&mut out);
-    out
+}
+
+/// [`smooth`] in place, returning the raw readings: the per-host task smooths the round's own usage and restores
+/// it after deciding, instead of copying every vCPU (three shared pointers each) every round. The averages are
+/// positional, so the usual round looks nothing up by key ([`PolicyState::smoothed`]).
+///
+/// [`PolicyState::smoothed`]: crate::controller::policy::PolicyState::smoothed
+pub fn smooth_in_place(u: &mut HostUsage, avg: &mut Vec<Option<f64>>, fresh_start: impl Fn(&VcpuUsage) -> bool) -> Raw {
+    let raw = Raw { vcpus: u.vcpus.iter().map(|v| v.usage).collect(), pcpus: u.pcpus.iter().map(|p| p.usage).collect() };
+    debug_assert!(avg.is_empty() || avg.len() == u.vcpus.len(), "averages out of step with the vCPUs");
+    avg.resize(u.vcpus.len(), None);
+    let out = u;
+    for (v, a) in out.vcpus.iter_mut().zip(avg.iter_mut()) {
+        *a = match (v.usage, *a) {
+            (Some(raw), Some(a)) if !fresh_start(v) && (raw - a).abs() <= SMOOTHING_RESET => {
+                let s = a + SMOOTHING * (raw - a);
+                v.usage = Some(s);
+                Some(s)
+            }
+            (raw, _) => raw,
+        };
+    }
+    crate::controller::usage::sum_pcpus(out);
+    raw
 }
 
 /// A movable vCPU while planning: index into `u.vcpus`, where it is in the plan, its usage.
@@ -772,7 +793,7 @@ mod tests {
 
     #[test]
     fn smoothing_averages_noise_but_follows_real_changes() {
-        let mut avg = VcpuMap::default();
+        let mut avg = Vec::new();
         let h = |x: f64| host(1, &[("a", 0, x, true)]);
         assert_eq!(smooth(&h(40.0), &mut avg, |_| false).vcpus[0].usage, Some(40.0));
         let s = smooth(&h(44.0), &mut avg, |_| false).vcpus[0].usage.unwrap();

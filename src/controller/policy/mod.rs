@@ -124,8 +124,9 @@ pub struct PolicyState {
     pub last_moved: VcpuMap<(u64, PcpuId)>,
     /// vCPUs already reported as pinned by hand, so the log says it once, not every round.
     pub manual_reported: VcpuSet,
-    /// Smoothed usage of each vCPU (for [`converge`]).
-    pub smoothed: VcpuMap<f64>,
+    /// Smoothed usage of each vCPU (for [`converge`]), in the order of [`PolicyState::seen`]: every round reads and
+    /// updates all of them, and by position that is no hash lookup at all.
+    pub smoothed: Vec<Option<f64>>,
     /// Whether the previous round's spread was over the level that triggers action (for [`converge`]'s hold).
     pub was_over: bool,
     /// pCPUs that read saturated in the previous round (for [`converge`]: their vCPUs' readings were fair shares,
@@ -257,25 +258,64 @@ pub struct Decision {
 /// state replaces it (the caller then adds the pins the agent applied with [`PolicyState::record_applied`]).
 pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, PolicyState) {
     let mut next = prune(u, state);
-    next.round = state.round + 1;
-    let smoothed;
     let saturated = converge::saturated(u);
-    let u = if cfg.kind == PolicyKind::Converge {
-        // Readings that were or are fair shares of a saturated pCPU, and readings of vCPUs that were just moved,
-        // are new information rather than noise: the average restarts from them.
-        // Usually none: one pass over the moves beats a lookup per vCPU.
-        let just_moved: VcpuSet =
-            state.last_moved.iter().filter(|(_, &(r, _))| r == state.round).map(|(k, _)| k.clone()).collect();
-        let fresh_start = |v: &VcpuUsage| {
-            state.saturated.contains(&v.pcpu)
-                || saturated.contains(&v.pcpu)
-                || (!just_moved.is_empty() && just_moved.contains(&(v.uuid.clone(), v.vcpu)))
-        };
-        smoothed = converge::smooth(u, &mut next.smoothed, fresh_start);
-        &smoothed
-    } else {
-        u
-    };
+    let smoothed = (cfg.kind == PolicyKind::Converge).then(|| {
+        let mut s = u.clone();
+        converge::smooth_in_place(&mut s, &mut next.smoothed, fresh_start(state, &saturated));
+        s
+    });
+    let plan = decide_into(smoothed.as_ref().unwrap_or(u), saturated, cfg, Some(state), &mut next);
+    (plan, next)
+}
+
+/// [`decide`], updating `state` in place: what the per-host task calls every round. In the usual round (the same
+/// vCPUs as the last one, no fresh domain) nothing needs pruning, and the state is neither copied nor dropped.
+/// `converge` smooths `u` in place and puts its readings back before returning: `u` is unchanged.
+pub fn decide_mut(u: &mut HostUsage, cfg: &PolicyConfig, state: &mut PolicyState) -> Plan {
+    let old = needs_pruning(u, state).then(|| {
+        let old = std::mem::take(state);
+        *state = prune(u, &old);
+        old
+    });
+    let saturated = converge::saturated(u);
+    let raw = (cfg.kind == PolicyKind::Converge).then(|| {
+        let fresh = fresh_start(old.as_ref().unwrap_or(state), &saturated);
+        converge::smooth_in_place(u, &mut state.smoothed, fresh)
+    });
+    let plan = decide_into(u, saturated, cfg, old.as_ref(), state);
+    if let Some(raw) = raw {
+        raw.restore(u);
+    }
+    plan
+}
+
+/// Which readings `converge`'s smoothing takes as they are: those that were or are fair shares of a saturated
+/// pCPU, and those of vCPUs that were just moved, are new information rather than noise. `state` is the state
+/// before this round.
+fn fresh_start(state: &PolicyState, saturated: &BTreeSet<PcpuId>) -> impl Fn(&VcpuUsage) -> bool {
+    // Usually none: one pass over the moves beats a lookup per vCPU.
+    let just_moved: VcpuSet =
+        state.last_moved.iter().filter(|(_, &(r, _))| r == state.round).map(|(k, _)| k.clone()).collect();
+    let was_saturated = state.saturated.clone();
+    let saturated = saturated.clone();
+    move |v: &VcpuUsage| {
+        was_saturated.contains(&v.pcpu)
+            || saturated.contains(&v.pcpu)
+            || (!just_moved.is_empty() && just_moved.contains(&(v.uuid.clone(), v.vcpu)))
+    }
+}
+
+/// The body of [`decide`], on the usage the policy plans on (smoothed, for `converge`): `next` is the pruned state,
+/// which this updates; `old` is the state before pruning, or `None` when pruning changed nothing, and `next` itself
+/// is the old state until the policy has decided. So nothing the policies read of the old state (round, cooldowns,
+/// saturation, hold, hysteresis) may be written to `next` before they run.
+fn decide_into(
+    u: &HostUsage,
+    saturated: BTreeSet<PcpuId>,
+    cfg: &PolicyConfig,
+    old: Option<&PolicyState>,
+    next: &mut PolicyState,
+) -> Plan {
     let c = &cfg.constraints;
     let mut held = Vec::new();
     let mut newly_manual = Vec::new();
@@ -333,21 +373,23 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
             newly_manual,
             pins: vec![],
         };
-        return (plan, next);
+        next.round = old.unwrap_or(&*next).round + 1;
+        return plan;
     };
     let spread = hi - lo;
-    next.was_over = spread > converge::trigger(cfg.threshold, state);
-    next.saturated = saturated.clone();
+    let state = old.unwrap_or(&*next);
+    let was_over = spread > converge::trigger(cfg.threshold, state);
     let d = match cfg.kind {
         PolicyKind::Seed => tenpercent::decide(&view, cfg.threshold, false),
         PolicyKind::Guarded => tenpercent::decide(&view, cfg.threshold, true),
         PolicyKind::Converge => converge::decide(&view, cfg.threshold, state, &saturated),
     };
-    next.settled = if !d.moves.is_empty() {
-        false
-    } else {
-        state.settled || spread <= cfg.threshold
-    };
+    let settled = if !d.moves.is_empty() { false } else { state.settled || spread <= cfg.threshold };
+    let round = state.round + 1;
+    next.round = round;
+    next.was_over = was_over;
+    next.saturated = saturated;
+    next.settled = settled;
     let mut target: Vec<Option<PcpuId>> = vec![None; u.vcpus.len()];
     let mut moves = Vec::new();
     for &(i, to) in &d.moves {
@@ -383,7 +425,8 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
                 None if !view.allowed.contains(&v.pcpu) => return None,
                 None => v.pcpu,
             };
-            (*v.affinity != [to]).then(|| PinRequest {
+            // Written out: a one-element slice comparison is a `memcmp` call, once per vCPU and round.
+            (!matches!(*v.affinity, [only] if only == to)).then(|| PinRequest {
                 domain: v.uuid.to_string(),
                 vcpu: v.vcpu,
                 pcpus: vec![to],
@@ -391,9 +434,8 @@ pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, 
             })
         })
         .collect();
-    remember_seen(u, &is_held, &remembered, &pins, &mut next);
-    let plan = Plan { spread, busiest: Some(busiest), freest: Some(freest), moves, reason, held, newly_manual, pins };
-    (plan, next)
+    remember_seen(u, &is_held, &remembered, &pins, next);
+    Plan { spread, busiest: Some(busiest), freest: Some(freest), moves, reason, held, newly_manual, pins }
 }
 
 /// Remembers the affinity of every vCPU this round leaves as it is, so that a later change this controller did not
@@ -417,15 +459,22 @@ pub fn decide_once(u: &HostUsage, cfg: &PolicyConfig) -> Plan {
     decide(u, cfg, &PolicyState::default()).0
 }
 
+/// Whether [`prune`] would change `state`. The usual round has the same vCPUs as the last one, in the same order
+/// (the agent lists domains in a stable order and usage sorts them), so every key in the state is still present.
+/// Comparing the two lists is far cheaper than hashing every key; with [`usage::compute_reusing`] the keys are the
+/// same `Arc`s, and each comparison stops at the pointer.
+///
+/// [`usage::compute_reusing`]: crate::controller::usage::compute_reusing
+fn needs_pruning(u: &HostUsage, state: &PolicyState) -> bool {
+    let same_vcpus = state.seen.len() == u.vcpus.len()
+        && state.seen.iter().zip(&u.vcpus).all(|(k, v)| k.1 == v.vcpu && k.0 == v.uuid);
+    !(same_vcpus && u.fresh.is_empty())
+}
+
 /// The state without the vCPUs that are gone, and without the pins of domains that restarted: a restarted
 /// domain takes its affinity from its configuration again, which is not an operator's manual pin.
 fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
-    // The usual round: the same vCPUs as the last one, in the same order (the agent lists domains in a stable order
-    // and usage sorts them), so every key in the state is still present. Comparing the two lists is far cheaper
-    // than hashing every key, and a clone far cheaper than rebuilding every map.
-    let same_vcpus = state.seen.len() == u.vcpus.len()
-        && state.seen.iter().zip(&u.vcpus).all(|(k, v)| k.1 == v.vcpu && *k.0 == *v.uuid);
-    if same_vcpus && u.fresh.is_empty() {
+    if !needs_pruning(u, state) {
         return state.clone();
     }
     let seen = u.vcpus.iter().map(|v| (v.uuid.clone(), v.vcpu)).collect();
@@ -450,7 +499,14 @@ fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
             state.last_moved.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect()
         },
         manual_reported: state.manual_reported.iter().filter(|k| keep(k)).cloned().collect(),
-        smoothed: state.smoothed.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect(),
+        smoothed: {
+            let was: HashMap<(&str, u32), f64> =
+                state.seen.iter().zip(&state.smoothed).filter_map(|(k, a)| Some(((&*k.0, k.1), (*a)?))).collect();
+            u.vcpus
+                .iter()
+                .map(|v| if present.contains(&(&*v.uuid, v.vcpu)) { was.get(&(&*v.uuid, v.vcpu)).copied() } else { None })
+                .collect()
+        },
         was_over: state.was_over,
         saturated: state.saturated.clone(),
         settled: state.settled && !churn,
@@ -701,6 +757,28 @@ pub(crate) mod tests {
             let (plan_full, next_full) = decide(&h, &cfg(kind), &forced);
             prop_assert_eq!(plan_fast, plan_full);
             prop_assert_eq!(next_fast, next_full);
+        }
+
+        /// The in-place form that the per-host task uses decides exactly as [`decide`], round after round, both
+        /// when the vCPUs stay (no pruning) and when they change, with the applied pins recorded in between.
+        #[test]
+        fn decide_mut_is_decide(hosts in proptest::collection::vec((arb_host(), 1usize..3), 1..4), kind in arb_kind()) {
+            let (mut by_value, mut in_place) = (PolicyState::default(), PolicyState::default());
+            for (h, repeat) in &hosts {
+                for _ in 0..*repeat {
+                    let (plan, mut next) = decide(h, &cfg(kind), &by_value);
+                    let mut hm = h.clone();
+                    let plan_mut = decide_mut(&mut hm, &cfg(kind), &mut in_place);
+                    prop_assert_eq!(&hm, h, "the usage is given back unchanged");
+                    prop_assert_eq!(&plan, &plan_mut);
+                    for pin in &plan.pins {
+                        next.record_applied(pin);
+                        in_place.record_applied(pin);
+                    }
+                    prop_assert_eq!(&next, &in_place);
+                    by_value = next;
+                }
+            }
         }
 
         /// Spread at or under the threshold: no move, whatever the policy.
