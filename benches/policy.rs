@@ -5,15 +5,20 @@
 //! - `decide`: [`policy::decide`] on a precomputed usage with an empty state (the policy alone, on a host's first
 //!   round: everything it remembers is new);
 //! - `decide_steady`: the same, with the state the first decision left (every later round of a host);
+//! - `decide_in_place`: [`policy::decide_mut`] from that same state, what the per-host task calls every round (it
+//!   updates the state and smooths the usage in place; the copies it starts from are made outside the timing);
 //! - `usage+decide`: [`usage::compute`] then [`policy::decide`], what a round computes between its two RPCs;
+//! - `usage_reusing`: [`usage::compute_reusing`] with the last round's usage, what the per-host task computes;
 //! - baselines: `usage::compute` alone, and `single_pass`, one pass over the vCPUs that sums usage per pCPU and
 //!   finds the busiest and freest pCPU (the least any policy must do).
 //!
-//! Three placements: `pinned` (every vCPU already pinned where it runs, unbalanced so one vCPU moves), `unpinned`
-//! (every vCPU may run anywhere: the first decision pins all 1,000) and `balanced` (pinned, within the threshold:
-//! what most hosts cost in most rounds, and what the fleet bench's hosts are).
+//! Four placements: `pinned` (every vCPU already pinned where it runs, unbalanced so one vCPU moves), `unpinned`
+//! (every vCPU may run anywhere: the first decision pins all 1,000), `balanced` (pinned, within the threshold:
+//! what most hosts cost in most rounds, and what the fleet bench's hosts are) and `saturated` (pinned, half the
+//! pCPUs at 99 % with 11 vCPUs each, the rest at 40–50 %: `converge` probes, which the other inputs never make it do,
+//! because their pCPUs are either all saturated or none).
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
 use vcpu_balancer::controller::policy::{self, PolicyConfig};
 use vcpu_balancer::controller::usage;
 use vcpu_balancer::model::{DomainStats, HostStats, VcpuStats};
@@ -29,12 +34,18 @@ const VCPUS_PER_DOMAIN: u32 = 4;
 /// Usage of every vCPU in the `balanced` placement: pCPUs then carry 7 or 8 vCPUs, 70 or 80 %, a spread of 10
 /// points, which no policy acts on.
 const BALANCED_USAGE: u64 = 10;
+/// `saturated` placement: the first [`SATURATED_PCPUS`] pCPUs carry [`SATURATED_PER_PCPU`] vCPUs of
+/// [`SATURATED_USAGE`] % each (99 %: they read saturated, every vCPU at the same capped share), the other pCPUs
+/// the remaining vCPUs at [`BALANCED_USAGE`] %. `converge` probes there: its other rounds' path.
+const SATURATED_PCPUS: u32 = 64;
+const SATURATED_PER_PCPU: u32 = 11;
+const SATURATED_USAGE: u64 = 9;
 /// One second between the two samples.
 const ELAPSED_NS: u64 = 1_000_000_000;
 
 /// Two samples one second apart. vCPU `k` runs on pCPU `k % PCPUS`, with a usage from a fixed pseudo-random
 /// sequence (5–95 %), so pCPU loads differ and the policy has a move to make.
-fn samples(pinned: bool, balanced: bool) -> (HostStats, HostStats) {
+fn samples(pinned: bool, balanced: bool, saturated: bool) -> (HostStats, HostStats) {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
         seed ^= seed << 13;
@@ -49,8 +60,16 @@ fn samples(pinned: bool, balanced: bool) -> (HostStats, HostStats) {
         let mut cv = Vec::new();
         for i in 0..VCPUS_PER_DOMAIN {
             let k = d * VCPUS_PER_DOMAIN + i;
-            let pcpu = k % PCPUS;
-            let usage_pct = if balanced { BALANCED_USAGE } else { 5 + next() % 91 };
+            let crowded = SATURATED_PCPUS * SATURATED_PER_PCPU;
+            let (pcpu, usage_pct) = if saturated && k < crowded {
+                (k % SATURATED_PCPUS, SATURATED_USAGE)
+            } else if saturated {
+                (SATURATED_PCPUS + (k - crowded) % (PCPUS - SATURATED_PCPUS), BALANCED_USAGE)
+            } else if balanced {
+                (k % PCPUS, BALANCED_USAGE)
+            } else {
+                (k % PCPUS, 5 + next() % 91)
+            };
             let t0 = 1_000_000_000_000 + u64::from(k) * 1_000_000;
             let affinity = if pinned { vec![pcpu] } else { (0..PCPUS).collect() };
             pv.push(VcpuStats { index: i, time_ns: t0, pcpu, affinity: affinity.clone() });
@@ -98,11 +117,16 @@ fn single_pass(u: &usage::HostUsage) -> (u32, u32) {
 fn bench(c: &mut Criterion) {
     for kind in [policy::PolicyKind::Guarded, policy::PolicyKind::Converge] {
         let cfg = PolicyConfig { kind, ..PolicyConfig::default() };
-        for (label, pinned, balanced) in [("pinned", true, false), ("unpinned", false, false), ("balanced", true, true)] {
-            let (prev, cur) = samples(pinned, balanced);
+        let placements =
+            [("pinned", true, false, false), ("unpinned", false, false, false), ("balanced", true, true, false), ("saturated", true, false, true)];
+        for (label, pinned, balanced, saturated) in placements {
+            let (prev, cur) = samples(pinned, balanced, saturated);
             let u = usage::compute(Some(&prev), &cur).expect("two samples of the same agent, time advanced");
             let plan = policy::decide_once(&u, &cfg);
             assert_eq!(plan.moves.is_empty(), balanced, "the bench input must make the policy move a vCPU, unless balanced");
+            if saturated && kind == policy::PolicyKind::Converge {
+                assert!(plan.reason.contains("newly saturated"), "the saturated input must make converge probe: {}", plan.reason);
+            }
             let mut g = c.benchmark_group(format!("policy_{kind}_1000vcpus_128pcpus_{label}"));
             g.bench_function("decide", |b| b.iter(|| policy::decide_once(black_box(&u), black_box(&cfg))));
             // What a host costs every round once the controller has seen it: the state after one decision on the same
@@ -110,6 +134,16 @@ fn bench(c: &mut Criterion) {
             let (_, state) = policy::decide(&u, &cfg, &policy::PolicyState::default());
             g.bench_function("decide_steady", |b| {
                 b.iter(|| policy::decide(black_box(&u), black_box(&cfg), black_box(&state)))
+            });
+            g.bench_function("decide_in_place", |b| {
+                b.iter_batched_ref(
+                    || (u.clone(), state.clone()),
+                    |(u, state)| policy::decide_mut(u, black_box(&cfg), state),
+                    BatchSize::SmallInput,
+                )
+            });
+            g.bench_function("usage_reusing", |b| {
+                b.iter(|| usage::compute_reusing(Some(black_box(&prev)), black_box(&cur), Some(black_box(&u))))
             });
             g.bench_function("usage+decide", |b| {
                 b.iter(|| {
