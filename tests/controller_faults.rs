@@ -1,6 +1,6 @@
 //! Faults the controller must survive, against simulated agents over real gRPC on loopback: a host down at start,
 //! a hypervisor that goes away mid-run and comes back, an agent restarted between two rounds, a domain restarted or
-//! replaced by another with the same name, and a slow agent. In each case the faulty host is reported, the healthy
+//! replaced by another with the same name, a slow agent, and a reply that does not decode. In each case the faulty host is reported, the healthy
 //! host keeps being balanced with no error, and the faulty one resumes from a fresh baseline: no usage is ever
 //! negative or above 100 % of one pCPU.
 //!
@@ -253,4 +253,69 @@ async fn a_slow_agent_drops_only_its_own_rounds() {
     assert!(behind + 3 <= rounds, "slow host was at round {behind} when the live host finished {rounds}");
     healthy(&by[&live.addr], rounds);
     sane_usage(s);
+}
+
+/// An "agent" whose `GetStats` reply is not a `GetStatsResponse`: field 1 comes as a string, where the controller
+/// expects the sample time (a varint). Built from the generated message types, so the bytes are well framed gRPC.
+#[derive(Clone)]
+struct MalformedAgent;
+
+impl tonic::server::NamedService for MalformedAgent {
+    const NAME: &'static str = "vcpu.v1.Agent";
+}
+
+struct WrongReply;
+
+impl tonic::server::UnaryService<vcpu_balancer::pb::GetStatsRequest> for WrongReply {
+    type Response = vcpu_balancer::pb::GetVcpuPlacementRequest;
+    type Future = std::future::Ready<Result<tonic::Response<Self::Response>, tonic::Status>>;
+
+    fn call(&mut self, _req: tonic::Request<vcpu_balancer::pb::GetStatsRequest>) -> Self::Future {
+        std::future::ready(Ok(tonic::Response::new(vcpu_balancer::pb::GetVcpuPlacementRequest { domain: "not a sample".into() })))
+    }
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for MalformedAgent {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<vcpu_balancer::pb::GetVcpuPlacementRequest, vcpu_balancer::pb::GetStatsRequest>::default();
+            Ok(tonic::server::Grpc::new(codec).unary(WrongReply, req).await)
+        })
+    }
+}
+
+/// A reply that does not decode is an error of that host's round (INTERNAL, as tonic's own codec reports it), and
+/// never a sample: the other host is balanced meanwhile with no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_does_not_decode_fails_only_its_own_host() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bad = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MalformedAgent)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let live = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let rounds = 20;
+    let (mut rx, ctl) = start(vec![bad.clone(), live.addr.clone()], rounds);
+    let mut by: BTreeMap<String, Vec<RoundReport>> = BTreeMap::new();
+    while let Some(r) = rx.recv().await {
+        by.entry(r.host.clone()).or_default().push(r);
+    }
+    ctl.await.unwrap();
+    server.abort();
+    let b = &by[&bad];
+    assert!(!b.is_empty());
+    assert!(b.iter().all(|r| r.action.kind == ActionType::Error && r.spread.is_none() && r.vcpus.is_empty()), "{b:#?}");
+    let decoded = b.iter().filter(|r| r.action.reason.contains("GetStats: Internal")).count();
+    assert!(decoded >= 1, "the decode error is reported as INTERNAL: {b:#?}");
+    healthy(&by[&live.addr], rounds);
 }
