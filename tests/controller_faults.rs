@@ -1,8 +1,8 @@
 //! Faults the controller must survive, against simulated agents over real gRPC on loopback: a host down at start,
 //! a hypervisor that goes away mid-run and comes back, an agent restarted between two rounds, a domain restarted or
-//! replaced by another with the same name, a slow agent, and a reply that does not decode. In each case the faulty host is reported, the healthy
-//! host keeps being balanced with no error, and the faulty one resumes from a fresh baseline: no usage is ever
-//! negative or above 100 % of one pCPU.
+//! replaced by another with the same name, a slow agent, and a reply that does not decode. In each case the faulty
+//! host is reported, the healthy host keeps being balanced with no error, and the faulty one resumes from a fresh
+//! baseline: no usage is ever negative or above 100 % of one pCPU.
 //!
 //! Nothing here asserts on wall time: outcomes are read from the round reports.
 
