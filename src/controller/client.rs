@@ -172,6 +172,8 @@ pub struct AgentClient {
     inner: PbClient<H2Channel>,
     /// The same channel without the generated client, for calls made with another codec.
     grpc: tonic::client::Grpc<H2Channel>,
+    /// The connection under both, to drop after a call that missed its deadline.
+    channel: H2Channel,
     timeout: Duration,
     metrics: Option<std::sync::Arc<crate::metrics::ControllerMetrics>>,
 }
@@ -190,8 +192,8 @@ impl AgentClient {
         let authority = uri.authority().cloned().ok_or_else(|| bad(&"no host in the address"))?;
         let channel = H2Channel::new(&authority, tls, CONNECT_TIMEOUT.min(timeout)).map_err(|e| bad(&e))?;
         let grpc = tonic::client::Grpc::with_origin(channel.clone(), uri.clone()).max_decoding_message_size(MAX_REPLY_SIZE);
-        let inner = PbClient::with_origin(channel, uri).max_decoding_message_size(MAX_REPLY_SIZE);
-        Ok(AgentClient { host: host.to_string(), inner, grpc, timeout, metrics: None })
+        let inner = PbClient::with_origin(channel.clone(), uri).max_decoding_message_size(MAX_REPLY_SIZE);
+        Ok(AgentClient { host: host.to_string(), inner, grpc, channel, timeout, metrics: None })
     }
 
     /// Times every call and counts its errors in `metrics`.
@@ -226,7 +228,11 @@ impl AgentClient {
         let r = match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => Err(self.err(method, s)),
-            Err(_) => Err(self.err(method, Status::deadline_exceeded(format!("no answer within {:?}", self.timeout)))),
+            Err(_) => {
+                // No answer at all: the connection may be dead (see `H2Channel::reset`); the next call dials again.
+                self.channel.reset().await;
+                Err(self.err(method, Status::deadline_exceeded(format!("no answer within {:?}", self.timeout))))
+            }
         };
         if let Some(m) = &self.metrics {
             m.observe_rpc(&self.host, method, started.elapsed(), r.as_ref().err().and_then(ClientError::code));
@@ -281,6 +287,39 @@ impl AgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call that gets no answer within its deadline drops the connection: the next call dials a new one, rather
+    /// than queueing behind data a dead peer never acknowledges.
+    #[tokio::test]
+    async fn a_call_past_its_deadline_makes_the_next_one_dial_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+        // Completes the HTTP/2 handshake and takes every request, but never answers one.
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                accepted_tx.send(()).unwrap();
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(tcp).await.unwrap();
+                    let mut held = Vec::new();
+                    while let Some(Ok(r)) = conn.accept().await {
+                        held.push(r);
+                    }
+                });
+            }
+        });
+        let mut c = AgentClient::new(&addr.to_string(), Duration::from_millis(200)).unwrap();
+        for _ in 0..2 {
+            let e = c.get_stats().await.unwrap_err();
+            assert_eq!(e.code(), Some(Code::DeadlineExceeded), "{e}");
+        }
+        let mut connections = 0;
+        while accepted.try_recv().is_ok() {
+            connections += 1;
+        }
+        assert_eq!(connections, 2, "each call past its deadline left the next one a new connection");
+    }
 
     #[test]
     fn addresses() {

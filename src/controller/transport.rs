@@ -59,6 +59,14 @@ impl H2Channel {
         let inner = Inner { addr: authority.as_str().to_string(), tls, connect_timeout, conn: Mutex::new((0, None)) };
         Ok(H2Channel { inner: Arc::new(inner) })
     }
+
+    /// Drops the connection, so that the next call dials again. For a call that got no answer within its deadline:
+    /// the connection may be dead without the kernel knowing yet (a host powered off or cut off keeps unacknowledged
+    /// data in retransmission, with backoff up to two minutes, before the socket fails). Dialling again costs one
+    /// handshake; keeping a dead connection would keep the host "down" for minutes after it is back.
+    pub async fn reset(&self) {
+        self.inner.conn.lock().await.1 = None;
+    }
 }
 
 impl Inner {
@@ -256,6 +264,21 @@ mod tests {
         drop(clone);
         let served = tokio::time::timeout(Duration::from_secs(5), done).await.expect("connection closed").unwrap();
         assert_eq!(served, 3, "one server connection saw every call");
+    }
+
+    /// After [`H2Channel::reset`] the next call dials a new connection, and the old one closes (its last handle is
+    /// gone).
+    #[tokio::test]
+    async fn a_reset_channel_dials_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a: http::uri::Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let ch = H2Channel::new(&a, None, Duration::from_secs(2)).unwrap();
+        let first = tokio::spawn(serve_one(listener));
+        assert_eq!(ch.inner.call(request(&a)).await.unwrap().status(), 200);
+        ch.reset().await;
+        // The first connection ends once the channel let go of it, having served one call.
+        let served = tokio::time::timeout(Duration::from_secs(5), first).await.expect("old connection closed").unwrap();
+        assert_eq!(served, 1);
     }
 
     /// A host that is down is UNAVAILABLE (so that metrics and logs say "down"), and the next call dials again.
