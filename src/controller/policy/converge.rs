@@ -38,11 +38,11 @@
 //!    moves at most once and as few as a cheap deterministic heuristic finds move (pCPUs over the band shed the
 //!    fewest of their vCPUs that bring them into it, the rest staying in place; the shed vCPUs go, heaviest first,
 //!    to the freest pCPU they fit on, and chains of such sheds make swaps; pCPUs still under the band receive;
-//!    moved vCPUs that fit back where they were go back; a few band positions and two tie rules are tried). That
-//!    plan replaces the steps' plan when it balances and the steps' does not, or when it needs fewer pin changes;
-//!    it also has to lower the sum of squared loads. The steps' rules bind it too: it moves no vCPU lighter than
-//!    half of [`MIN_STEP_GAIN`] (such a move changes a gap by less), vCPUs cooling down stay put, and none goes
-//!    back to the pCPU it left.
+//!    moved vCPUs that fit back where they were go back; a few band positions, more on a small host, and two tie
+//!    rules are tried). That plan replaces the steps' plan when it balances and the steps' does not, or when it
+//!    needs fewer pin changes; it also has to lower the sum of squared loads. The steps' rules bind it too: it
+//!    moves no vCPU lighter than half of [`MIN_STEP_GAIN`] (such a move changes a gap by less), vCPUs cooling down
+//!    stay put, and none goes back to the pCPU it left.
 //!
 //! The vCPUs' final places are compared with where they run: a vCPU moved several times within one round gets one
 //! pin, and one moved back to where it started gets none.
@@ -453,8 +453,21 @@ fn best_step(slots: &[Slot], g: f64, p: PcpuId, q: PcpuId, threshold: f64, probe
 const EPS: f64 = 1e-9;
 
 /// Band positions tried by [`fewest_moves`]: the freest pCPU's planned load `lo` runs from `mean − threshold` to
-/// `mean` in this many equal steps (plus one).
+/// `mean` in [`bands`] equal steps (plus one), a multiple of this many.
 const BANDS: u32 = 4;
+/// At most this many times [`BANDS`] steps, for small hosts.
+const MAX_REFINE: usize = 10;
+/// Work budget of [`fewest_moves`]: band steps × movable vCPUs. Each band position costs O(n log n + n·p), so a
+/// small host can afford a finer search of the band, and a big one keeps [`BANDS`]: 4 steps for the bench's host
+/// (1,000 vCPUs), 32 on `random-64x200` (about 180 movable vCPUs after the probe), 40 on `sixteen-on-eight`.
+const BAND_BUDGET: usize = 6000;
+
+/// The band steps [`fewest_moves`] tries for `slots` movable vCPUs: a multiple of [`BANDS`], so the positions
+/// tried include the coarse ones (tried first: a finer search never plans more moves than the coarse one).
+fn bands(slots: usize) -> u32 {
+    let refine = (BAND_BUDGET / (BANDS as usize * slots.max(1))).clamp(1, MAX_REFINE);
+    BANDS * u32::try_from(refine).expect("at most MAX_REFINE")
+}
 
 /// A placement of the whole host, planned at once, in which every pCPU's load is within `[lo, lo + threshold]`
 /// for some `lo`, each vCPU moves at most once, and as few move as this heuristic finds: for each of a few bands,
@@ -467,6 +480,16 @@ const BANDS: u32 = 4;
 /// Cost: per band, a sort of each pCPU's vCPUs and of the shed ones, and a scan of the pCPUs per shed vCPU and of
 /// the vCPUs per pCPU left under the band: O(n log n + n·p) for n vCPUs on p pCPUs.
 fn fewest_moves(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, threshold: f64) -> Option<Vec<PcpuId>> {
+    fewest_moves_over(slots, load, threshold, bands(slots.len()))
+}
+
+/// [`fewest_moves`] with the band's position tried in `steps` equal steps.
+fn fewest_moves_over(
+    slots: &[Slot],
+    load: &BTreeMap<PcpuId, f64>,
+    threshold: f64,
+    steps: u32,
+) -> Option<Vec<PcpuId>> {
     let n = load.len();
     if n == 0 {
         return None;
@@ -474,8 +497,13 @@ fn fewest_moves(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, threshold: f64) ->
     let total: f64 = load.values().sum();
     let mean = total / n as f64;
     let mut best: Option<(usize, f64, Vec<PcpuId>)> = None;
-    for k in 0..=BANDS {
-        let lo = mean - threshold + threshold * f64::from(k) / f64::from(BANDS);
+    // The coarse positions first: the best of them is then found as the coarse search alone finds it (a band is
+    // given up against the same best so far), and a finer position replaces it only with fewer moves (or as few
+    // and a lower sum of squares).
+    let coarse = (steps / BANDS).max(1);
+    let order = (0..=steps).filter(|k| k % coarse == 0).chain((0..=steps).filter(|k| k % coarse != 0));
+    for k in order {
+        let lo = mean - threshold + threshold * f64::from(k) / f64::from(steps);
         for heavy in [false, true] {
             for complete in [false, true] {
                 // A band whose plan would move more vCPUs than the best so far is given up early.
@@ -863,7 +891,38 @@ mod tests {
         assert_eq!(to, vec![0, 1]);
     }
 
+    #[test]
+    fn small_hosts_search_the_band_finer() {
+        // A multiple of the coarse steps (so the coarse positions are among those tried), finer for fewer vCPUs,
+        // the coarse search alone on the bench's host.
+        assert_eq!(bands(1000), BANDS);
+        assert_eq!(bands(5000), BANDS);
+        assert_eq!(bands(180), 32);
+        assert_eq!(bands(12), 40);
+        assert_eq!(bands(0), 40);
+        for n in 1..2000 {
+            assert_eq!(bands(n) % BANDS, 0, "{n}");
+        }
+    }
+
     proptest! {
+        /// A finer search of the band's position finds a plan wherever the coarse one does, and one that moves no
+        /// more vCPUs.
+        #[test]
+        fn the_finer_band_search_never_moves_more(
+            n in 2u32..8,
+            vs in proptest::collection::vec((0u32..8, 0.0f64..60.0), 1..24),
+        ) {
+            let vs: Vec<(u32, f64)> = vs.into_iter().map(|(p, u)| (p % n, u)).collect();
+            let (slots, load) = slots_of(n, &vs);
+            if let Some(coarse) = fewest_moves_over(&slots, &load, 10.0, BANDS) {
+                let fine = fewest_moves_over(&slots, &load, 10.0, bands(slots.len()));
+                prop_assert!(fine.is_some(), "{:?}", vs);
+                let moved = |to: &[PcpuId]| planned(&slots, &load, to).0;
+                prop_assert!(moved(&fine.unwrap()) <= moved(&coarse), "{:?}", vs);
+            }
+        }
+
         /// Where the shortcut for balanced hosts applies, it decides what the full plan decides. A threshold up
         /// to 200 points makes most random hosts balanced; random reserved pCPUs strand some vCPUs.
         #[test]
