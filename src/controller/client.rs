@@ -103,65 +103,73 @@ pub fn normalize_address_for(host: &str, tls: bool) -> Result<String, ClientErro
 /// The gRPC path of `GetStats`, which [`AgentClient::get_stats`] calls without the generated client.
 const GET_STATS_PATH: &str = "/vcpu.v1.Agent/GetStats";
 
-/// Decodes a reply from one contiguous slice, and straight into the model type `M`: prost reading a `&[u8]`
-/// advances a pointer, while reading tonic's `DecodeBuf` goes through `BytesMut` for every field, which made decoding
-/// a 64-vCPU `GetStats` reply about half again as costly (BENCHMARKS.md, "Controller rounds on simulated fleets").
-/// `P` is the wire type, `M` what the caller wants of it.
-struct SliceCodec<Req, P, M>(std::marker::PhantomData<fn(Req) -> (P, M)>);
+/// The codec of `GetStats`: the reply is read from one contiguous slice straight into [`HostStats`] by
+/// [`convert::stats_into`], into the sample the caller no longer needs (the one before its previous one) when it
+/// gives one, so a steady host's round allocates nothing to decode. prost decodes only where that reader gives up
+/// (and then gives the same sample, or the error). Decoding was the largest part of the controller's work on a
+/// fleet (BENCHMARKS.md, "Controller rounds on simulated fleets"): prost reading tonic's `DecodeBuf` goes through
+/// `BytesMut` for every field, and most of the rest was allocating and freeing two strings per domain and a vector
+/// per vCPU.
+#[derive(Default)]
+struct StatsCodec(Option<HostStats>);
 
-impl<Req, P, M> Default for SliceCodec<Req, P, M> {
-    fn default() -> Self {
-        SliceCodec(std::marker::PhantomData)
-    }
-}
-
-impl<Req, P, M> Codec for SliceCodec<Req, P, M>
-where
-    Req: Message + Send + 'static,
-    P: Message + Default + Into<M> + Send + 'static,
-    M: Send + 'static,
-{
-    type Encode = Req;
-    type Decode = M;
+impl Codec for StatsCodec {
+    type Encode = pb::GetStatsRequest;
+    type Decode = HostStats;
     type Encoder = Self;
     type Decoder = Self;
 
     fn encoder(&mut self) -> Self {
-        Self::default()
+        StatsCodec(None)
     }
 
     fn decoder(&mut self) -> Self {
-        Self::default()
+        StatsCodec(self.0.take())
     }
 }
 
-impl<Req: Message, P, M> Encoder for SliceCodec<Req, P, M> {
-    type Item = Req;
+impl Encoder for StatsCodec {
+    type Item = pb::GetStatsRequest;
     type Error = Status;
 
-    fn encode(&mut self, item: Req, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+    fn encode(&mut self, item: pb::GetStatsRequest, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         dst.reserve(item.encoded_len());
         item.encode_raw(dst);
         Ok(())
     }
 }
 
-impl<Req, P: Message + Default + Into<M>, M> Decoder for SliceCodec<Req, P, M> {
-    type Item = M;
+impl Decoder for StatsCodec {
+    type Item = HostStats;
     type Error = Status;
 
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<M>, Status> {
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<HostStats>, Status> {
         let n = src.remaining();
         // tonic hands over one frame's message, which is normally one chunk; copy only when it is not.
-        let decoded = if src.chunk().len() == n {
-            let m = P::decode(src.chunk());
-            src.advance(n);
-            m
+        let copied;
+        let bytes = if src.chunk().len() == n {
+            src.chunk()
         } else {
-            P::decode(src.copy_to_bytes(n))
+            copied = src.copy_to_bytes(n);
+            &copied[..]
         };
+        let mut s = self.0.take().unwrap_or_else(|| HostStats {
+            sample_time_ns: 0,
+            npcpus: 0,
+            online_pcpus: Vec::new(),
+            agent_instance: String::new(),
+            domains: Vec::new(),
+        });
+        let decoded = if convert::stats_into(bytes, &mut s) {
+            Ok(s)
+        } else {
+            pb::GetStatsResponse::decode(bytes).map(HostStats::from)
+        };
+        if src.remaining() == n {
+            src.advance(n);
+        }
         // The same status tonic's prost codec gives a message that does not decode.
-        decoded.map(|m| Some(m.into())).map_err(|e| Status::internal(e.to_string()))
+        decoded.map(Some).map_err(|e| Status::internal(e.to_string()))
     }
 }
 
@@ -246,16 +254,22 @@ impl AgentClient {
         Ok(self.deadline("GetHostInfo", c.get_host_info(req)).await?.into())
     }
 
-    /// The round's one sample. Called every round on every host, so it skips the generated client for a codec that
-    /// decodes the reply from one slice into [`HostStats`] (see [`SliceCodec`]).
+    /// The host's sample now.
     pub async fn get_stats(&mut self) -> Result<HostStats, ClientError> {
+        self.get_stats_into(None).await
+    }
+
+    /// The round's one sample, decoded into `spare` (a sample the caller no longer needs) if given. Called every
+    /// round on every host, so it skips the generated client for a codec that decodes the reply from one slice
+    /// into [`HostStats`], reusing `spare`'s allocations (see [`StatsCodec`]).
+    pub async fn get_stats_into(&mut self, spare: Option<HostStats>) -> Result<HostStats, ClientError> {
         let mut req = self.request(pb::GetStatsRequest {});
         req.extensions_mut().insert(tonic::GrpcMethod::new("vcpu.v1.Agent", "GetStats"));
         let mut grpc = self.grpc.clone();
         let call = async move {
             grpc.ready().await.map_err(|e| Status::unknown(format!("Service was not ready: {e}")))?;
             let path = http::uri::PathAndQuery::from_static(GET_STATS_PATH);
-            grpc.unary(req, path, SliceCodec::<pb::GetStatsRequest, pb::GetStatsResponse, HostStats>::default()).await
+            grpc.unary(req, path, StatsCodec(spare)).await
         };
         self.deadline("GetStats", call).await
     }

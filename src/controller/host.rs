@@ -63,6 +63,8 @@ pub fn backoff_delay(interval: Duration, failures: u32, j: f64) -> Duration {
 /// State a host task keeps between rounds.
 struct HostState {
     prev: Option<HostStats>,
+    /// The sample before `prev`, no longer needed: the next reply is decoded into its allocations.
+    spare: Option<HostStats>,
     /// The last round's usage: the next one takes its unchanged names and affinities from it
     /// ([`usage::compute_reusing`]).
     last_usage: Option<usage::HostUsage>,
@@ -75,7 +77,15 @@ struct HostState {
 
 impl HostState {
     fn new() -> Self {
-        HostState { prev: None, last_usage: None, policy: PolicyState::default(), failures: 0, next_attempt: None, was_down: false }
+        HostState {
+            prev: None,
+            spare: None,
+            last_usage: None,
+            policy: PolicyState::default(),
+            failures: 0,
+            next_attempt: None,
+            was_down: false,
+        }
     }
 }
 
@@ -168,7 +178,7 @@ async fn one_round(
     let host = client.host().to_string();
     let stats = {
         let _permit = inflight.acquire().await.expect("the semaphore is never closed");
-        client.get_stats().await
+        client.get_stats_into(st.spare.take()).await
     };
     let cur = match stats {
         Ok(s) => s,
@@ -180,7 +190,7 @@ async fn one_round(
     st.failures = 0;
     st.next_attempt = None;
     let computed = usage::compute_reusing(st.prev.as_ref(), &cur, st.last_usage.as_ref());
-    st.prev = Some(cur);
+    st.spare = st.prev.replace(cur);
     let mut u = match computed {
         Ok(u) => u,
         Err(why) => {
