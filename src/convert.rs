@@ -233,6 +233,11 @@ struct Wire<'a>(&'a [u8]);
 
 impl<'a> Wire<'a> {
     fn varint(&mut self) -> Option<u64> {
+        // Most are one byte: every key, every index and pCPU of a small host.
+        if let Some((&b, rest)) = self.0.split_first().filter(|(&b, _)| b < 0x80) {
+            self.0 = rest;
+            return Some(u64::from(b));
+        }
         let mut x = 0u64;
         for i in 0..10 {
             let (&b, rest) = self.0.split_first()?;
