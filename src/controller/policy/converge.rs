@@ -188,7 +188,7 @@ pub fn decide(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTr
 fn balanced(v: &View<'_>, threshold: f64) -> Option<Decision> {
     let ((_, hi), (_, lo)) = v.extremes()?;
     let before = hi - lo;
-    (before <= threshold && v.stranded().is_empty())
+    (before <= threshold && !v.any_stranded())
         .then(|| Decision { moves: Vec::new(), reason: format!("balanced: spread {before:.1} <= threshold {threshold:.1}") })
 }
 
@@ -932,7 +932,7 @@ mod tests {
             reserved in proptest::collection::btree_set(0u32..8, 0..3),
             round in 0u64..3,
         ) {
-            let allowed: BTreeSet<PcpuId> = h.pcpus.iter().map(|p| p.id).filter(|id| !reserved.contains(id)).collect();
+            let allowed: crate::controller::policy::PcpuSet = h.pcpus.iter().map(|p| p.id).filter(|id| !reserved.contains(id)).collect();
             let movable = (0..h.vcpus.len()).filter(|&i| h.vcpus[i].usage.is_some()).collect();
             let v = View { u: &h, load: h.pcpus.iter().map(|p| (p.id, p.usage)).collect(), allowed, movable };
             let state = PolicyState { round, ..Default::default() };

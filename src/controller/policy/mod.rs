@@ -209,7 +209,7 @@ pub struct View<'a> {
     /// Usage of every online pCPU, in id order.
     pub load: Vec<(PcpuId, f64)>,
     /// Online pCPUs that are not reserved: the only targets, and the ones the spread is taken over.
-    pub allowed: BTreeSet<PcpuId>,
+    pub allowed: PcpuSet,
     /// Indices into `u.vcpus` of the vCPUs a policy may move: known usage, not held.
     pub movable: Vec<usize>,
 }
@@ -227,6 +227,40 @@ impl View<'_> {
     /// Movable vCPUs sitting on a reserved (or offline) pCPU.
     pub fn stranded(&self) -> Vec<usize> {
         self.movable.iter().copied().filter(|&i| !self.allowed.contains(&self.u.vcpus[i].pcpu)).collect()
+    }
+
+    /// Whether any movable vCPU sits on a reserved (or offline) pCPU.
+    pub fn any_stranded(&self) -> bool {
+        self.movable.iter().any(|&i| !self.allowed.contains(&self.u.vcpus[i].pcpu))
+    }
+}
+
+/// A set of pCPU ids as a bitmap: the policies ask "may this pCPU be a target?" for every vCPU and pCPU of every
+/// round, and an ordered set's search and its allocation per node showed in the controller's profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PcpuSet(Vec<u64>);
+
+impl PcpuSet {
+    pub fn contains(&self, p: &PcpuId) -> bool {
+        self.0.get(*p as usize / 64).is_some_and(|w| w & (1 << (p % 64)) != 0)
+    }
+
+    pub fn insert(&mut self, p: PcpuId) {
+        let i = p as usize / 64;
+        if self.0.len() <= i {
+            self.0.resize(i + 1, 0);
+        }
+        self.0[i] |= 1 << (p % 64);
+    }
+}
+
+impl FromIterator<PcpuId> for PcpuSet {
+    fn from_iter<I: IntoIterator<Item = PcpuId>>(it: I) -> Self {
+        let mut s = PcpuSet::default();
+        for p in it {
+            s.insert(p);
+        }
+        s
     }
 }
 
@@ -355,7 +389,7 @@ fn decide_into(
             }
         }
     }
-    let allowed: BTreeSet<PcpuId> = u.pcpus.iter().map(|p| p.id).filter(|id| !c.reserved.contains(id)).collect();
+    let allowed: PcpuSet = u.pcpus.iter().map(|p| p.id).filter(|id| !c.reserved.contains(id)).collect();
     let view = View { u, load: u.pcpus.iter().map(|p| (p.id, p.usage)).collect(), allowed, movable };
     let Some(((busiest, hi), (freest, lo))) = view.extremes() else {
         let reason = if u.pcpus.is_empty() {
@@ -744,6 +778,16 @@ pub(crate) mod tests {
     }
 
     proptest! {
+        /// The bitmap answers as an ordered set of the same ids does, for ids inside and beyond its words.
+        #[test]
+        fn pcpu_set_is_a_set(ids in proptest::collection::vec(0u32..300, 0..40), probes in proptest::collection::vec(0u32..400, 0..40)) {
+            let bits: PcpuSet = ids.iter().copied().collect();
+            let set: BTreeSet<PcpuId> = ids.iter().copied().collect();
+            for p in ids.iter().chain(&probes) {
+                prop_assert_eq!(bits.contains(p), set.contains(p), "{}", p);
+            }
+        }
+
         /// The shortcut that skips pruning when the vCPUs are those of the last round decides exactly what the full
         /// pruning decides: same plan, same next state.
         #[test]
