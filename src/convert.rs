@@ -138,7 +138,7 @@ impl From<pb::GetStatsResponse> for HostStats {
 /// groups. The caller then decodes with prost, which gives the same result or the error. A proptest checks that
 /// whenever this returns a sample, prost decodes the same bytes to the same sample.
 pub fn stats_from_wire(bytes: &[u8]) -> Option<HostStats> {
-    let mut s = HostStats { sample_time_ns: 0, npcpus: 0, online_pcpus: Vec::new(), agent_instance: String::new(), domains: Vec::new() };
+    let mut s = HostStats::default();
     stats_into(bytes, &mut s).then_some(s)
 }
 
@@ -159,10 +159,7 @@ pub fn stats_into(bytes: &[u8], s: &mut HostStats) -> bool {
             match (field, wt) {
                 (1, VARINT) => s.sample_time_ns = w.varint()?,
                 (2, LEN) => {
-                    if domains == s.domains.len() {
-                        s.domains.push(DomainStats { uuid: String::new(), name: String::new(), id: 0, cpu_time_ns: 0, vcpus: Vec::new() });
-                    }
-                    domain_into(w.len_delimited()?, &mut s.domains[domains])?;
+                    domain_into(w.len_delimited()?, slot(&mut s.domains, domains))?;
                     domains += 1;
                 }
                 (3, VARINT) => s.npcpus = w.varint()? as u32,
@@ -191,10 +188,7 @@ fn domain_into(bytes: &[u8], d: &mut DomainStats) -> Option<()> {
             (3, VARINT) => d.id = w.varint()? as u32,
             (4, VARINT) => d.cpu_time_ns = w.varint()?,
             (5, LEN) => {
-                if vcpus == d.vcpus.len() {
-                    d.vcpus.push(VcpuStats { index: 0, time_ns: 0, pcpu: 0, affinity: Vec::new() });
-                }
-                vcpu_into(w.len_delimited()?, &mut d.vcpus[vcpus])?;
+                vcpu_into(w.len_delimited()?, slot(&mut d.vcpus, vcpus))?;
                 vcpus += 1;
             }
             (1..=5, _) => return None,
@@ -220,6 +214,15 @@ fn vcpu_into(bytes: &[u8], v: &mut VcpuStats) -> Option<()> {
         }
     }
     Some(())
+}
+
+/// Element `i` of `v`, which has at least `i` elements, to read a repeated message into: the old one there, whose
+/// allocations the read reuses, or a new one at the end. The caller truncates `v` to the elements it read.
+fn slot<T: Default>(v: &mut Vec<T>, i: usize) -> &mut T {
+    if i == v.len() {
+        v.push(T::default());
+    }
+    &mut v[i]
 }
 
 const VARINT: u8 = 0;

@@ -34,7 +34,7 @@ pub struct DomainSummary {
 }
 
 /// One vCPU in one sample.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuStats {
     pub index: u32,
     /// Cumulative run time in ns.
@@ -46,7 +46,7 @@ pub struct VcpuStats {
 }
 
 /// One running domain in one sample.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainStats {
     pub uuid: String,
     pub name: String,
@@ -58,7 +58,7 @@ pub struct DomainStats {
 }
 
 /// Everything one round needs from one host, taken at one instant.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostStats {
     /// The agent's monotonic clock at the sample, in ns.
     pub sample_time_ns: u64,

@@ -153,13 +153,7 @@ impl Decoder for StatsCodec {
             copied = src.copy_to_bytes(n);
             &copied[..]
         };
-        let mut s = self.0.take().unwrap_or_else(|| HostStats {
-            sample_time_ns: 0,
-            npcpus: 0,
-            online_pcpus: Vec::new(),
-            agent_instance: String::new(),
-            domains: Vec::new(),
-        });
+        let mut s = self.0.take().unwrap_or_default();
         let decoded = if convert::stats_into(bytes, &mut s) {
             Ok(s)
         } else {
