@@ -226,12 +226,16 @@ impl View<'_> {
 
     /// Movable vCPUs sitting on a reserved (or offline) pCPU.
     pub fn stranded(&self) -> Vec<usize> {
-        self.movable.iter().copied().filter(|&i| !self.allowed.contains(&self.u.vcpus[i].pcpu)).collect()
+        self.stranded_iter().collect()
     }
 
     /// Whether any movable vCPU sits on a reserved (or offline) pCPU.
     pub fn any_stranded(&self) -> bool {
-        self.movable.iter().any(|&i| !self.allowed.contains(&self.u.vcpus[i].pcpu))
+        self.stranded_iter().next().is_some()
+    }
+
+    fn stranded_iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.movable.iter().copied().filter(|&i| !self.allowed.contains(&self.u.vcpus[i].pcpu))
     }
 }
 
@@ -293,11 +297,8 @@ pub struct Decision {
 pub fn decide(u: &HostUsage, cfg: &PolicyConfig, state: &PolicyState) -> (Plan, PolicyState) {
     let mut next = prune(u, state);
     let saturated = converge::saturated(u);
-    let smoothed = (cfg.kind == PolicyKind::Converge).then(|| {
-        let mut s = u.clone();
-        converge::smooth_in_place(&mut s, &mut next.smoothed, fresh_start(state, &saturated));
-        s
-    });
+    let smoothed = (cfg.kind == PolicyKind::Converge)
+        .then(|| converge::smooth(u, &mut next.smoothed, fresh_start(state, &saturated)));
     let plan = decide_into(smoothed.as_ref().unwrap_or(u), saturated, cfg, Some(state), &mut next);
     (plan, next)
 }
