@@ -223,8 +223,8 @@ impl SimHost {
     /// Integrates vCPU times up to `now_ns`. Times before the last event are ignored (the clock never goes back).
     pub fn advance_to(&mut self, now_ns: u64) {
         // A pCPU whose vCPUs ask for less than all of it gives each its whole demand: `fair_shares` would return the
-        // demands unchanged (bit for bit, with this margin), so only oversubscribed pCPUs pay for it. A fleet of
-        // simulated agents samples often, and the sorting and allocating was most of the simulator's cost.
+        // demands unchanged (bit for bit, with this margin), so only oversubscribed pCPUs pay for it. Simulated
+        // fleets sample often: the sorting and allocating was about 6 % of their agents' CPU (BENCHMARKS.md, run 5).
         const ROOM: f64 = 1e-9;
         let npcpus = self.npcpus as usize;
         let mut total = vec![0.0_f64; npcpus];
@@ -549,9 +549,12 @@ mod tests {
             for (i, (load, vcpus, pin, phase)) in doms.iter().enumerate() {
                 let load_line = match phase {
                     None => format!("load = {load}"),
-                    Some((l2, secs)) => format!("phases = [{{load = {load}, secs = {secs}}}, {{load = {l2}, secs = 1.5}}]"),
+                    Some((l2, secs)) => {
+                        format!("phases = [{{load = {load}, secs = {secs}}}, {{load = {l2}, secs = 1.5}}]")
+                    }
                 };
-                text += &format!("[[domain]]\nname = \"d{i}\"\n{load_line}\nvcpus = {vcpus}\naffinity = [{}]\n", pin % pcpus);
+                let pin = pin % pcpus;
+                text += &format!("[[domain]]\nname = \"d{i}\"\n{load_line}\nvcpus = {vcpus}\naffinity = [{pin}]\n");
             }
             let mut fast = host(&text);
             let mut slow = fast.clone();
