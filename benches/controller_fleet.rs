@@ -57,6 +57,8 @@ const DEFAULT_REPS: usize = 15;
 const WARMUP_ROUNDS: u64 = 2;
 /// Below the kernel's ephemeral range (32768–60999), so that outgoing connections never hold a port the servers need.
 const DEFAULT_PORT_BASE: u16 = 21000;
+/// How long the simulated agents run before the floor's reply is taken from host 0 (see where it is used).
+const FLOOR_CAPTURE_DELAY: Duration = Duration::from_millis(1500);
 /// The floor server's ports start this far above the agents'.
 const FLOOR_PORT_OFFSET: u16 = 2000;
 /// Fleet whose peak controller memory is measured (target ≤ 64 MiB).
@@ -349,7 +351,10 @@ async fn driver() -> anyhow::Result<()> {
         let mut agent = ChildGuard::spawn(agent_cmd, "simulated fleet agent")?;
         agent.wait_listening(*agent_hosts.last().expect("at least one host"))?;
 
-        // The floor's bytes: what the real simulated agent sends for host 0.
+        // The floor's bytes: what the real simulated agent sends for host 0, once its vCPU times have the length
+        // they keep for the rest of the run (a varint grows a byte when a time passes 2^28 ns, 0.67 s at this load).
+        // Taken at once, a fleet that started quickly gave the floor replies 25 bytes shorter than the agents'.
+        tokio::time::sleep(FLOOR_CAPTURE_DELAY).await;
         let uri0: Uri = format!("http://{}", agent_hosts[0]).parse()?;
         let ch0 = Endpoint::from(uri0.clone()).connect().await?;
         let reply = raw_get_stats(ch0, uri0, DEFAULT_RPC_TIMEOUT).await?;
