@@ -65,8 +65,8 @@ struct HostState {
     prev: Option<HostStats>,
     /// The sample before `prev`, no longer needed: the next reply is decoded into its allocations.
     spare: Option<HostStats>,
-    /// The last round's usage: the next one takes its unchanged names and affinities from it
-    /// ([`usage::compute_reusing`]).
+    /// The last round's usage: the next one is written over it, or takes its unchanged names and affinities
+    /// ([`usage::compute_into`]).
     last_usage: Option<usage::HostUsage>,
     /// Kept across outages: the pins the controller applied are still the host's business when it comes back.
     policy: PolicyState,
@@ -189,7 +189,10 @@ async fn one_round(
     }
     st.failures = 0;
     st.next_attempt = None;
-    let computed = usage::compute_reusing(st.prev.as_ref(), &cur, st.last_usage.as_ref());
+    let computed = match st.last_usage.take() {
+        Some(last) => usage::compute_into(st.prev.as_ref(), &cur, last),
+        None => usage::compute(st.prev.as_ref(), &cur),
+    };
     st.spare = st.prev.replace(cur);
     let mut u = match computed {
         Ok(u) => u,
