@@ -317,8 +317,8 @@ pub(crate) mod tests {
         assert_eq!(compute_reusing(Some(&c), &d, Some(&last)).unwrap(), compute(Some(&c), &d).unwrap());
     }
 
-    /// `compute_into` takes nothing from a last usage that is not this host's last round: other UUIDs under the same
-    /// names, other vCPU numbers, or vCPUs that are not the previous sample's.
+    /// `compute_into` takes nothing from a last usage that is not this host's last round (other UUIDs under the same
+    /// names, other vCPU numbers, another set of domains), nor from a previous sample that does not line up.
     #[test]
     fn compute_into_checks_every_vcpu_against_the_last_usage() {
         let a = stats(10 * S, &[("a", 1, &[(0, 0), (0, 1)]), ("b", 2, &[(0, 2)])]);
@@ -334,6 +334,26 @@ pub(crate) mod tests {
         let mut a2 = a.clone();
         a2.domains[0].vcpus[1].index = 2;
         assert_eq!(compute_into(Some(&a2), &b, want.clone()).unwrap(), compute(Some(&a2), &b).unwrap());
+        // A last usage with a domain more than the samples have.
+        let three = |t| stats(t, &[("a", 1, &[(t, 0), (t, 1)]), ("b", 2, &[(t, 2)]), ("c", 3, &[(t, 3)])]);
+        let more = compute(Some(&three(10 * S)), &three(12 * S)).unwrap();
+        assert_eq!(compute_into(Some(&a), &b, more).unwrap(), want);
+        // The last usage is the new sample's, but the previous sample had another domain in that place, or another
+        // number of vCPUs, or a domain fewer (one without vCPUs).
+        let one = |t, n: &[(u64, u32)]| stats(t, &[("a", 1, n)]);
+        let last = compute(Some(&one(8 * S, &[(0, 0)])), &one(10 * S, &[(0, 0)])).unwrap();
+        let x = stats(10 * S, &[("x", 1, &[(0, 0)])]);
+        let cur = one(12 * S, &[(S, 0)]);
+        assert_eq!(compute_into(Some(&x), &cur, last).unwrap(), compute(Some(&x), &cur).unwrap());
+        let two = |t| one(t, &[(t, 0), (t, 1)]);
+        let last = compute(Some(&two(8 * S)), &two(10 * S)).unwrap();
+        let (p, c) = (one(10 * S, &[(0, 0)]), two(12 * S));
+        assert_eq!(compute_into(Some(&p), &c, last).unwrap(), compute(Some(&p), &c).unwrap());
+        let empty: &[(u64, u32)] = &[];
+        let with_b = |t| stats(t, &[("a", 1, &[(t, 0)]), ("b", 2, empty)]);
+        let last = compute(Some(&with_b(8 * S)), &with_b(10 * S)).unwrap();
+        let (p, c) = (one(10 * S, &[(0, 0)]), with_b(12 * S));
+        assert_eq!(compute_into(Some(&p), &c, last).unwrap(), compute(Some(&p), &c).unwrap());
     }
 
     #[test]
