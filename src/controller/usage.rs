@@ -154,7 +154,11 @@ pub fn compute_reusing(
 /// `Arc` is cloned or dropped (that reference counting was about a third of a 64-vCPU host's usage maths, on top of
 /// building and freeing the vector). Any other host goes the way of [`compute_reusing`]. The result is the same
 /// as [`compute`]'s.
-pub fn compute_into(prev: Option<&HostStats>, cur: &HostStats, mut last: HostUsage) -> Result<HostUsage, BaselineReason> {
+pub fn compute_into(
+    prev: Option<&HostStats>,
+    cur: &HostStats,
+    mut last: HostUsage,
+) -> Result<HostUsage, BaselineReason> {
     let (p, elapsed_ns) = elapsed(prev, cur)?;
     if update_in_place(p, cur, elapsed_ns, &mut last) {
         return Ok(last);
@@ -475,7 +479,8 @@ pub(crate) mod tests {
                 if n.domains.iter().all(|d| d.name != name) {
                     let pos = n.domains.partition_point(|d| d.name < name);
                     let vcpus = vec![VcpuStats { index: 0, time_ns: 0, pcpu: x % 4, affinity: vec![x % 4] }];
-                    n.domains.insert(pos, DomainStats { uuid: format!("u-{name}"), name, id: x, cpu_time_ns: 0, vcpus });
+                    let d = DomainStats { uuid: format!("u-{name}"), name, id: x, cpu_time_ns: 0, vcpus };
+                    n.domains.insert(pos, d);
                 }
             }
             Change::AddVcpu(i) => {
