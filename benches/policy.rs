@@ -8,7 +8,10 @@
 //! - `decide_in_place`: [`policy::decide_mut`] from that same state, what the per-host task calls every round (it
 //!   updates the state and smooths the usage in place; the copies it starts from are made outside the timing);
 //! - `usage+decide`: [`usage::compute`] then [`policy::decide`], what a round computes between its two RPCs;
-//! - `usage_reusing`: [`usage::compute_reusing`] with the last round's usage, what the per-host task computes;
+//! - `usage_reusing`: [`usage::compute_reusing`] with the last round's usage (the way a round that saw a change
+//!   goes);
+//! - `usage_in_place`: [`usage::compute_into`] over the last round's usage, what the per-host task computes in a
+//!   steady round;
 //! - baselines: `usage::compute` alone, and `single_pass`, one pass over the vCPUs that sums usage per pCPU and
 //!   finds the busiest and freest pCPU (the least any policy must do).
 //!
@@ -144,6 +147,15 @@ fn bench(c: &mut Criterion) {
             });
             g.bench_function("usage_reusing", |b| {
                 b.iter(|| usage::compute_reusing(Some(black_box(&prev)), black_box(&cur), Some(black_box(&u))))
+            });
+            // `last` is the usage of the round before, as the per-host task keeps it; its copy is made outside the
+            // timing, and the result is dropped outside it too (the task keeps it for the next round).
+            g.bench_function("usage_in_place", |b| {
+                b.iter_batched(
+                    || u.clone(),
+                    |last| usage::compute_into(Some(black_box(&prev)), black_box(&cur), last),
+                    BatchSize::SmallInput,
+                )
             });
             g.bench_function("usage+decide", |b| {
                 b.iter(|| {
