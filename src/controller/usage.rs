@@ -82,6 +82,11 @@ pub fn compute_reusing(
     last: Option<&HostUsage>,
 ) -> Result<HostUsage, BaselineReason> {
     let (prev, elapsed_ns) = elapsed(prev, cur)?;
+    Ok(rebuild(prev, cur, elapsed_ns, last))
+}
+
+/// The body of [`compute_reusing`], once the two samples are known to be comparable.
+fn rebuild(prev: &HostStats, cur: &HostStats, elapsed_ns: u64, last: Option<&HostUsage>) -> HostUsage {
     // The agent lists domains in the same order every round, so the previous sample of a domain is almost always at
     // the same position; the map is only for the rounds where domains came or went.
     let aligned =
@@ -126,10 +131,7 @@ pub fn compute_reusing(
             let i = order.as_ref().map_or(k, |o| o[k]);
             let v = &d.vcpus[i];
             let usage = match (why, p) {
-                (None, Some(p)) => {
-                    let delta = v.time_ns - p.vcpus[i].time_ns;
-                    Some((delta as f64 / elapsed_ns as f64 * 100.0).clamp(0.0, MAX_VCPU_USAGE))
-                }
+                (None, Some(p)) => Some(vcpu_usage(v.time_ns - p.vcpus[i].time_ns, elapsed_ns)),
                 _ => None,
             };
             let affinity = match last.and_then(|l| l.vcpus.get(vcpus.len())) {
@@ -146,7 +148,12 @@ pub fn compute_reusing(
     online.dedup();
     let mut u = HostUsage { elapsed_ns, pcpus: online.iter().map(|&id| PcpuUsage { id, usage: 0.0 }).collect(), vcpus, fresh };
     sum_pcpus(&mut u);
-    Ok(u)
+    u
+}
+
+/// One vCPU's usage: `delta_ns` of run time over `elapsed_ns`, in % of one pCPU.
+fn vcpu_usage(delta_ns: u64, elapsed_ns: u64) -> f64 {
+    (delta_ns as f64 / elapsed_ns as f64 * 100.0).clamp(0.0, MAX_VCPU_USAGE)
 }
 
 /// [`compute_reusing`] in `last`'s own storage: when the host has the same domains, vCPUs and affinities as in the
@@ -159,11 +166,11 @@ pub fn compute_into(
     cur: &HostStats,
     mut last: HostUsage,
 ) -> Result<HostUsage, BaselineReason> {
-    let (p, elapsed_ns) = elapsed(prev, cur)?;
-    if update_in_place(p, cur, elapsed_ns, &mut last) {
-        return Ok(last);
+    let (prev, elapsed_ns) = elapsed(prev, cur)?;
+    if !update_in_place(prev, cur, elapsed_ns, &mut last) {
+        last = rebuild(prev, cur, elapsed_ns, Some(&last));
     }
-    compute_reusing(prev, cur, Some(&last))
+    Ok(last)
 }
 
 /// The time between two samples of one agent, or why they cannot be compared.
@@ -181,7 +188,7 @@ fn elapsed<'a>(prev: Option<&'a HostStats>, cur: &HostStats) -> Result<(&'a Host
 /// [`compute_into`]'s usual round: every domain at the same place in `prev`, `cur` and `last`, in the order usage
 /// sorts them, with no fresh baseline, and every vCPU with the same index and affinity as in `last`. Writes each
 /// vCPU's usage and pCPU into `last` as it checks; on `false` those writes are partial, which is harmless because
-/// [`compute_reusing`] reads only names, UUIDs, indices and affinities from it.
+/// [`rebuild`] reads only names, UUIDs, indices and affinities from it.
 fn update_in_place(prev: &HostStats, cur: &HostStats, elapsed_ns: u64, last: &mut HostUsage) -> bool {
     // `last` is in usage's order (domains by name then UUID, vCPUs by index), so a sample that matches it at every
     // position is in that order too, and needs no sorting.
@@ -210,7 +217,7 @@ fn update_in_place(prev: &HostStats, cur: &HostStats, elapsed_ns: u64, last: &mu
                 return false;
             }
             w.pcpu = v.pcpu;
-            w.usage = Some(((v.time_ns - a.time_ns) as f64 / elapsed_ns as f64 * 100.0).clamp(0.0, MAX_VCPU_USAGE));
+            w.usage = Some(vcpu_usage(v.time_ns - a.time_ns, elapsed_ns));
         }
     }
     last.elapsed_ns = elapsed_ns;
