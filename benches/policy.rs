@@ -75,8 +75,8 @@ fn samples(pinned: bool, balanced: bool, saturated: bool) -> (HostStats, HostSta
             };
             let t0 = 1_000_000_000_000 + u64::from(k) * 1_000_000;
             let affinity = if pinned { vec![pcpu] } else { (0..PCPUS).collect() };
-            pv.push(VcpuStats { index: i, time_ns: t0, pcpu, affinity: affinity.clone(), delay_ns: None });
-            cv.push(VcpuStats { index: i, time_ns: t0 + usage_pct * ELAPSED_NS / 100, pcpu, affinity, delay_ns: None });
+            pv.push(VcpuStats { index: i, time_ns: t0, pcpu, affinity: affinity.clone() });
+            cv.push(VcpuStats { index: i, time_ns: t0 + usage_pct * ELAPSED_NS / 100, pcpu, affinity });
         }
         // Random-looking, as libvirt's (v4) and the simulator's UUIDs are: a shared prefix would make every key
         // comparison in the policy's maps scan it.

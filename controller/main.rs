@@ -151,10 +151,6 @@ struct EvaluateArgs {
     threshold: f64,
     #[command(flatten)]
     constraints: ConstraintArgs,
-    /// Simulate hosts whose agents report no run-queue delay (as with `run_delay = false` in every scenario): a
-    /// saturated pCPU's vCPUs then show their fair shares only, not their demands.
-    #[arg(long)]
-    no_run_delay: bool,
     /// One JSON object per scenario and policy instead of the table.
     #[arg(long)]
     json: bool,
@@ -470,10 +466,7 @@ async fn cmd_demo(a: DemoArgs) -> anyhow::Result<i32> {
 }
 
 fn cmd_evaluate(a: EvaluateArgs) -> anyhow::Result<i32> {
-    let mut scenarios = evaluate::load_dir(&a.scenarios)?;
-    if a.no_run_delay {
-        scenarios.iter_mut().for_each(|(_, sc)| sc.run_delay = false);
-    }
+    let scenarios = evaluate::load_dir(&a.scenarios)?;
     if scenarios.is_empty() {
         anyhow::bail!("{}: no *.toml scenario files", a.scenarios.display());
     }

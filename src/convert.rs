@@ -99,7 +99,6 @@ impl From<HostStats> for pb::GetStatsResponse {
                             time_ns: v.time_ns,
                             pcpu: v.pcpu,
                             affinity: v.affinity,
-                            delay_ns: v.delay_ns,
                         })
                         .collect(),
                 })
@@ -126,13 +125,7 @@ impl From<pb::GetStatsResponse> for HostStats {
                     vcpus: d
                         .vcpus
                         .into_iter()
-                        .map(|v| VcpuStats {
-                            index: v.index,
-                            time_ns: v.time_ns,
-                            pcpu: v.pcpu,
-                            affinity: v.affinity,
-                            delay_ns: v.delay_ns,
-                        })
+                        .map(|v| VcpuStats { index: v.index, time_ns: v.time_ns, pcpu: v.pcpu, affinity: v.affinity })
                         .collect(),
                 })
                 .collect(),
@@ -208,7 +201,7 @@ fn domain_into(bytes: &[u8], d: &mut DomainStats) -> Option<()> {
 
 fn vcpu_into(bytes: &[u8], v: &mut VcpuStats) -> Option<()> {
     let mut w = Wire(bytes);
-    (v.index, v.time_ns, v.pcpu, v.delay_ns) = (0, 0, 0, None);
+    (v.index, v.time_ns, v.pcpu) = (0, 0, 0);
     v.affinity.clear();
     while let Some((field, wt)) = w.key()? {
         match (field, wt) {
@@ -216,8 +209,7 @@ fn vcpu_into(bytes: &[u8], v: &mut VcpuStats) -> Option<()> {
             (2, VARINT) => v.time_ns = w.varint()?,
             (3, VARINT) => v.pcpu = w.varint()? as u32,
             (4, _) => w.repeated_u32(wt, &mut v.affinity)?,
-            (5, VARINT) => v.delay_ns = Some(w.varint()?),
-            (1..=5, _) => return None,
+            (1..=4, _) => return None,
             _ => w.skip(wt)?,
         }
     }
@@ -452,14 +444,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn arb_stats() -> impl Strategy<Value = pb::GetStatsResponse> {
-        let vcpu = (
-            any::<u32>(),
-            any::<u64>(),
-            any::<u32>(),
-            proptest::collection::vec(any::<u32>(), 0..4),
-            any::<Option<u64>>(),
-        )
-            .prop_map(|(index, time_ns, pcpu, affinity, delay_ns)| pb::VcpuStats { index, time_ns, pcpu, affinity, delay_ns });
+        let vcpu = (any::<u32>(), any::<u64>(), any::<u32>(), proptest::collection::vec(any::<u32>(), 0..4))
+            .prop_map(|(index, time_ns, pcpu, affinity)| pb::VcpuStats { index, time_ns, pcpu, affinity });
         let domain = (".{0,40}", "\\PC{0,12}", any::<u32>(), any::<u64>(), proptest::collection::vec(vcpu, 0..4))
             .prop_map(|(uuid, name, id, cpu_time_ns, vcpus)| pb::DomainStats { uuid, name, id, cpu_time_ns, vcpus });
         (any::<u64>(), proptest::collection::vec(domain, 0..5), any::<u32>(), proptest::collection::vec(any::<u32>(), 0..5), ".{0,20}")

@@ -43,9 +43,6 @@ pub struct VcpuStats {
     pub pcpu: PcpuId,
     /// The pCPUs it may run on, sorted, no duplicates.
     pub affinity: Vec<PcpuId>,
-    /// Cumulative run-queue delay in ns: time it was ready to run but waited for its pCPU. `None` where the
-    /// backend cannot read it.
-    pub delay_ns: Option<u64>,
 }
 
 /// One running domain in one sample.

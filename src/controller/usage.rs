@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::model::{HostStats, PcpuId, VcpuStats};
+use crate::model::{HostStats, PcpuId};
 
 /// Upper bound of one vCPU's usage: a vCPU is one thread and cannot run on more than one pCPU at a time. Sampling
 /// skew can make a 100 % vCPU read 100.3 %; clamping keeps the arithmetic honest.
@@ -28,10 +28,6 @@ pub struct VcpuUsage {
     pub affinity: Arc<[PcpuId]>,
     /// % of one pCPU over the round; `None` for a fresh baseline.
     pub usage: Option<f64>,
-    /// % of one pCPU it asked for: its usage plus the time it waited for its pCPU (run-queue delay). On a pCPU
-    /// shared past its capacity a vCPU's usage is its share, not its demand; this is the demand. `None` where the
-    /// usage is, or where the agent reports no delay in either sample.
-    pub demand: Option<f64>,
 }
 
 /// One pCPU in a round.
@@ -134,11 +130,9 @@ fn rebuild(prev: &HostStats, cur: &HostStats, elapsed_ns: u64, last: Option<&Hos
         for k in 0..d.vcpus.len() {
             let i = order.as_ref().map_or(k, |o| o[k]);
             let v = &d.vcpus[i];
-            let (usage, demand) = match (why, p) {
-                (None, Some(p)) => {
-                    (Some(vcpu_usage(v.time_ns - p.vcpus[i].time_ns, elapsed_ns)), vcpu_demand(&p.vcpus[i], v, elapsed_ns))
-                }
-                _ => (None, None),
+            let usage = match (why, p) {
+                (None, Some(p)) => Some(vcpu_usage(v.time_ns - p.vcpus[i].time_ns, elapsed_ns)),
+                _ => None,
             };
             let affinity = match last.and_then(|l| l.vcpus.get(vcpus.len())) {
                 Some(w) if Arc::ptr_eq(&w.uuid, &uuid) && w.vcpu == v.index && *w.affinity == *v.affinity => {
@@ -146,7 +140,7 @@ fn rebuild(prev: &HostStats, cur: &HostStats, elapsed_ns: u64, last: Option<&Hos
                 }
                 _ => v.affinity.as_slice().into(),
             };
-            vcpus.push(VcpuUsage { domain: name.clone(), uuid: uuid.clone(), vcpu: v.index, pcpu: v.pcpu, affinity, usage, demand });
+            vcpus.push(VcpuUsage { domain: name.clone(), uuid: uuid.clone(), vcpu: v.index, pcpu: v.pcpu, affinity, usage });
         }
     }
     let mut online = cur.online_pcpus.clone();
@@ -160,13 +154,6 @@ fn rebuild(prev: &HostStats, cur: &HostStats, elapsed_ns: u64, last: Option<&Hos
 /// One vCPU's usage: `delta_ns` of run time over `elapsed_ns`, in % of one pCPU.
 fn vcpu_usage(delta_ns: u64, elapsed_ns: u64) -> f64 {
     (delta_ns as f64 / elapsed_ns as f64 * 100.0).clamp(0.0, MAX_VCPU_USAGE)
-}
-
-/// One vCPU's demand between samples `a` and `v` of it: run time plus run-queue delay over `elapsed_ns`, in % of one
-/// pCPU; `None` unless both samples carry a delay and it did not go back.
-fn vcpu_demand(a: &VcpuStats, v: &VcpuStats, elapsed_ns: u64) -> Option<f64> {
-    let waited = v.delay_ns?.checked_sub(a.delay_ns?)?;
-    Some(vcpu_usage((v.time_ns - a.time_ns).saturating_add(waited), elapsed_ns))
 }
 
 /// [`compute_reusing`] in `last`'s own storage: when the host has the same domains, vCPUs and affinities as in the
@@ -231,7 +218,6 @@ fn update_in_place(prev: &HostStats, cur: &HostStats, elapsed_ns: u64, last: &mu
             }
             w.pcpu = v.pcpu;
             w.usage = Some(vcpu_usage(v.time_ns - a.time_ns, elapsed_ns));
-            w.demand = vcpu_demand(a, v, elapsed_ns);
         }
     }
     last.elapsed_ns = elapsed_ns;
@@ -285,7 +271,7 @@ pub(crate) mod tests {
                     vcpus: vcpus
                         .iter()
                         .enumerate()
-                        .map(|(i, (t, p))| VcpuStats { index: i as u32, time_ns: *t, pcpu: *p, affinity: vec![*p], delay_ns: None })
+                        .map(|(i, (t, p))| VcpuStats { index: i as u32, time_ns: *t, pcpu: *p, affinity: vec![*p] })
                         .collect(),
                 })
                 .collect(),
@@ -382,31 +368,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn demand_is_usage_plus_run_queue_delay() {
-        let mut a = stats(10 * S, &[("a", 1, &[(0, 0), (0, 0), (0, 0), (0, 0)])]);
-        let mut b = stats(12 * S, &[("a", 1, &[(S, 0), (S / 2, 0), (S / 4, 0), (S / 4, 0)])]);
-        let delays = [(Some(0), Some(S / 2)), (Some(S), Some(S + S / 2)), (None, Some(S)), (Some(S), Some(0))];
-        for ((va, vb), (da, db)) in a.domains[0].vcpus.iter_mut().zip(&mut b.domains[0].vcpus).zip(delays) {
-            (va.delay_ns, vb.delay_ns) = (da, db);
-        }
-        let u = compute(Some(&a), &b).unwrap();
-        let got: Vec<_> = u.vcpus.iter().map(|v| (v.usage, v.demand)).collect();
-        // 1 s + 0.5 s waited over 2 s; 0.5 + 0.5 s; no delay in the first sample; a delay that went back.
-        let want = [(Some(50.0), Some(75.0)), (Some(25.0), Some(50.0)), (Some(12.5), None), (Some(12.5), None)];
-        assert_eq!(got, want);
-        // The in-place path agrees.
-        let mut c = b.clone();
-        c.sample_time_ns += 2 * S;
-        for v in &mut c.domains[0].vcpus {
-            v.time_ns += S;
-            v.delay_ns = v.delay_ns.map(|x| x + S);
-        }
-        let fresh = compute(Some(&b), &c).unwrap();
-        assert_eq!(fresh.vcpus.iter().map(|v| v.demand).collect::<Vec<_>>(), [Some(100.0); 4]);
-        assert_eq!(compute_into(Some(&b), &c, u).unwrap(), fresh);
-    }
-
-    #[test]
     fn usage_is_delta_over_elapsed() {
         let a = stats(10 * S, &[("a", 1, &[(0, 0)]), ("b", 2, &[(S, 0), (0, 1)])]);
         let b = stats(12 * S, &[("a", 1, &[(S, 0)]), ("b", 2, &[(2 * S, 0), (S / 2, 1)])]);
@@ -467,8 +428,6 @@ pub(crate) mod tests {
         Replug(u32),
         Rename(usize),
         NewInstance,
-        DelayBack(usize),
-        DelayGone(usize),
     }
 
     fn arb_change() -> impl Strategy<Value = Change> {
@@ -487,8 +446,6 @@ pub(crate) mod tests {
             1 => (0u32..4).prop_map(Change::Replug),
             1 => (0usize..8).prop_map(Change::Rename),
             1 => Just(Change::NewInstance),
-            1 => (0usize..8).prop_map(Change::DelayBack),
-            1 => (0usize..8).prop_map(Change::DelayGone),
         ]
     }
 
@@ -499,7 +456,6 @@ pub(crate) mod tests {
         for (i, d) in n.domains.iter_mut().enumerate() {
             for v in &mut d.vcpus {
                 v.time_ns += busy * (i as u64 + v.index as u64 + 1) % (2 * S);
-                v.delay_ns = v.delay_ns.map(|x| x + busy * (i as u64 + 2) % S);
             }
         }
         let k = n.domains.len().max(1);
@@ -529,7 +485,7 @@ pub(crate) mod tests {
                 let name = format!("d{x:02}");
                 if n.domains.iter().all(|d| d.name != name) {
                     let pos = n.domains.partition_point(|d| d.name < name);
-                    let vcpus = vec![VcpuStats { index: 0, time_ns: 0, pcpu: x % 4, affinity: vec![x % 4], delay_ns: None }];
+                    let vcpus = vec![VcpuStats { index: 0, time_ns: 0, pcpu: x % 4, affinity: vec![x % 4] }];
                     let d = DomainStats { uuid: format!("u-{name}"), name, id: x, cpu_time_ns: 0, vcpus };
                     n.domains.insert(pos, d);
                 }
@@ -537,7 +493,7 @@ pub(crate) mod tests {
             Change::AddVcpu(i) => {
                 if let Some(d) = n.domains.get_mut(i % k) {
                     let index = d.vcpus.len() as u32;
-                    d.vcpus.push(VcpuStats { index, time_ns: 0, pcpu: 0, affinity: vec![0, 1], delay_ns: None });
+                    d.vcpus.push(VcpuStats { index, time_ns: 0, pcpu: 0, affinity: vec![0, 1] });
                 }
             }
             Change::Reverse(i) => {
@@ -566,16 +522,6 @@ pub(crate) mod tests {
                 }
             }
             Change::NewInstance => n.agent_instance.push('x'),
-            Change::DelayBack(i) => {
-                if let Some(v) = n.domains.get_mut(i % k).and_then(|d| d.vcpus.last_mut()) {
-                    v.delay_ns = v.delay_ns.map(|_| 0);
-                }
-            }
-            Change::DelayGone(i) => {
-                if let Some(v) = n.domains.get_mut(i % k).and_then(|d| d.vcpus.last_mut()) {
-                    v.delay_ns = None;
-                }
-            }
         }
         n
     }
@@ -602,13 +548,7 @@ pub(crate) mod tests {
                         id: i as u32 + 1,
                         cpu_time_ns: 0,
                         vcpus: (0..n as u32)
-                            .map(|j| VcpuStats {
-                                index: j,
-                                time_ns: 0,
-                                pcpu: (p + j) % 4,
-                                affinity: vec![(p + j) % 4],
-                                delay_ns: (i % 2 == 0).then_some(0),
-                            })
+                            .map(|j| VcpuStats { index: j, time_ns: 0, pcpu: (p + j) % 4, affinity: vec![(p + j) % 4] })
                             .collect(),
                     })
                     .collect(),

@@ -33,10 +33,6 @@
 //!    them wrongly, and fixing it later costs extra pins. So in a round where pCPUs have just become saturated, the
 //!    round only *probes*: it moves capped vCPUs off them, at most one onto each pCPU with room, and plans the rest
 //!    on the next reading, which shows their demand. If no such move helps, it plans on the readings as they are.
-//!
-//!    Where the agent reports each vCPU's run-queue delay (the time it was ready to run and waited for its pCPU),
-//!    usage plus delay is the demand, and there is nothing to probe: on a saturated pCPU whose vCPUs all have a
-//!    demand, the plan takes each at its demand and the pCPU at their sum, in the round it is first seen.
 //! 9. Whole-host plan: in a round that acts and does not probe, it also plans the whole host at once
 //!    ([`fewest_moves`]): a placement with every pCPU within one band of width threshold, in which each vCPU
 //!    moves at most once and as few as a cheap deterministic heuristic finds move (pCPUs over the band shed the
@@ -229,29 +225,12 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
             capped: false,
         })
         .collect();
-    // Saturated pCPUs whose vCPUs all report a demand (usage plus run-queue delay): the plan takes each vCPU there
-    // at its demand, and the pCPU at the sum of them, which is what they will ask of wherever they go. No probe.
-    let demanded: BTreeSet<PcpuId> = saturated
-        .iter()
-        .copied()
-        .filter(|p| load.contains_key(p))
-        .filter(|p| v.u.vcpus.iter().filter(|x| x.pcpu == *p && x.usage.is_some()).all(|x| x.demand.is_some()))
-        .collect();
-    for x in v.u.vcpus.iter().filter(|x| demanded.contains(&x.pcpu)) {
-        if let (Some(u), Some(d)) = (x.usage, x.demand) {
-            *load.get_mut(&x.pcpu).expect("demanded pCPUs are allowed") += (d - u).max(0.0);
-        }
-    }
-    for s in slots.iter_mut().filter(|s| demanded.contains(&s.pcpu)) {
-        s.usage = s.usage.max(v.vcpu(s.idx).demand.unwrap_or(0.0));
-    }
-    // Newly saturated pCPUs (allowed, not saturated in the previous round, no demands reported) and their capped
-    // vCPUs: those reading within CAPPED_TOLERANCE of the top reading there, the level max-min fair sharing cut
-    // them to.
+    // Newly saturated pCPUs (allowed, not saturated in the previous round) and their capped vCPUs: those reading
+    // within CAPPED_TOLERANCE of the top reading there, the level max-min fair sharing cut them to.
     let newly: BTreeSet<PcpuId> = saturated
         .iter()
         .copied()
-        .filter(|p| v.allowed.contains(p) && !state.saturated.contains(p) && !demanded.contains(p))
+        .filter(|p| v.allowed.contains(p) && !state.saturated.contains(p))
         .collect();
     for p in &newly {
         let top = slots.iter().filter(|s| s.pcpu == *p).map(|s| s.usage).fold(0.0, f64::max);
@@ -479,11 +458,9 @@ const BANDS: u32 = 4;
 /// At most this many times [`BANDS`] steps, for small hosts.
 const MAX_REFINE: usize = 10;
 /// Work budget of [`fewest_moves`]: band steps × movable vCPUs. Each band position costs O(n log n + n·p), so a
-/// small host can afford a finer search of the band, and a big one keeps a few: 8 steps for the bench's host
-/// (1,000 vCPUs), 40 (the most) on `random-64x200` (200 movable vCPUs) and on `sixteen-on-eight`. With demands
-/// known from the first round, `random-64x200`'s plan takes 43 pin changes with 28 steps, 42 with 32, 41 with 40
-/// (POLICIES.md); the bench's host pays for it with 8 steps instead of 4 (BENCHMARKS.md).
-const BAND_BUDGET: usize = 8000;
+/// small host can afford a finer search of the band, and a big one keeps [`BANDS`]: 4 steps for the bench's host
+/// (1,000 vCPUs), 32 on `random-64x200` (about 180 movable vCPUs after the probe), 40 on `sixteen-on-eight`.
+const BAND_BUDGET: usize = 6000;
 
 /// The band steps [`fewest_moves`] tries for `slots` movable vCPUs: a multiple of [`BANDS`], so the positions
 /// tried include the coarse ones (tried first: a finer search never plans more moves than the coarse one).
@@ -774,26 +751,6 @@ mod tests {
     }
 
     #[test]
-    fn a_saturated_pcpu_with_known_demands_is_planned_at_once() {
-        // pCPU 0 at 100 %: a (demand 70) and b (demand 50) both read 50. With their run-queue delay the demands are
-        // known: moving b gives 70 / 60, moving a 50 / 80, so b goes, and nothing is probed.
-        let mut h = host(2, &[("a", 0, 50.0, true), ("b", 0, 50.0, true), ("c", 1, 10.0, true)]);
-        for (v, d) in h.vcpus.iter_mut().zip([70.0, 50.0, 10.0]) {
-            v.demand = Some(d);
-        }
-        let (p, state) = decide(&h, &converge(), &Default::default());
-        let moves: Vec<(&str, u32)> = p.moves.iter().map(|m| (&*m.domain, m.to)).collect();
-        assert_eq!(moves, [("b", 1)], "{p:?}");
-        assert!(!p.reason.contains("newly saturated"), "{}", p.reason);
-        assert!(p.reason.contains("expected spread 10.0"), "{}", p.reason);
-        assert_eq!(state.saturated, BTreeSet::from([0]));
-        // One vCPU there without a demand (its agent did not report the delay in both samples): the pCPU is probed.
-        h.vcpus[1].demand = None;
-        let (p, _) = decide(&h, &converge(), &Default::default());
-        assert!(p.reason.contains("newly saturated"), "{}", p.reason);
-    }
-
-    #[test]
     fn once_balanced_a_small_excess_is_left_alone() {
         // A spread of 14 (threshold 10): acted on while the host was never seen balanced, left alone once it was.
         let h = host(2, &[("a", 0, 12.0, true), ("b", 0, 30.0, true), ("c", 1, 28.0, true)]);
@@ -937,11 +894,10 @@ mod tests {
     #[test]
     fn small_hosts_search_the_band_finer() {
         // A multiple of the coarse steps (so the coarse positions are among those tried), finer for fewer vCPUs,
-        // the coarse search alone on hosts of 2,000 vCPUs or more.
-        assert_eq!(bands(1000), 2 * BANDS);
+        // the coarse search alone on the bench's host.
+        assert_eq!(bands(1000), BANDS);
         assert_eq!(bands(5000), BANDS);
-        assert_eq!(bands(200), 40);
-        assert_eq!(bands(250), 32);
+        assert_eq!(bands(180), 32);
         assert_eq!(bands(12), 40);
         assert_eq!(bands(0), 40);
         for n in 1..2000 {

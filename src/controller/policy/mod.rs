@@ -566,7 +566,6 @@ pub(crate) mod tests {
                 pcpu: *p,
                 affinity: if *pinned { [*p].into() } else { (0..n).collect() },
                 usage: Some(*u),
-                demand: None,
             })
             .collect();
         with_loads(n, vcpus)

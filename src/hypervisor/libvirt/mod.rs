@@ -432,7 +432,6 @@ impl Inner {
                 time_ns: v.cpu_time_ns,
                 pcpu: current_pcpu(&name, &v, node.npcpus),
                 affinity: v.affinity,
-                delay_ns: None,
             })
             .collect();
         Ok(DomainStats { uuid, name, id, cpu_time_ns, vcpus })
@@ -461,7 +460,6 @@ impl Inner {
                     time_ns: v.cpu_time_ns,
                     pcpu: current_pcpu(&name, &v, node.npcpus),
                     affinity: v.affinity,
-                    delay_ns: rec.get(&format!("vcpu.{}.delay", v.number)),
                 })
                 .collect()
         } else {
@@ -469,8 +467,7 @@ impl Inner {
             (0..n)
                 .filter_map(|i| {
                     let time_ns = rec.get(&format!("vcpu.{i}.time"))?;
-                    let delay_ns = rec.get(&format!("vcpu.{i}.delay"));
-                    Some(VcpuStats { index: i as u32, time_ns, pcpu: 0, affinity: Vec::new(), delay_ns })
+                    Some(VcpuStats { index: i as u32, time_ns, pcpu: 0, affinity: Vec::new() })
                 })
                 .collect()
         };

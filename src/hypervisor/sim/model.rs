@@ -33,8 +33,6 @@ struct SimVcpu {
     reported_ns: f64,
     /// `time_ns` at the previous sample, to perturb only the increment.
     sampled_ns: f64,
-    /// Cumulative run-queue delay: what it asked for and did not get, because its pCPU was oversubscribed.
-    delay_ns: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -56,7 +54,6 @@ pub struct SimHost {
     now_ns: u64,
     next_id: u32,
     noise: f64,
-    run_delay: bool,
     rng: SplitMix64,
     last_sample_ns: u64,
 }
@@ -109,7 +106,6 @@ impl SimHost {
             now_ns,
             next_id: 1,
             noise: scenario.noise,
-            run_delay: scenario.run_delay,
             rng: SplitMix64::new(scenario.seed),
             last_sample_ns: now_ns,
         };
@@ -166,7 +162,7 @@ impl SimHost {
         for _ in 0..spec.vcpus {
             // Place one at a time so that a domain's own vCPUs spread too.
             let pcpu = self.least_crowded_with(&affinity, &dom);
-            dom.vcpus.push(SimVcpu { affinity: affinity.clone(), pcpu, time_ns: 0.0, reported_ns: 0.0, sampled_ns: 0.0, delay_ns: 0.0 });
+            dom.vcpus.push(SimVcpu { affinity: affinity.clone(), pcpu, time_ns: 0.0, reported_ns: 0.0, sampled_ns: 0.0 });
         }
         self.domains.push(dom);
         Ok(())
@@ -208,7 +204,6 @@ impl SimHost {
             v.time_ns = 0.0;
             v.reported_ns = 0.0;
             v.sampled_ns = 0.0;
-            v.delay_ns = 0.0;
         }
         Ok(())
     }
@@ -268,10 +263,8 @@ impl SimHost {
             }
             for on_cpu in &oversubscribed {
                 let demands: Vec<f64> = on_cpu.iter().map(|x| x.2).collect();
-                for (&(di, vi, want), share) in on_cpu.iter().zip(fair_shares(&demands)) {
-                    let v = &mut self.domains[di].vcpus[vi];
-                    v.time_ns += share * dt;
-                    v.delay_ns += (want.clamp(0.0, 1.0) - share).max(0.0) * dt;
+                for (&(di, vi, _), share) in on_cpu.iter().zip(fair_shares(&demands)) {
+                    self.domains[di].vcpus[vi].time_ns += share * dt;
                 }
             }
             self.now_ns = until;
@@ -335,7 +328,6 @@ impl SimHost {
                         time_ns: time(v) as u64,
                         pcpu: v.pcpu,
                         affinity: v.affinity.clone(),
-                        delay_ns: self.run_delay.then_some(v.delay_ns as u64),
                     })
                     .collect();
                 DomainStats {
@@ -446,25 +438,6 @@ mod tests {
         assert!((u[0].1 - 70.0).abs() < 1e-6, "{u:?}");
         assert!((u[1].1 - 30.0).abs() < 1e-6, "{u:?}");
         assert!((u[2].1 - 50.0).abs() < 1e-6, "{u:?}");
-    }
-
-    /// The run-queue delay is what a vCPU asked for and did not get: on the shared pCPU `a` (100 %) gets 70 % and
-    /// waits 30 %, `b` (30 %) gets all it asks; alone on pCPU 1, `c` never waits. Time plus delay is the demand.
-    /// A scenario with `run_delay = false` reports none.
-    #[test]
-    fn run_queue_delay_is_the_unmet_demand() {
-        let text = "pcpus = 2\n[[domain]]\nname=\"a\"\nload=100\naffinity=[0]\n[[domain]]\nname=\"b\"\nload=30\naffinity=[0]\n[[domain]]\nname=\"c\"\nload=50\naffinity=[1]\n";
-        let mut h = host(text);
-        let (x, y) = (h.stats(0), h.stats(10 * S));
-        let rate = |d: usize, f: fn(&VcpuStats) -> u64| (f(&y[d].vcpus[0]) - f(&x[d].vcpus[0])) as f64 / (10 * S) as f64;
-        let delay = |v: &VcpuStats| v.delay_ns.unwrap();
-        let demand = |v: &VcpuStats| v.time_ns + v.delay_ns.unwrap();
-        for (d, waited, asked) in [(0, 0.3, 1.0), (1, 0.0, 0.3), (2, 0.0, 0.5)] {
-            assert!((rate(d, delay) - waited).abs() < 1e-6, "{}: {y:?}", y[d].name);
-            assert!((rate(d, demand) - asked).abs() < 1e-6, "{}: {y:?}", y[d].name);
-        }
-        let mut h = host(&format!("run_delay = false\n{text}"));
-        assert!(h.stats(S).iter().flat_map(|d| &d.vcpus).all(|v| v.delay_ns.is_none()));
     }
 
     #[test]

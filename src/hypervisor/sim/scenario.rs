@@ -17,9 +17,6 @@
 //! - `noise = 5` perturbs every sample: each vCPU's time increment since the previous sample is changed by up to
 //!   ±5 points of the window (uniform, zero-mean, seeded by `seed`, default 0), never below 0, so that measured
 //!   usage is noisy the way real counters read over short windows are.
-//! - `run_delay = false` makes the host report no run-queue delay, as an agent that cannot read it does (see
-//!   `delay_ns` in the proto). By default the simulator reports it: the time each vCPU wanted and did not get on an
-//!   oversubscribed pCPU.
 //!
 //! Errors name the line: unknown keys, loads outside 0..=100, affinities naming pCPUs the host does not have.
 
@@ -98,8 +95,6 @@ pub struct Scenario {
     pub noise: f64,
     /// Seed of the measurement noise.
     pub seed: u64,
-    /// Whether samples carry each vCPU's run-queue delay (default true).
-    pub run_delay: bool,
 }
 
 /// Most measurement noise a scenario may ask for, in points.
@@ -112,7 +107,6 @@ struct RawScenario {
     hostname: Option<String>,
     noise: Option<Spanned<f64>>,
     seed: Option<u64>,
-    run_delay: Option<bool>,
     random: Option<Spanned<RawRandom>>,
     #[serde(default)]
     domain: Vec<Spanned<RawDomain>>,
@@ -279,8 +273,7 @@ impl Scenario {
             Some(n) if (0.0..=MAX_NOISE).contains(n.get_ref()) => *n.get_ref(),
             Some(n) => return Err(invalid(n.span(), format!("noise must be 0..={MAX_NOISE} points, got {}", n.get_ref()))),
         };
-        let (hostname, seed, run_delay) = (raw.hostname, raw.seed.unwrap_or(0), raw.run_delay.unwrap_or(true));
-        Ok(Scenario { pcpus, hostname, domains, noise, seed, run_delay })
+        Ok(Scenario { pcpus, hostname: raw.hostname, domains, noise, seed: raw.seed.unwrap_or(0) })
     }
 }
 
