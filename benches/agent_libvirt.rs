@@ -3,7 +3,8 @@
 //! `cargo bench --features libvirt --bench agent_libvirt`.
 //!
 //! For 1, 8 and 32 running guests (started with `scripts/testbed up --prefix vcbbench`, always torn down with
-//! `scripts/testbed down --prefix vcbbench`), every repetition times, in rotating order:
+//! `scripts/testbed down --prefix vcbbench`), every repetition times each variant once, in an order shuffled afresh
+//! for each repetition (seeded):
 //! - `agent`: one `GetStats` through the gRPC client to a `vcpu-agent --backend libvirt` process (the product);
 //! - `floor`: [`LibvirtHypervisor::stats`] in this process, no gRPC: the very calls the agent makes
 //!   (`virConnectListAllDomains`, then per domain `virDomainGetInfo` + `virDomainGetVcpus`, on up to
@@ -33,6 +34,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use vcpu_balancer::controller::client::AgentClient;
 use vcpu_balancer::hypervisor::libvirt::{LibvirtHypervisor, MAX_PARALLEL_READS};
 use vcpu_balancer::hypervisor::Hypervisor;
@@ -58,6 +62,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `testbed up` waits for guests to boot: 32 TCG guests booting at once on 2 busy cores need more than the
 /// script's default 120 s.
 const BOOT_TIMEOUT_S: u32 = 400;
+/// Seed of the order in which each repetition times the variants.
+const ORDER_SEED: u64 = 0x5eed_0a6e;
 /// Load of a busy guest (`VCB_BUSY`), % of one pCPU.
 const BUSY_LOAD: u32 = 100;
 
@@ -227,11 +233,15 @@ fn main() -> anyhow::Result<()> {
             let mut ms: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
             let mut ratio: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
             let mut vcpus = 0;
-            for rep in 0..reps {
+            let mut rng = StdRng::seed_from_u64(ORDER_SEED ^ n as u64);
+            for _ in 0..reps {
                 let mut took = [0.0f64; VARIANTS.len()];
-                // Rotate the order so that no variant always follows the same one.
-                for k in 0..VARIANTS.len() {
-                    let i = (k + rep) % VARIANTS.len();
+                // A fresh order every repetition (seeded, so runs are repeatable): a variant can leave libvirtd or
+                // QEMU busy for a moment, and a fixed or merely rotated order would always charge that to the same
+                // neighbour (with a rotation, the agent followed the bulk-only call in five repetitions of six).
+                let mut order: [usize; VARIANTS.len()] = std::array::from_fn(|i| i);
+                order.shuffle(&mut rng);
+                for i in order {
                     let (d, s) = run(&mut setup, VARIANTS[i]).await?;
                     took[i] = d.as_secs_f64() * 1e3;
                     if VARIANTS[i] == Variant::Floor {
