@@ -13,7 +13,11 @@
 //! - `bulk + GetVcpus`: one `virConnectGetAllDomainStats(VCPU|CPU_TOTAL)` plus one `virDomainGetVcpus` per domain
 //!   (parallel like the floor), the complete sample the bulk way;
 //! - `bulk + GetVcpus sequential`;
-//! - `bulk only`: the bulk call alone (no pCPU or affinity: not a usable sample, its cost only).
+//! - `bulk only`: the bulk call alone (no pCPU or affinity: not a usable sample, its cost only);
+//! - `bare gRPC call`: one unary call on the controller's transport to a server that answers with the agent's own
+//!   reply for this many guests, pre-encoded (this binary re-executed with `VCB_ROLE=floor-server`, on port
+//!   `VCB_PORT` + 1): the transport's cost alone. A last row adds it to the floor per repetition: the least an agent
+//!   that answers over gRPC could take.
 //!
 //! Each figure is reported with its ratio to the floor of the same repetition (median and spread).
 //!
@@ -21,9 +25,10 @@
 //! `vcbbench`), `VCB_CLIENT_RT` (`current`, the default, or `multi`: the tokio runtime of this process, which
 //! drives the agent client and the floor alike), `VCB_SETTLE_SECS` (wait after starting guests, default 15),
 //! `VCB_LOAD` (testbed load of every guest, default 0 = idle), `VCB_BUSY` (this many of the guests run
-//! at 100 % instead, default 0), `VCB_REPS` (default 40), `VCB_PORT` (agent port, default 21990), `VCB_TESTBED`
+//! at 100 % instead, default 0), `VCB_REPS` (default 40), `VCB_PORT` (agent port, default 21990; the bare server takes the next one), `VCB_TESTBED`
 //! (default `scripts/testbed` of this repository), `VCB_NO_TESTBED=1` (measure the domains already running, e.g.
-//! with `VCB_URI=test:///default VCB_GUESTS=1`), `VCB_KEEP_GUESTS=1` (leave the guests running after a successful
+//! with `VCB_URI=test:///default VCB_GUESTS=1`), `VCB_NO_BARE=1` (leave the bare call out of the repetitions; its
+//! rows then read 0), `VCB_KEEP_GUESTS=1` (leave the guests running after a successful
 //! run, for `agent_cost`; the caller then runs `scripts/testbed down --prefix vcbbench`).
 
 #[path = "common/mod.rs"]
@@ -37,12 +42,14 @@ use anyhow::{bail, Context};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use tonic::codegen::http::Uri;
 use vcpu_balancer::controller::client::AgentClient;
+use vcpu_balancer::controller::transport::H2Channel;
 use vcpu_balancer::hypervisor::libvirt::{LibvirtHypervisor, MAX_PARALLEL_READS};
 use vcpu_balancer::hypervisor::Hypervisor;
 use vcpu_balancer::model::HostStats;
 
-use common::{summarize, ChildGuard};
+use common::{fixed_reply_server, raw_get_stats, summarize, ChildGuard, TempDir};
 
 // The allocator of the shipped binaries (agent/main.rs, controller/main.rs), so that a figure and its floor in
 // this process are measured as they run in production.
@@ -126,10 +133,18 @@ enum Variant {
     Bulk,
     BulkSequential,
     BulkOnly,
+    Bare,
 }
 
-const VARIANTS: [Variant; 6] =
-    [Variant::Agent, Variant::Floor, Variant::Sequential, Variant::Bulk, Variant::BulkSequential, Variant::BulkOnly];
+const VARIANTS: [Variant; 7] = [
+    Variant::Agent,
+    Variant::Floor,
+    Variant::Sequential,
+    Variant::Bulk,
+    Variant::BulkSequential,
+    Variant::BulkOnly,
+    Variant::Bare,
+];
 
 impl Variant {
     fn label(self) -> &'static str {
@@ -140,6 +155,7 @@ impl Variant {
             Variant::Bulk => "in-process bulk + GetVcpus parallel",
             Variant::BulkSequential => "in-process bulk + GetVcpus sequential",
             Variant::BulkOnly => "in-process bulk call only (incomplete)",
+            Variant::Bare => "bare gRPC call, the agent's reply bytes (no libvirt)",
         }
     }
 }
@@ -148,9 +164,12 @@ struct Setup {
     client: AgentClient,
     parallel: LibvirtHypervisor,
     sequential: LibvirtHypervisor,
+    /// The controller's transport to the fixed-reply server of the current guest count, and its origin.
+    bare: Option<(H2Channel, Uri)>,
 }
 
-async fn run(setup: &mut Setup, v: Variant) -> anyhow::Result<(Duration, HostStats)> {
+/// Times one call of `v`: the sample it returned, or `None` for the bare call (its reply is the agent's, replayed).
+async fn run(setup: &mut Setup, v: Variant) -> anyhow::Result<(Duration, Option<HostStats>)> {
     let t = Instant::now();
     let s = match v {
         Variant::Agent => setup.client.get_stats().await?,
@@ -159,8 +178,31 @@ async fn run(setup: &mut Setup, v: Variant) -> anyhow::Result<(Duration, HostSta
         Variant::Bulk => setup.parallel.stats_bulk(true).await?,
         Variant::BulkSequential => setup.sequential.stats_bulk(true).await?,
         Variant::BulkOnly => setup.parallel.stats_bulk(false).await?,
+        Variant::Bare => {
+            let (ch, uri) = setup.bare.clone().context("no fixed-reply server")?;
+            raw_get_stats(ch, uri, RPC_TIMEOUT).await?;
+            return Ok((t.elapsed(), None));
+        }
     };
-    Ok((t.elapsed(), s))
+    Ok((t.elapsed(), Some(s)))
+}
+
+/// Starts the fixed-reply server (this binary, re-executed) on `addr`, answering with `reply`, and returns it with
+/// the controller's transport to it.
+fn start_bare(reply: &[u8], dir: &TempDir, addr: SocketAddr) -> anyhow::Result<(ChildGuard, (H2Channel, Uri))> {
+    let path = dir.path().join("reply.bin");
+    std::fs::write(&path, reply)?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.env("VCB_ROLE", "floor-server")
+        .env("VCB_FLOOR_REPLY", &path)
+        .env("VCB_HOSTS", "1")
+        .env("VCB_BASE", addr.port().to_string());
+    let mut server = ChildGuard::spawn(cmd, "fixed-reply server")?;
+    server.wait_listening(addr)?;
+    let uri: Uri = format!("http://{addr}").parse()?;
+    let auth = uri.authority().context("no authority")?.clone();
+    let ch = H2Channel::new(&auth, None, RPC_TIMEOUT).map_err(anyhow::Error::msg)?;
+    Ok((server, (ch, uri)))
 }
 
 fn vcpu_count(s: &HostStats) -> usize {
@@ -168,6 +210,11 @@ fn vcpu_count(s: &HostStats) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::var("VCB_ROLE").is_ok_and(|r| r == "floor-server") {
+        // The agent's own runtime flavour (multi-thread), so that the bare server differs from it only by its work.
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        return rt.block_on(fixed_reply_server());
+    }
     let uri = std::env::var("VCB_URI").unwrap_or_else(|_| "qemu:///system".to_string());
     let counts: Vec<usize> = std::env::var("VCB_GUESTS")
         .unwrap_or_else(|_| DEFAULT_GUESTS.to_string())
@@ -207,7 +254,14 @@ fn main() -> anyhow::Result<()> {
         client: AgentClient::new(&addr.to_string(), RPC_TIMEOUT)?,
         parallel: LibvirtHypervisor::new(&uri),
         sequential: LibvirtHypervisor::with_parallel_reads(&uri, 1),
+        bare: None,
     };
+    let bare_addr = SocketAddr::from(([127, 0, 0, 1], port + 1));
+    let bare_index = VARIANTS.iter().position(|&v| v == Variant::Bare).expect("the bare call is a variant");
+    // Without the bare call the repetitions are those of runs 1 to 7 (BENCHMARKS.md): its neighbours shift the
+    // agent's ratio a little, and this shows by how much.
+    let skip_bare = std::env::var("VCB_NO_BARE").is_ok_and(|v| v == "1");
+    let tmp = TempDir::new("agent-libvirt")?;
     println!(
         "# agent_libvirt: uri {uri}, {reps} repetitions, guests load {load} ({busy} at {BUSY_LOAD}), parallel reads {MAX_PARALLEL_READS}, {} client runtime",
         if multi { "multi-thread" } else { "current-thread" }
@@ -221,17 +275,28 @@ fn main() -> anyhow::Result<()> {
             // carried their boot (up to 20 ms per call with 1 guest).
             std::thread::sleep(Duration::from_secs(settle_s));
         }
+        // The bare call carries what the agent answers for this many guests: its reply, taken once and replayed.
+        let reply = rt.block_on(async {
+            let uri: Uri = format!("http://{addr}").parse()?;
+            let auth = uri.authority().context("no authority")?.clone();
+            let ch = H2Channel::new(&auth, None, RPC_TIMEOUT).map_err(anyhow::Error::msg)?;
+            anyhow::Ok(raw_get_stats(ch, uri, RPC_TIMEOUT).await?)
+        })?;
+        let (bare_server, bare) = start_bare(&reply, &tmp, bare_addr)?;
+        setup.bare = Some(bare);
         rt.block_on(async {
             for v in VARIANTS {
                 for _ in 0..WARMUP {
                     let (_, s) = run(&mut setup, v).await?;
-                    if use_testbed && s.domains.len() != n {
-                        bail!("{v:?} saw {} running domains, expected {n} (other guests on this host?)", s.domains.len());
+                    let seen = s.map_or(n, |s| s.domains.len());
+                    if use_testbed && seen != n {
+                        bail!("{v:?} saw {seen} running domains, expected {n} (other guests on this host?)");
                     }
                 }
             }
-            let mut ms: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
-            let mut ratio: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
+            // One row more: per repetition, the floor plus the bare call, the least any agent behind gRPC could take.
+            let mut ms: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len() + 1];
+            let mut ratio: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len() + 1];
             let mut vcpus = 0;
             let mut rng = StdRng::seed_from_u64(ORDER_SEED ^ n as u64);
             for _ in 0..reps {
@@ -242,23 +307,30 @@ fn main() -> anyhow::Result<()> {
                 let mut order: [usize; VARIANTS.len()] = std::array::from_fn(|i| i);
                 order.shuffle(&mut rng);
                 for i in order {
+                    if i == bare_index && skip_bare {
+                        continue;
+                    }
                     let (d, s) = run(&mut setup, VARIANTS[i]).await?;
                     took[i] = d.as_secs_f64() * 1e3;
-                    if VARIANTS[i] == Variant::Floor {
-                        vcpus = vcpu_count(&s);
+                    if let (Variant::Floor, Some(s)) = (VARIANTS[i], &s) {
+                        vcpus = vcpu_count(s);
                     }
                 }
                 let floor = took[1];
-                for i in 0..VARIANTS.len() {
-                    ms[i].push(took[i]);
-                    ratio[i].push(took[i] / floor);
+                let sum = floor + took[bare_index];
+                for (i, t) in took.into_iter().chain([sum]).enumerate() {
+                    ms[i].push(t);
+                    ratio[i].push(t / floor);
                 }
             }
-            for (i, v) in VARIANTS.iter().enumerate() {
-                println!("| {n} | {vcpus} | {} | {} | {} |", v.label(), summarize(&ms[i]), summarize(&ratio[i]));
+            let labels = VARIANTS.iter().map(|v| v.label()).chain(["floor + bare gRPC call (sum per repetition)"]);
+            for (i, label) in labels.enumerate() {
+                println!("| {n} | {vcpus} | {label} | {} | {} |", summarize(&ms[i]), summarize(&ratio[i]));
             }
             Ok(())
         })?;
+        setup.bare = None;
+        drop(bare_server);
     }
     drop(agent);
     if let Some(tb) = testbed.as_mut() {

@@ -23,13 +23,12 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
@@ -38,7 +37,7 @@ use vcpu_balancer::controller::client::{AgentClient, DEFAULT_RPC_TIMEOUT};
 use vcpu_balancer::controller::host::{HostWorker, LoopConfig, DEFAULT_MAX_INFLIGHT};
 use vcpu_balancer::controller::report::ActionType;
 
-use common::{raw_get_stats, summarize, ChildGuard, RawCodec, TempDir};
+use common::{fixed_reply_server, local_addrs, raw_get_stats, summarize, ChildGuard, TempDir};
 
 // The allocator of the shipped binaries (agent/main.rs, controller/main.rs), so that a figure and its floor in
 // this process are measured as they run in production.
@@ -70,95 +69,17 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn addrs(base: u16, n: usize) -> Vec<SocketAddr> {
-    (0..n).map(|i| SocketAddr::from((Ipv4Addr::LOCALHOST, base + i as u16))).collect()
-}
-
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; this driver has no flags of its own.
     vcpu_balancer::agent::fleet::raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match std::env::var("VCB_ROLE").as_deref() {
-        Ok("floor-server") => rt.block_on(floor_server()),
+        Ok("floor-server") => rt.block_on(fixed_reply_server()),
         Ok("controller-memory") => rt.block_on(memory_child(true)),
         Ok("floor-memory") => rt.block_on(memory_child(false)),
         Ok(other) => bail!("unknown VCB_ROLE {other:?}"),
         Err(_) => rt.block_on(driver()),
     }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// The floor server: pre-encoded replies on N ports.
-
-/// Answers every `GetStats` with the same pre-encoded bytes.
-#[derive(Clone)]
-struct FloorService {
-    reply: Bytes,
-}
-
-impl tonic::server::NamedService for FloorService {
-    const NAME: &'static str = "vcpu.v1.Agent";
-}
-
-struct FixedReply(Bytes);
-
-impl tonic::server::UnaryService<Bytes> for FixedReply {
-    type Response = Bytes;
-    type Future = std::future::Ready<Result<tonic::Response<Bytes>, tonic::Status>>;
-
-    fn call(&mut self, _req: tonic::Request<Bytes>) -> Self::Future {
-        std::future::ready(Ok(tonic::Response::new(self.0.clone())))
-    }
-}
-
-impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for FloorService {
-    type Response = tonic::codegen::http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
-        let reply = self.reply.clone();
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(RawCodec);
-            Ok(grpc.unary(FixedReply(reply), req).await)
-        })
-    }
-}
-
-async fn floor_server() -> anyhow::Result<()> {
-    let reply = Bytes::from(std::fs::read(std::env::var("VCB_FLOOR_REPLY")?)?);
-    let n: usize = std::env::var("VCB_HOSTS")?.parse()?;
-    let base: u16 = std::env::var("VCB_BASE")?.parse()?;
-    let mut listeners = Vec::with_capacity(n);
-    for a in addrs(base, n) {
-        listeners.push(tokio::net::TcpListener::bind(a).await.with_context(|| format!("floor server: bind {a}"))?);
-    }
-    let mut servers = tokio::task::JoinSet::new();
-    for l in listeners {
-        let svc = FloorService { reply: reply.clone() };
-        // The floor is the best a bare tonic server does: Nagle off on accepted sockets, as the client has it.
-        let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(l), |s| {
-            if let Ok(s) = &s {
-                let _ = s.set_nodelay(true);
-            }
-            s
-        });
-        servers.spawn(async move {
-            tonic::transport::Server::builder()
-                .timeout(vcpu_balancer::agent::SERVER_REQUEST_TIMEOUT)
-                .add_service(svc)
-                .serve_with_incoming(incoming)
-                .await
-        });
-    }
-    while let Some(r) = servers.join_next().await {
-        r??;
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -274,7 +195,7 @@ async fn memory_child(is_controller: bool) -> anyhow::Result<()> {
     let n: usize = std::env::var("VCB_HOSTS")?.parse()?;
     let base: u16 = std::env::var("VCB_BASE")?.parse()?;
     let rounds: u64 = std::env::var("VCB_ROUNDS")?.parse()?;
-    let hosts = addrs(base, n);
+    let hosts = local_addrs(base, n);
     let before = common::proc_status_kib("self", "VmRSS")?;
     if is_controller {
         let (mut workers, _) = controller(&hosts)?;
@@ -347,7 +268,7 @@ async fn driver() -> anyhow::Result<()> {
             .args(["--sim-hosts", &nhosts.to_string(), "--listen", &format!("127.0.0.1:{base}")])
             .args(["--listen-base", &base.to_string()])
             .env("RUST_LOG", "warn");
-        let agent_hosts = addrs(base, nhosts);
+        let agent_hosts = local_addrs(base, nhosts);
         let mut agent = ChildGuard::spawn(agent_cmd, "simulated fleet agent")?;
         agent.wait_listening(*agent_hosts.last().expect("at least one host"))?;
 
@@ -367,7 +288,7 @@ async fn driver() -> anyhow::Result<()> {
             .env("VCB_FLOOR_REPLY", &reply_path)
             .env("VCB_HOSTS", nhosts.to_string())
             .env("VCB_BASE", floor_base.to_string());
-        let floor_hosts = addrs(floor_base, nhosts);
+        let floor_hosts = local_addrs(floor_base, nhosts);
         let mut floor = ChildGuard::spawn(floor_cmd, "floor server")?;
         floor.wait_listening(*floor_hosts.last().expect("at least one host"))?;
 

@@ -230,3 +230,82 @@ where
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(GET_STATS_PATH);
     Ok(grpc.unary(req, path, RawCodec).await?.into_inner())
 }
+
+/// `n` consecutive ports of 127.0.0.1 from `base`.
+pub fn local_addrs(base: u16, n: usize) -> Vec<SocketAddr> {
+    (0..n).map(|i| SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, base + i as u16))).collect()
+}
+
+/// Answers every `GetStats` with the same pre-encoded bytes.
+#[derive(Clone)]
+struct FixedReplyService {
+    reply: Bytes,
+}
+
+impl tonic::server::NamedService for FixedReplyService {
+    const NAME: &'static str = "vcpu.v1.Agent";
+}
+
+struct FixedReply(Bytes);
+
+impl tonic::server::UnaryService<Bytes> for FixedReply {
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<tonic::Response<Bytes>, tonic::Status>>;
+
+    fn call(&mut self, _req: tonic::Request<Bytes>) -> Self::Future {
+        std::future::ready(Ok(tonic::Response::new(self.0.clone())))
+    }
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for FixedReplyService {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        let reply = self.reply.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(RawCodec);
+            Ok(grpc.unary(FixedReply(reply), req).await)
+        })
+    }
+}
+
+/// The floor server of a bare unary call (run by a driver re-executed with `VCB_ROLE=floor-server`): on `VCB_HOSTS`
+/// consecutive ports from `VCB_BASE` it answers every `GetStats` with the message bytes in the file
+/// `VCB_FLOOR_REPLY`, pre-encoded, so that a call to it costs the transport and nothing else.
+pub async fn fixed_reply_server() -> anyhow::Result<()> {
+    let reply = Bytes::from(std::fs::read(std::env::var("VCB_FLOOR_REPLY")?)?);
+    let n: usize = std::env::var("VCB_HOSTS")?.parse()?;
+    let base: u16 = std::env::var("VCB_BASE")?.parse()?;
+    let mut listeners = Vec::with_capacity(n);
+    for a in local_addrs(base, n) {
+        listeners.push(tokio::net::TcpListener::bind(a).await.with_context(|| format!("floor server: bind {a}"))?);
+    }
+    let mut servers = tokio::task::JoinSet::new();
+    for l in listeners {
+        let svc = FixedReplyService { reply: reply.clone() };
+        // The floor is the best a bare tonic server does: Nagle off on accepted sockets, as the client has it.
+        let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(l), |s| {
+            if let Ok(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            s
+        });
+        servers.spawn(async move {
+            tonic::transport::Server::builder()
+                .timeout(vcpu_balancer::agent::SERVER_REQUEST_TIMEOUT)
+                .add_service(svc)
+                .serve_with_incoming(incoming)
+                .await
+        });
+    }
+    while let Some(r) = servers.join_next().await {
+        r??;
+    }
+    Ok(())
+}
