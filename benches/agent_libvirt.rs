@@ -25,11 +25,12 @@
 //! `vcbbench`), `VCB_CLIENT_RT` (`current`, the default, or `multi`: the tokio runtime of this process, which
 //! drives the agent client and the floor alike), `VCB_SETTLE_SECS` (wait after starting guests, default 15),
 //! `VCB_LOAD` (testbed load of every guest, default 0 = idle), `VCB_BUSY` (this many of the guests run
-//! at 100 % instead, default 0), `VCB_REPS` (default 40), `VCB_PORT` (agent port, default 21990; the bare server takes the next one), `VCB_TESTBED`
-//! (default `scripts/testbed` of this repository), `VCB_NO_TESTBED=1` (measure the domains already running, e.g.
-//! with `VCB_URI=test:///default VCB_GUESTS=1`), `VCB_NO_BARE=1` (leave the bare call out of the repetitions; its
-//! rows then read 0), `VCB_KEEP_GUESTS=1` (leave the guests running after a successful
-//! run, for `agent_cost`; the caller then runs `scripts/testbed down --prefix vcbbench`).
+//! at 100 % instead, default 0), `VCB_REPS` (default 40), `VCB_PORT` (agent port, default 21990; the bare call's
+//! server takes the next one), `VCB_TESTBED` (default `scripts/testbed` of this repository), `VCB_NO_TESTBED=1`
+//! (measure the domains already running, e.g. with `VCB_URI=test:///default VCB_GUESTS=1`), `VCB_NO_BARE=1` (leave
+//! the bare call out of the repetitions; its row then reads 0, and the sum row the floor), `VCB_KEEP_GUESTS=1`
+//! (leave the guests running after a successful run, for `agent_cost`; the caller then runs
+//! `scripts/testbed down --prefix vcbbench`).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -49,7 +50,9 @@ use vcpu_balancer::hypervisor::libvirt::{LibvirtHypervisor, MAX_PARALLEL_READS};
 use vcpu_balancer::hypervisor::Hypervisor;
 use vcpu_balancer::model::HostStats;
 
-use common::{fixed_reply_server, raw_get_stats, summarize, ChildGuard, TempDir};
+use common::{
+    fixed_reply_server, own_channel, raw_get_stats, spawn_fixed_reply_server, summarize, ChildGuard, TempDir,
+};
 
 // The allocator of the shipped binaries (agent/main.rs, controller/main.rs), so that a figure and its floor in
 // this process are measured as they run in production.
@@ -187,24 +190,6 @@ async fn run(setup: &mut Setup, v: Variant) -> anyhow::Result<(Duration, Option<
     Ok((t.elapsed(), Some(s)))
 }
 
-/// Starts the fixed-reply server (this binary, re-executed) on `addr`, answering with `reply`, and returns it with
-/// the controller's transport to it.
-fn start_bare(reply: &[u8], dir: &TempDir, addr: SocketAddr) -> anyhow::Result<(ChildGuard, (H2Channel, Uri))> {
-    let path = dir.path().join("reply.bin");
-    std::fs::write(&path, reply)?;
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.env("VCB_ROLE", "floor-server")
-        .env("VCB_FLOOR_REPLY", &path)
-        .env("VCB_HOSTS", "1")
-        .env("VCB_BASE", addr.port().to_string());
-    let mut server = ChildGuard::spawn(cmd, "fixed-reply server")?;
-    server.wait_listening(addr)?;
-    let uri: Uri = format!("http://{addr}").parse()?;
-    let auth = uri.authority().context("no authority")?.clone();
-    let ch = H2Channel::new(&auth, None, RPC_TIMEOUT).map_err(anyhow::Error::msg)?;
-    Ok((server, (ch, uri)))
-}
-
 fn vcpu_count(s: &HostStats) -> usize {
     s.domains.iter().map(|d| d.vcpus.len()).sum()
 }
@@ -256,7 +241,7 @@ fn main() -> anyhow::Result<()> {
         sequential: LibvirtHypervisor::with_parallel_reads(&uri, 1),
         bare: None,
     };
-    let bare_addr = SocketAddr::from(([127, 0, 0, 1], port + 1));
+    let bare_port = port + 1;
     let bare_index = VARIANTS.iter().position(|&v| v == Variant::Bare).expect("the bare call is a variant");
     // Without the bare call the repetitions are those of runs 1 to 7 (BENCHMARKS.md): its neighbours shift the
     // agent's ratio a little, and this shows by how much.
@@ -276,14 +261,10 @@ fn main() -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_secs(settle_s));
         }
         // The bare call carries what the agent answers for this many guests: its reply, taken once and replayed.
-        let reply = rt.block_on(async {
-            let uri: Uri = format!("http://{addr}").parse()?;
-            let auth = uri.authority().context("no authority")?.clone();
-            let ch = H2Channel::new(&auth, None, RPC_TIMEOUT).map_err(anyhow::Error::msg)?;
-            anyhow::Ok(raw_get_stats(ch, uri, RPC_TIMEOUT).await?)
-        })?;
-        let (bare_server, bare) = start_bare(&reply, &tmp, bare_addr)?;
-        setup.bare = Some(bare);
+        let (ch, uri) = own_channel(addr, RPC_TIMEOUT)?;
+        let reply = rt.block_on(raw_get_stats(ch, uri, RPC_TIMEOUT))?;
+        let bare_server = spawn_fixed_reply_server(&reply, &tmp, bare_port, 1)?;
+        setup.bare = Some(own_channel(SocketAddr::from(([127, 0, 0, 1], bare_port)), RPC_TIMEOUT)?);
         rt.block_on(async {
             for v in VARIANTS {
                 for _ in 0..WARMUP {

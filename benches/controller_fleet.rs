@@ -37,7 +37,10 @@ use vcpu_balancer::controller::client::{AgentClient, DEFAULT_RPC_TIMEOUT};
 use vcpu_balancer::controller::host::{HostWorker, LoopConfig, DEFAULT_MAX_INFLIGHT};
 use vcpu_balancer::controller::report::ActionType;
 
-use common::{fixed_reply_server, local_addrs, raw_get_stats, summarize, ChildGuard, TempDir};
+use common::{
+    fixed_reply_server, local_addrs, own_channel, raw_get_stats, spawn_fixed_reply_server, summarize, ChildGuard,
+    TempDir,
+};
 
 // The allocator of the shipped binaries (agent/main.rs, controller/main.rs), so that a figure and its floor in
 // this process are measured as they run in production.
@@ -152,10 +155,8 @@ fn floor_channels(hosts: &[SocketAddr]) -> anyhow::Result<Vec<Bare>> {
 fn own_channels(hosts: &[SocketAddr]) -> anyhow::Result<Vec<Bare>> {
     hosts
         .iter()
-        .map(|a| {
-            let uri: Uri = format!("http://{a}").parse()?;
-            let auth = uri.authority().context("no authority")?.clone();
-            let ch = H2Channel::new(&auth, None, DEFAULT_RPC_TIMEOUT).map_err(anyhow::Error::msg)?;
+        .map(|&a| {
+            let (ch, uri) = own_channel(a, DEFAULT_RPC_TIMEOUT)?;
             Ok(Bare::Own(ch, uri))
         })
         .collect()
@@ -279,18 +280,9 @@ async fn driver() -> anyhow::Result<()> {
         let uri0: Uri = format!("http://{}", agent_hosts[0]).parse()?;
         let ch0 = Endpoint::from(uri0.clone()).connect().await?;
         let reply = raw_get_stats(ch0, uri0, DEFAULT_RPC_TIMEOUT).await?;
-        let reply_path = tmp.path().join("reply.bin");
-        std::fs::write(&reply_path, &reply)?;
         let floor_base = base + FLOOR_PORT_OFFSET;
-        let mut floor_cmd = Command::new(std::env::current_exe()?);
-        floor_cmd
-            .env("VCB_ROLE", "floor-server")
-            .env("VCB_FLOOR_REPLY", &reply_path)
-            .env("VCB_HOSTS", nhosts.to_string())
-            .env("VCB_BASE", floor_base.to_string());
+        let floor = spawn_fixed_reply_server(&reply, &tmp, floor_base, nhosts)?;
         let floor_hosts = local_addrs(floor_base, nhosts);
-        let mut floor = ChildGuard::spawn(floor_cmd, "floor server")?;
-        floor.wait_listening(*floor_hosts.last().expect("at least one host"))?;
 
         let (mut workers, inflight) = controller(&agent_hosts)?;
         let floor_inflight = Arc::new(Semaphore::new(inflight.available_permits()));

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::{Buf, BufMut, Bytes};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::Uri;
 use tonic::Status;
+use vcpu_balancer::controller::transport::H2Channel;
 
 /// How long a freshly spawned server may take to listen before the driver gives up.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -229,6 +231,29 @@ where
     req.set_timeout(timeout);
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(GET_STATS_PATH);
     Ok(grpc.unary(req, path, RawCodec).await?.into_inner())
+}
+
+/// The controller's own transport to `addr` (as `AgentClient` dials it), and the origin to call it with.
+pub fn own_channel(addr: SocketAddr, timeout: Duration) -> anyhow::Result<(H2Channel, Uri)> {
+    let uri: Uri = format!("http://{addr}").parse()?;
+    let auth = uri.authority().context("no authority")?.clone();
+    let ch = H2Channel::new(&auth, None, timeout).map_err(anyhow::Error::msg)?;
+    Ok((ch, uri))
+}
+
+/// Starts [`fixed_reply_server`] (the calling driver re-executed with `VCB_ROLE=floor-server`, which its `main`
+/// must dispatch) on `n` ports from `base`, answering with `reply`, and waits until the last port listens.
+pub fn spawn_fixed_reply_server(reply: &[u8], dir: &TempDir, base: u16, n: usize) -> anyhow::Result<ChildGuard> {
+    let path = dir.path().join("reply.bin");
+    std::fs::write(&path, reply)?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.env("VCB_ROLE", "floor-server")
+        .env("VCB_FLOOR_REPLY", &path)
+        .env("VCB_HOSTS", n.to_string())
+        .env("VCB_BASE", base.to_string());
+    let mut server = ChildGuard::spawn(cmd, "fixed-reply server")?;
+    server.wait_listening(*local_addrs(base, n).last().context("at least one port")?)?;
+    Ok(server)
 }
 
 /// `n` consecutive ports of 127.0.0.1 from `base`.
