@@ -11,7 +11,7 @@ use vcpu_balancer::agent::fleet;
 use vcpu_balancer::agent::ServeOptions;
 use vcpu_balancer::hypervisor::instrumented::Instrumented;
 use vcpu_balancer::hypervisor::sim::{scenario, MonotonicClock, Scenario, SimHypervisor};
-use vcpu_balancer::hypervisor::Hypervisor;
+use vcpu_balancer::hypervisor::{Hypervisor, LIBVIRT_CALL_DEADLINE, MIN_LIBVIRT_CALL_DEADLINE};
 use vcpu_balancer::metrics::AgentMetrics;
 use vcpu_balancer::security::{self, PinPolicy, TlsFiles};
 use vcpu_balancer::telemetry::{self, LogFormat};
@@ -45,6 +45,11 @@ struct Cli {
     /// libvirt connection URI (backend libvirt).
     #[arg(long, env = "VCPU_AGENT_URI", default_value = "qemu:///system")]
     uri: String,
+    /// Deadline of every libvirt call, a whole stats sample included (backend libvirt; at least 100ms). Past it the
+    /// agent answers UNAVAILABLE: a daemon that hangs without dying would otherwise hold calls for as long as it hangs.
+    #[arg(long, env = "VCPU_AGENT_LIBVIRT_TIMEOUT", value_parser = parse_libvirt_timeout,
+          default_value_t = humantime::Duration::from(LIBVIRT_CALL_DEADLINE))]
+    libvirt_timeout: humantime::Duration,
     /// Scenario for the simulated host: a TOML file, or the name of a built-in scenario (backend sim).
     #[arg(long, env = "VCPU_AGENT_SCENARIO", default_value = "all-on-one")]
     scenario: String,
@@ -103,6 +108,14 @@ async fn serve_backend<H: Hypervisor>(
         None => vcpu_balancer::agent::serve_with(hv, listener, opts, shutdown).await?,
     }
     Ok(())
+}
+
+fn parse_libvirt_timeout(s: &str) -> Result<humantime::Duration, String> {
+    let d = vcpu_balancer::controller::config::parse_duration(s)?;
+    if d < MIN_LIBVIRT_CALL_DEADLINE {
+        return Err(format!("must be at least {}", humantime::format_duration(MIN_LIBVIRT_CALL_DEADLINE)));
+    }
+    Ok(d.into())
 }
 
 fn load_scenario(arg: &str) -> anyhow::Result<Scenario> {
@@ -185,8 +198,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Backend::Libvirt => {
             #[cfg(feature = "libvirt")]
             {
-                let hv = Arc::new(vcpu_balancer::hypervisor::libvirt::LibvirtHypervisor::new(&cli.uri));
-                tracing::info!(uri = %cli.uri, "libvirt backend");
+                use vcpu_balancer::hypervisor::libvirt::{LibvirtHypervisor, LibvirtOptions};
+                let options = LibvirtOptions { call_deadline: cli.libvirt_timeout.into(), ..LibvirtOptions::default() };
+                let hv = Arc::new(LibvirtHypervisor::with_options(&cli.uri, options));
+                tracing::info!(uri = %cli.uri, timeout = %cli.libvirt_timeout, "libvirt backend");
                 serve_backend(hv, "libvirt", listener, opts).await?;
             }
             #[cfg(not(feature = "libvirt"))]

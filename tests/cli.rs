@@ -120,6 +120,14 @@ fn bad_input_is_refused() {
     assert!(text(&out.stderr).contains("line 4"), "{}", text(&out.stderr));
     let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario", "no-such"]).output().unwrap();
     assert!(text(&out.stderr).contains("not a built-in scenario"), "{}", text(&out.stderr));
+    for (timeout, needle) in [("10ms", "at least 100ms"), ("soon", "expected e.g. 2s"), ("0s", "greater than zero")] {
+        let out = Command::new(AGENT)
+            .args(["--backend", "libvirt", "--listen", "127.0.0.1:0", "--libvirt-timeout", timeout])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--libvirt-timeout {timeout} accepted: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(needle), "--libvirt-timeout {timeout}: {}", text(&out.stderr));
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

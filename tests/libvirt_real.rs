@@ -1,5 +1,5 @@
 //! The agent on a real libvirt daemon (not the in-process test driver): a domain destroyed between `GetStats` and
-//! `ApplyPins`, and libvirtd restarted under a running agent.
+//! `ApplyPins`, libvirtd restarted under a running agent, and libvirtd hung (stopped) under it.
 //!
 //! Each test starts its own private `libvirtd` as a child process, so it never touches the system daemon or its
 //! guests: the daemon runs as an unprivileged user (`nobody`) in session mode, with HOME and XDG dirs in a fresh
@@ -100,8 +100,17 @@ impl PrivateDaemon {
         drop(self.keep.lock().unwrap().take());
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            // A daemon left paused by a failed test only acts on the SIGTERM once continued.
+            let _ = Command::new("kill").arg("-CONT").arg(c.id().to_string()).status();
             let _ = c.wait();
         }
+    }
+
+    /// Sends `sig` (e.g. `STOP`, `CONT`) to the daemon.
+    fn signal(&self, sig: &str) {
+        let c = self.child.as_ref().expect("daemon running");
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status().unwrap();
+        assert!(st.success(), "kill -{sig} {}", c.id());
     }
 
     fn restart(&mut self) {
@@ -208,4 +217,47 @@ async fn the_agent_survives_a_daemon_restart() {
     let back = back.expect("the agent reconnected to the restarted daemon");
     assert_eq!(back.agent_instance, before.agent_instance, "same agent process");
     assert!(back.domains.iter().any(|d| d.name == "test"), "the restarted daemon's test driver is served");
+}
+
+/// (c) libvirtd hangs without dying under a running agent (SIGSTOP: it still holds its socket, it just never answers):
+/// every call answers UNAVAILABLE at the agent's `--libvirt-timeout`, not whenever the daemon comes back, and the
+/// agent serves again by itself once it does (SIGCONT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_daemon_costs_a_deadline_not_a_hung_agent() {
+    // The client's own bound, far above the agent's deadline: a regression fails here instead of hanging the test.
+    const CLIENT_WAIT: Duration = Duration::from_secs(30);
+    let daemon = PrivateDaemon::start("hung");
+    let agent = common::AgentProcess::start(&["--backend", "libvirt", "--uri", &daemon.uri(), "--libvirt-timeout", "1s"]);
+    let mut c = agent.client().await;
+    let before = c.get_stats(pb::GetStatsRequest {}).await.expect("GetStats before").into_inner();
+
+    daemon.signal("STOP");
+    let hung = tokio::time::timeout(CLIENT_WAIT, c.get_stats(pb::GetStatsRequest {}))
+        .await
+        .expect("the agent answers while libvirtd hangs")
+        .expect_err("GetStats with libvirtd hung");
+    assert_eq!(hung.code(), Code::Unavailable, "{hung}");
+    assert!(hung.message().contains("did not answer a stats sample within 1s"), "{hung}");
+    let pin_hung = tokio::time::timeout(CLIENT_WAIT, c.pin_vcpu(pin("test", 0, &[0])))
+        .await
+        .expect("the agent answers while libvirtd hangs")
+        .expect_err("PinVcpu with libvirtd hung");
+    assert_eq!(pin_hung.code(), Code::Unavailable, "{pin_hung}");
+    assert!(pin_hung.message().contains("did not answer"), "{pin_hung}");
+
+    daemon.signal("CONT");
+    let mut back = None;
+    for _ in 0..ATTEMPTS {
+        match tokio::time::timeout(CLIENT_WAIT, c.get_stats(pb::GetStatsRequest {})).await.expect("answered") {
+            Ok(r) => {
+                back = Some(r.into_inner());
+                break;
+            }
+            Err(s) => assert_eq!(s.code(), Code::Unavailable, "only UNAVAILABLE while libvirtd catches up: {s}"),
+        }
+        tokio::time::sleep(PAUSE).await;
+    }
+    let back = back.expect("the agent serves again once libvirtd answers");
+    assert_eq!(back.agent_instance, before.agent_instance, "same agent process");
+    assert!(back.domains.iter().any(|d| d.name == "test"), "the test driver's domain is served");
 }

@@ -4,6 +4,8 @@
 //! The gRPC service in `agent` is generic over this trait and never touches a backend's internals. Backends share
 //! the pin validation rules below, so both refuse exactly the same requests.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::error::AgentError;
@@ -13,6 +15,16 @@ use crate::model::{DomainPlacement, DomainSummary, HostInfo, HostStats, PcpuId, 
 pub mod libvirt;
 pub mod instrumented;
 pub mod sim;
+
+/// Default for the longest any one libvirt backend call (a whole stats sample included) may take before the agent
+/// answers UNAVAILABLE (`vcpu-agent --libvirt-timeout`). libvirt has no per-call timeout: a daemon that hangs
+/// without dying would otherwise hold RPCs until keepalive gives up (about 20 s), and an open to it forever. Here and
+/// not in `libvirt` so that the agent's flag has its default in builds without libvirt too.
+pub const LIBVIRT_CALL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Shortest libvirt call deadline accepted: below it a healthy host's calls would time out (a sample of 32 busy guests
+/// takes tens of milliseconds).
+pub const MIN_LIBVIRT_CALL_DEADLINE: Duration = Duration::from_millis(100);
 
 /// One result per pin of a batch, in request order.
 pub type PinResults = Vec<Result<(), AgentError>>;

@@ -9,6 +9,12 @@
 //! [`AgentError::Unavailable`]. A process-wide libvirt event loop runs on its own thread so that remote connections
 //! get keepalive and notice a dead daemon by themselves.
 //!
+//! A daemon can also hang without dying (stopped, or stuck): libvirt then blocks a call for as long as it lasts, with
+//! no timeout of its own. So every call is bounded by a deadline ([`LIBVIRT_CALL_DEADLINE`], `--libvirt-timeout`)
+//! and answers UNAVAILABLE when it passes, and only one thread at a time opens a connection: while that open hangs,
+//! the other calls wait for it no longer than the deadline and then give their blocking thread back, instead of
+//! queuing behind it for as long as the hang lasts.
+//!
 //! Pins are applied live (`VIR_DOMAIN_AFFECT_LIVE`, plus `CONFIG` when asked to persist and the domain is
 //! persistent). Drivers that only accept `flags = 0` (the test driver) fall back to `virDomainPinVcpu`.
 
@@ -17,7 +23,7 @@ mod ffi;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -28,6 +34,9 @@ use virt::sys;
 
 use self::ffi::{NodeCpuMap, OwnedConnect};
 use crate::error::{AgentError, ErrorKind};
+// The deadline is this backend's; its default lives beside the trait so that the agent's flag also builds without
+// libvirt.
+pub use crate::hypervisor::{LIBVIRT_CALL_DEADLINE, MIN_LIBVIRT_CALL_DEADLINE};
 use crate::hypervisor::{batch_verdict, validate_pin, Hypervisor, PinResults};
 use crate::model::{
     format_cpu_list, DomainPlacement, DomainStats, DomainSummary, HostInfo, HostStats, PcpuId, PinRequest,
@@ -44,19 +53,31 @@ const KEEPALIVE_COUNT: u32 = 3;
 /// daemon.
 pub const MAX_PARALLEL_READS: usize = 4;
 
-/// Longest any one backend call (a whole stats sample included) may take before the agent answers UNAVAILABLE.
-/// libvirt has no per-call timeout; a daemon that hangs without dying would otherwise hold RPCs until keepalive
-/// gives up (about 20 s). The blocking work itself cannot be interrupted and finishes in the background.
-pub const LIBVIRT_CALL_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Bounds `fut` by [`LIBVIRT_CALL_DEADLINE`].
+/// Bounds `fut` by `deadline`. The blocking work under it cannot be interrupted: past the deadline it finishes in the
+/// background.
 async fn with_deadline<T>(
+    deadline: Duration,
     what: &str,
     fut: impl std::future::Future<Output = Result<T, AgentError>>,
 ) -> Result<T, AgentError> {
-    tokio::time::timeout(LIBVIRT_CALL_DEADLINE, fut).await.unwrap_or_else(|_| {
-        Err(AgentError::Unavailable(format!("libvirt did not answer {what} within {LIBVIRT_CALL_DEADLINE:?}")))
+    tokio::time::timeout(deadline, fut).await.unwrap_or_else(|_| {
+        Err(AgentError::Unavailable(format!("libvirt did not answer {what} within {deadline:?}")))
     })
+}
+
+/// How a [`LibvirtHypervisor`] reads and waits.
+#[derive(Debug, Clone, Copy)]
+pub struct LibvirtOptions {
+    /// A stats sample reads domains on at most this many blocking tasks (1 = sequentially).
+    pub parallel_reads: usize,
+    /// Deadline of every backend call.
+    pub call_deadline: Duration,
+}
+
+impl Default for LibvirtOptions {
+    fn default() -> Self {
+        LibvirtOptions { parallel_reads: MAX_PARALLEL_READS, call_deadline: LIBVIRT_CALL_DEADLINE }
+    }
 }
 
 /// Deals `items` into at most `n` chunks (at least one), round robin: one chunk per blocking task.
@@ -88,15 +109,27 @@ impl LibvirtHypervisor {
     /// sequentially). The agent always uses [`MAX_PARALLEL_READS`]; other values exist so that sequential and
     /// parallel reads can be measured side by side (`benches/agent_libvirt.rs`).
     pub fn with_parallel_reads(uri: &str, parallel_reads: usize) -> LibvirtHypervisor {
+        Self::with_options(uri, LibvirtOptions { parallel_reads, ..LibvirtOptions::default() })
+    }
+
+    /// Like [`new`](Self::new), with `options` (a zero deadline or parallelism counts as the least allowed).
+    pub fn with_options(uri: &str, options: LibvirtOptions) -> LibvirtHypervisor {
         init_process_state();
         LibvirtHypervisor {
             inner: Arc::new(Inner {
                 uri: uri.to_string(),
-                conn: Mutex::new(None),
+                conn: Mutex::new(ConnSlot { conn: None, opening: false }),
+                opened: Condvar::new(),
                 down: AtomicBool::new(false),
-                parallel_reads: parallel_reads.max(1),
+                parallel_reads: options.parallel_reads.max(1),
+                deadline: options.call_deadline.max(MIN_LIBVIRT_CALL_DEADLINE),
             }),
         }
+    }
+
+    /// The deadline of every call.
+    pub fn call_deadline(&self) -> Duration {
+        self.inner.deadline
     }
 
     /// The URI this backend connects to.
@@ -119,8 +152,11 @@ impl LibvirtHypervisor {
         F: FnOnce(&Inner) -> Result<T, AgentError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        with_deadline("a call", async move { tokio::task::spawn_blocking(move || f(&inner)).await.map_err(join_error)? })
-            .await
+        let deadline = inner.deadline;
+        with_deadline(deadline, "a call", async move {
+            tokio::task::spawn_blocking(move || f(&inner)).await.map_err(join_error)?
+        })
+        .await
     }
 
     async fn sample(&self) -> Result<HostStats, AgentError> {
@@ -188,7 +224,7 @@ impl LibvirtHypervisor {
     /// The agent does not use this: it exists so that bulk and per-domain reads can be measured side by side on
     /// the same host (`benches/agent_libvirt.rs`, BENCHMARKS.md).
     pub async fn stats_bulk(&self, placement: bool) -> Result<HostStats, AgentError> {
-        with_deadline("a bulk stats sample", self.sample_bulk(placement)).await
+        with_deadline(self.inner.deadline, "a bulk stats sample", self.sample_bulk(placement)).await
     }
 
     async fn sample_bulk(&self, placement: bool) -> Result<HostStats, AgentError> {
@@ -244,7 +280,7 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn stats(&self) -> Result<HostStats, AgentError> {
-        with_deadline("a stats sample", self.sample()).await
+        with_deadline(self.inner.deadline, "a stats sample", self.sample()).await
     }
 
     async fn placement(&self, domain: &str) -> Result<DomainPlacement, AgentError> {
@@ -265,14 +301,26 @@ impl Hypervisor for LibvirtHypervisor {
 #[derive(Debug)]
 struct Inner {
     uri: String,
-    /// The cached connection. Tasks hold their own `Arc`, so dropping the cache never closes a connection under a
-    /// running call.
-    conn: Mutex<Option<Arc<OwnedConnect>>>,
+    /// The cached connection, and whether one is being opened.
+    conn: Mutex<ConnSlot>,
+    /// Signalled when an open ends, well or not.
+    opened: Condvar,
     /// Whether the last connection attempt failed: only changes are logged at warn, so a dead daemon does not flood
     /// the log with one warning per round.
     down: AtomicBool,
     /// Most blocking tasks reading domains for one sample.
     parallel_reads: usize,
+    /// Deadline of every call; also how long a call waits for another thread's open.
+    deadline: Duration,
+}
+
+/// The connection cache. Tasks hold their own `Arc`, so dropping the cache never closes a connection under a running
+/// call.
+#[derive(Debug)]
+struct ConnSlot {
+    conn: Option<Arc<OwnedConnect>>,
+    /// A thread is opening a connection (outside the lock: an open can hang as long as the daemon does).
+    opening: bool,
 }
 
 /// A domain resolved for pinning.
@@ -283,25 +331,49 @@ struct PinTarget {
 
 impl Inner {
     /// The live cached connection, or a new one.
+    ///
+    /// One thread opens at a time. Others wait for its result, but no longer than the deadline: an open to a daemon
+    /// that accepts and never answers blocks its thread for as long as that lasts, and callers queued behind it would
+    /// each hold a blocking thread just as long.
     fn connection(&self) -> Result<Arc<OwnedConnect>, AgentError> {
+        let waiting_since = Instant::now();
         let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(conn) = slot.as_ref() {
-            if conn.is_alive().unwrap_or(false) {
-                return Ok(Arc::clone(conn));
-            }
-            tracing::warn!(uri = %self.uri, "libvirt connection is dead; reconnecting");
-            *slot = None;
-        }
-        match OwnedConnect::open(&self.uri) {
-            Ok(conn) => {
-                // Keepalive is a remote-driver feature; local drivers (test:///) refuse it, which is harmless.
-                if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
-                    tracing::debug!(uri = %self.uri, error = %e, "libvirt keepalive not enabled");
+        loop {
+            if let Some(conn) = slot.conn.as_ref() {
+                if conn.is_alive().unwrap_or(false) {
+                    return Ok(Arc::clone(conn));
                 }
+                tracing::warn!(uri = %self.uri, "libvirt connection is dead; reconnecting");
+                slot.conn = None;
+            }
+            if !slot.opening {
+                break;
+            }
+            let Some(left) = self.deadline.checked_sub(waiting_since.elapsed()).filter(|d| !d.is_zero()) else {
+                return Err(AgentError::Unavailable(format!(
+                    "a connection to libvirt at {} is still being opened after {:?}: the daemon does not answer",
+                    self.uri, self.deadline
+                )));
+            };
+            slot = self.opened.wait_timeout(slot, left).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        slot.opening = true;
+        drop(slot);
+        let opened = OwnedConnect::open(&self.uri).inspect(|conn| {
+            // Keepalive is a remote-driver feature; local drivers (test:///) refuse it, which is harmless.
+            if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
+                tracing::debug!(uri = %self.uri, error = %e, "libvirt keepalive not enabled");
+            }
+        });
+        let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.opening = false;
+        self.opened.notify_all();
+        match opened {
+            Ok(conn) => {
                 self.down.store(false, Ordering::Relaxed);
                 tracing::info!(uri = %self.uri, "connected to libvirt");
                 let conn = Arc::new(conn);
-                *slot = Some(Arc::clone(&conn));
+                slot.conn = Some(Arc::clone(&conn));
                 Ok(conn)
             }
             Err(e) => {
@@ -318,8 +390,8 @@ impl Inner {
     /// Forgets `conn` if it is still the cached one, so the next call reconnects.
     fn invalidate(&self, conn: &Arc<OwnedConnect>) {
         let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.as_ref().is_some_and(|cached| Arc::ptr_eq(cached, conn)) {
-            *slot = None;
+        if slot.conn.as_ref().is_some_and(|cached| Arc::ptr_eq(cached, conn)) {
+            slot.conn = None;
         }
     }
 
@@ -785,6 +857,7 @@ fn init_process_state() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     #[test]
     fn versions_are_split_into_three_parts() {
@@ -816,6 +889,87 @@ mod tests {
         let c = Call { name: "virDomainPinVcpu", domain: Some("vm1"), vcpu: Some(2) };
         assert_eq!(c.to_string(), "virDomainPinVcpu (domain \"vm1\", vCPU 2)");
         assert_eq!(Call { name: "x", domain: None, vcpu: None }.to_string(), "x");
+    }
+
+    /// A TCP listener that accepts libvirt clients and never answers them (a daemon that hangs without dying), until
+    /// `close` drops every socket it holds and stops listening.
+    struct SilentDaemon {
+        port: u16,
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl SilentDaemon {
+        fn start() -> SilentDaemon {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = Arc::clone(&stop);
+            let thread = std::thread::spawn(move || {
+                let mut held = Vec::new();
+                while !flag.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((sock, _)) => held.push(sock),
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            });
+            SilentDaemon { port, stop, thread: Some(thread) }
+        }
+
+        fn close(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                t.join().unwrap();
+            }
+        }
+    }
+
+    impl Drop for SilentDaemon {
+        fn drop(&mut self) {
+            self.close();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_daemon_that_never_answers_costs_a_deadline_not_a_thread() {
+        let mut daemon = SilentDaemon::start();
+        let uri = format!("qemu+tcp://127.0.0.1:{}/system", daemon.port);
+        let deadline = Duration::from_millis(300);
+        let hv = LibvirtHypervisor::with_options(&uri, LibvirtOptions { call_deadline: deadline, ..Default::default() });
+        assert_eq!(hv.call_deadline(), deadline);
+
+        // The open hangs: the call answers UNAVAILABLE at its deadline, and the open goes on in the background.
+        let err = hv.stats().await.expect_err("a silent daemon gives no sample");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+        assert!(err.to_string().contains("did not answer a stats sample within 300ms"), "{err}");
+        assert!(hv.inner.conn.lock().unwrap().opening, "the first open still hangs");
+
+        // A second caller does not queue behind the hung open for as long as it lasts: it gives up at the deadline and
+        // says why. (Without the bound this blocking call would never return; the outer timeout turns that into a
+        // failure instead of a hung test.)
+        let inner = Arc::clone(&hv.inner);
+        let waited = tokio::time::timeout(Duration::from_secs(60), tokio::task::spawn_blocking(move || inner.connection()))
+            .await
+            .expect("a caller behind a hung open must come back")
+            .unwrap();
+        let err = waited.expect_err("no connection while the open hangs");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+        assert!(err.to_string().contains("still being opened"), "{err}");
+
+        // The daemon goes away: the hung open fails, and the next call tries again by itself and reports the refusal.
+        daemon.close();
+        let mut last = String::new();
+        for _ in 0..100 {
+            match hv.stats().await {
+                Err(e) if e.to_string().contains("cannot connect to libvirt") => return,
+                Err(e) => last = e.to_string(),
+                Ok(_) => panic!("a closed port gave a sample"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the next open never ran after the hung one ended; last error: {last}");
     }
 
     #[test]
