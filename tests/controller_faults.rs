@@ -20,6 +20,9 @@ use vcpu_balancer::controller::report::{ActionType, RoundReport};
 use vcpu_balancer::controller::{self, LoopConfig};
 use vcpu_balancer::hypervisor::sim::scenario::DomainSpec;
 use vcpu_balancer::hypervisor::sim::{LoadProfile, ScaledClock, SimHypervisor};
+use vcpu_balancer::error::AgentError;
+use vcpu_balancer::hypervisor::{Hypervisor, PinResults};
+use vcpu_balancer::model::{DomainPlacement, DomainSummary, HostInfo, HostStats, PinRequest};
 
 const INTERVAL: Duration = Duration::from_millis(100);
 const RPC_TIMEOUT: Duration = Duration::from_millis(400);
@@ -318,4 +321,80 @@ async fn a_reply_that_does_not_decode_fails_only_its_own_host() {
     let decoded = b.iter().filter(|r| r.action.reason.contains("GetStats: Internal")).count();
     assert!(decoded >= 1, "the decode error is reported as INTERNAL: {b:#?}");
     healthy(&by[&live.addr], rounds);
+}
+
+/// A host whose pins take effect but whose answer to `ApplyPins` can come too late: the controller's deadline passes
+/// after the hypervisor applied the batch. libvirt's agent does the same when a batch outlives `--rpc-timeout` or
+/// its own `--libvirt-timeout`: the blocking work finishes in the background.
+struct LateAnswers {
+    sim: Arc<SimHypervisor>,
+    late: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for LateAnswers {
+    async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        self.sim.host_info().await
+    }
+    async fn list_domains(&self) -> Result<Vec<DomainSummary>, AgentError> {
+        self.sim.list_domains().await
+    }
+    async fn stats(&self) -> Result<HostStats, AgentError> {
+        self.sim.stats().await
+    }
+    async fn placement(&self, domain: &str) -> Result<DomainPlacement, AgentError> {
+        self.sim.placement(domain).await
+    }
+    async fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError> {
+        let applied = self.sim.apply_pins(pins).await;
+        if self.late.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(RPC_TIMEOUT * 3).await;
+        }
+        applied
+    }
+}
+
+/// Pins applied after the controller gave up on the answer are still the controller's own: they are not mistaken for
+/// an operator's manual pins (which would be left alone from then on), and the host is balanced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_whose_answer_came_too_late_are_not_taken_for_manual_pins() {
+    let clock: Arc<dyn vcpu_balancer::hypervisor::sim::Clock> = Arc::new(ScaledClock::new(SPEED));
+    let sim = Arc::new(SimHypervisor::new(&common::builtin("all-on-one"), "sim-late", clock));
+    let hv = Arc::new(LateAnswers { sim: Arc::clone(&sim), late: false.into() });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(vcpu_balancer::agent::serve_with(
+        Arc::clone(&hv),
+        listener,
+        vcpu_balancer::agent::ServeOptions::default(),
+        stop.clone().cancelled_owned(),
+    ));
+    let rounds = 40;
+    let (mut rx, ctl) = start(vec![addr], rounds);
+    let mut rs = Vec::new();
+    let mut was_late = false;
+    while let Some(r) = rx.recv().await {
+        // The batch after the first applied one (the controller then remembers its pins) is answered too late; later
+        // ones in time again.
+        if r.pins_applied > 0 && !was_late {
+            hv.late.store(true, std::sync::atomic::Ordering::SeqCst);
+            was_late = true;
+        }
+        if r.action.kind == ActionType::Error && r.action.reason.contains("ApplyPins") {
+            hv.late.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        rs.push(r);
+    }
+    ctl.await.unwrap();
+    stop.cancel();
+    server.await.unwrap().unwrap();
+    assert!(
+        rs.iter().any(|r| r.action.kind == ActionType::Error && r.action.reason.contains("ApplyPins")),
+        "the late answer was an error round: {rs:#?}"
+    );
+    let manual: Vec<_> = rs.iter().flat_map(|r| r.held.iter().map(move |h| (r.round, h))).collect();
+    assert!(manual.is_empty(), "the controller's own late pins were held as manual: {manual:#?}");
+    assert!(settled(&rs, 3), "balanced in the end: {:#?}", rs.last());
+    sane_usage(&rs);
 }

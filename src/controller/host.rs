@@ -242,6 +242,11 @@ async fn one_round(
             }
         }
         Err(e) => {
+            // No answer says which pins took effect: the agent may still apply the batch (its libvirt work finishes
+            // in the background), and the next sample must not take those pins for an operator's.
+            for pin in &plan.pins {
+                st.policy.record_unconfirmed(pin);
+            }
             report.action = ActionReport::simple(ActionType::Error, format!("ApplyPins failed: {e}"));
         }
     }

@@ -119,6 +119,11 @@ pub struct PolicyState {
     /// Shared with the previous round's state until a pin changes: most rounds change none, and copying a
     /// thousand affinities per host and round showed in the controller's profile.
     pub last_pins: std::sync::Arc<VcpuMap<std::sync::Arc<[PcpuId]>>>,
+    /// Pins sent in a batch whose answer never came (the RPC failed as a whole, e.g. at its deadline). The agent may
+    /// have applied them anyway, since its blocking work finishes in the background: an affinity later seen equal to
+    /// one of them is this controller's own pin, not an operator's. Kept until seen, superseded by a newer pin, or
+    /// the vCPU is gone.
+    pub unconfirmed: VcpuMap<std::sync::Arc<[PcpuId]>>,
     /// Round at which each vCPU was last moved, and the pCPU it left (for [`converge`]'s cooldown and its
     /// no-return rule).
     pub last_moved: VcpuMap<(u64, PcpuId)>,
@@ -142,7 +147,16 @@ pub struct PolicyState {
 impl PolicyState {
     /// Records a pin the agent applied.
     pub fn record_applied(&mut self, pin: &PinRequest) {
-        std::sync::Arc::make_mut(&mut self.last_pins).insert((pin.domain.as_str().into(), pin.vcpu), pin.pcpus.as_slice().into());
+        let key: VcpuKey = (pin.domain.as_str().into(), pin.vcpu);
+        if !self.unconfirmed.is_empty() {
+            self.unconfirmed.remove(&key);
+        }
+        std::sync::Arc::make_mut(&mut self.last_pins).insert(key, pin.pcpus.as_slice().into());
+    }
+
+    /// Records a pin whose outcome is unknown: its batch got no answer (see [`PolicyState::unconfirmed`]).
+    pub fn record_unconfirmed(&mut self, pin: &PinRequest) {
+        self.unconfirmed.insert((pin.domain.as_str().into(), pin.vcpu), pin.pcpus.as_slice().into());
     }
 }
 
@@ -363,9 +377,14 @@ fn decide_into(
         let why = if c.excludes(&v.domain, &v.uuid) {
             Some(HeldWhy::Excluded)
         } else {
-            let last = next.last_pins.get(&key);
-            remembered[i] = last == Some(&v.affinity);
-            if !c.override_manual && last.is_some() && !remembered[i] {
+            remembered[i] = next.last_pins.get(&key) == Some(&v.affinity);
+            if !remembered[i] && !next.unconfirmed.is_empty() && next.unconfirmed.get(&key) == Some(&v.affinity) {
+                // A pin of a batch whose answer was lost, applied after all: it is this controller's.
+                next.unconfirmed.remove(&key);
+                std::sync::Arc::make_mut(&mut next.last_pins).insert(key.clone(), v.affinity.clone());
+                remembered[i] = true;
+            }
+            if !c.override_manual && !remembered[i] && next.last_pins.contains_key(&key) {
                 Some(HeldWhy::Manual)
             } else {
                 None
@@ -534,6 +553,7 @@ fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
             state.last_moved.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect()
         },
         manual_reported: state.manual_reported.iter().filter(|k| keep(k)).cloned().collect(),
+        unconfirmed: state.unconfirmed.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
         smoothed: {
             let was: HashMap<(&str, u32), f64> =
                 state.seen.iter().zip(&state.smoothed).filter_map(|(k, a)| Some(((&*k.0, k.1), (*a)?))).collect();
@@ -721,6 +741,60 @@ pub(crate) mod tests {
         state.record_applied(&PinRequest { domain: "uuid-a".into(), vcpu: 0, pcpus: vec![0], persist: false });
         let (p, _) = decide(&h, &cfg(PolicyKind::Converge), &state);
         assert!(p.held.is_empty(), "{p:?}");
+    }
+
+    fn pin_a(pcpu: PcpuId) -> PinRequest {
+        PinRequest { domain: "uuid-a".into(), vcpu: 0, pcpus: vec![pcpu], persist: false }
+    }
+
+    #[test]
+    fn a_pin_applied_after_its_answer_was_lost_is_the_controllers_own() {
+        // The controller pinned "a" to pCPU 1, then sent a batch moving it to pCPU 0 that got no answer; the host
+        // now shows it on 0.
+        let h = host(2, &[("a", 0, 40.0, true), ("b", 1, 40.0, true)]);
+        let mut state = PolicyState::default();
+        state.record_applied(&pin_a(1));
+        state.record_unconfirmed(&pin_a(0));
+        let key: VcpuKey = ("uuid-a".into(), 0);
+        for k in PolicyKind::ALL {
+            let (p, next) = decide(&h, &cfg(k), &state);
+            assert!(p.held.is_empty() && p.newly_manual.is_empty(), "{k}: {p:?}");
+            assert_eq!(next.last_pins.get(&key), Some(&[0].into()), "{k}: adopted as the controller's pin");
+            assert!(next.unconfirmed.is_empty(), "{k}");
+            // Adopted, it is the reference from now on: someone moving "a" afterwards is a manual pin again.
+            let moved = host(2, &[("a", 1, 40.0, true), ("b", 1, 40.0, true)]);
+            let (p2, _) = decide(&moved, &cfg(k), &next);
+            assert_eq!(p2.newly_manual.len(), 1, "{k}: {p2:?}");
+        }
+    }
+
+    #[test]
+    fn a_lost_pin_that_did_not_land_changes_nothing() {
+        // "a" still shows the last pin the controller knows applied: not manual, and the lost pin is still awaited.
+        let h = host(2, &[("a", 1, 40.0, true), ("b", 0, 40.0, true)]);
+        let mut state = PolicyState::default();
+        state.record_applied(&pin_a(1));
+        state.record_unconfirmed(&pin_a(0));
+        for k in PolicyKind::ALL {
+            let (p, next) = decide(&h, &cfg(k), &state);
+            assert!(p.held.is_empty(), "{k}: {p:?}");
+            assert_eq!(next.unconfirmed.get(&("uuid-a".into(), 0)), Some(&[0].into()), "{k}");
+        }
+        // A newer pin that the agent confirms supersedes it.
+        state.record_applied(&pin_a(1));
+        assert!(state.unconfirmed.is_empty());
+    }
+
+    #[test]
+    fn an_operators_pin_is_manual_even_with_a_lost_pin_pending() {
+        let h = host(3, &[("a", 2, 40.0, true), ("b", 0, 40.0, true)]);
+        let mut state = PolicyState::default();
+        state.record_applied(&pin_a(1));
+        state.record_unconfirmed(&pin_a(0));
+        for k in PolicyKind::ALL {
+            let (p, _) = decide(&h, &cfg(k), &state);
+            assert_eq!(p.newly_manual.len(), 1, "{k}: {p:?}");
+        }
     }
 
     #[test]
