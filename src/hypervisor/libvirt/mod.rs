@@ -323,6 +323,22 @@ struct ConnSlot {
     opening: bool,
 }
 
+/// Clears [`ConnSlot::opening`] if the thread that set it unwinds before it could: otherwise every later call would
+/// wait for an open that is no longer running.
+struct OpenGuard<'a> {
+    inner: &'a Inner,
+    armed: bool,
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.conn.lock().unwrap_or_else(PoisonError::into_inner).opening = false;
+            self.inner.opened.notify_all();
+        }
+    }
+}
+
 /// A domain resolved for pinning.
 struct PinTarget {
     dom: Domain,
@@ -359,6 +375,7 @@ impl Inner {
         }
         slot.opening = true;
         drop(slot);
+        let mut guard = OpenGuard { inner: self, armed: true };
         let opened = OwnedConnect::open(&self.uri).inspect(|conn| {
             // Keepalive is a remote-driver feature; local drivers (test:///) refuse it, which is harmless.
             if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
@@ -367,6 +384,7 @@ impl Inner {
         });
         let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         slot.opening = false;
+        guard.armed = false;
         self.opened.notify_all();
         match opened {
             Ok(conn) => {
@@ -970,6 +988,19 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("the next open never ran after the hung one ended; last error: {last}");
+    }
+
+    #[test]
+    fn an_open_that_unwinds_leaves_no_caller_waiting() {
+        let hv = LibvirtHypervisor::new("test:///default");
+        hv.inner.conn.lock().unwrap().opening = true;
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _guard = OpenGuard { inner: &hv.inner, armed: true };
+            panic!("the open unwound");
+        }));
+        assert!(unwound.is_err());
+        assert!(!hv.inner.conn.lock().unwrap().opening, "the flag was cleared");
+        hv.with_connect(|_| ()).expect("the next caller opens instead of waiting");
     }
 
     #[test]
