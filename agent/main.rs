@@ -139,6 +139,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tls: tls.as_ref().map(TlsFiles::server_config).transpose()?,
         pins: PinPolicy::for_agent(tls.is_some(), &cli.pin_allow),
         metrics: None,
+        ..ServeOptions::default()
     };
     if tls.is_none() {
         tracing::warn!(listen = %cli.listen, "serving plaintext: every client that reaches this port may pin");

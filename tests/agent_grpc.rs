@@ -177,3 +177,48 @@ async fn oversized_requests_are_refused_unread() {
     assert_eq!(e.code(), Code::OutOfRange, "{e}");
     assert_eq!(affinity(&mut c, "vm1").await, before);
 }
+
+/// HTTP/2 frame types in `bytes`, a stream of whole frames.
+fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + len).min(bytes.len())..];
+    }
+    types
+}
+
+/// A peer that goes silent (its host crashed, or the link was cut, so no FIN ever comes) does not keep its
+/// connection open on the agent forever: after a quiet spell the agent pings it, and closes the connection when no
+/// answer comes.
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_disconnected() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vcpu_balancer::hypervisor::sim::{ScaledClock, SimHypervisor};
+
+    const PING: u8 = 6;
+    let opts = vcpu_balancer::agent::ServeOptions {
+        keepalive_interval: Duration::from_millis(200),
+        keepalive_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let hv = Arc::new(SimHypervisor::new(&common::scenario(SCENARIO), "sim-ka", Arc::new(ScaledClock::new(1.0))));
+    let agent = SimAgent::start_opts(hv, "127.0.0.1:0", opts).await;
+    let mut sock = tokio::net::TcpStream::connect(&agent.addr).await.unwrap();
+    // The client preface and an empty SETTINGS frame, then nothing ever again, not even an ACK.
+    sock.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    // Far above the 0.4 s the agent should take: without keepalive it would never close, and this fails instead.
+    let received = tokio::time::timeout(Duration::from_secs(30), async {
+        let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = sock.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    })
+    .await
+    .expect("the agent closes a connection whose peer never answers its pings");
+    assert!(frame_types(&received).contains(&PING), "a ping came before the close: {:?}", frame_types(&received));
+}

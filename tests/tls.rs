@@ -197,6 +197,7 @@ async fn a_host_added_by_a_reload_talks_tls_like_the_others() {
         tls: Some(fleet.files("agent-127.0.0.1").server_config().unwrap()),
         pins: PinPolicy::for_agent(true, &[]),
         metrics: Some(m.clone()),
+        ..Default::default()
     };
     let b = SimAgent::start_opts(hv, "127.0.0.1:0", opts).await;
     let clients = ClientSettings { rpc_timeout: TIMEOUT, tls: Some(fleet.files("controller").client_tls().unwrap()) };

@@ -27,6 +27,14 @@ pub mod fleet;
 /// Longest a request may run on the agent before it is cancelled; a libvirt call stuck longer than this is not
 /// going to help a balancing round.
 pub const SERVER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection quiet for this long gets an HTTP/2 ping, and is closed if the answer takes longer than
+/// [`KEEPALIVE_TIMEOUT`]. A controller whose host crashed or was cut off leaves its connections open on the agent
+/// (the FIN never comes), each holding a socket and its buffers, and a controller that re-dials after every missed
+/// deadline leaves one per missed round; pings close them. A controller polling every few seconds is never quiet
+/// this long, so healthy connections carry no pings at all.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long the agent waits for the answer to a keepalive ping before it closes the connection.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest request the agent decodes; a full `ApplyPins` for thousands of vCPUs stays far below it.
 pub const MAX_DECODING_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 /// Largest reply the agent sends (a `GetStats` of hundreds of domains is a few hundred KiB).
@@ -146,11 +154,21 @@ pub struct ServeOptions {
     pub pins: PinPolicy,
     /// When set, every `vcpu.v1.Agent` call is timed and its errors counted (see [`metrics_layer`]).
     pub metrics: Option<Arc<crate::metrics::AgentMetrics>>,
+    /// Quiet time before a connection is pinged ([`KEEPALIVE_INTERVAL`]).
+    pub keepalive_interval: Duration,
+    /// Wait for the ping's answer before the connection is closed ([`KEEPALIVE_TIMEOUT`]).
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { tls: None, pins: PinPolicy::Anyone, metrics: None }
+        ServeOptions {
+            tls: None,
+            pins: PinPolicy::Anyone,
+            metrics: None,
+            keepalive_interval: KEEPALIVE_INTERVAL,
+            keepalive_timeout: KEEPALIVE_TIMEOUT,
+        }
     }
 }
 
@@ -234,6 +252,8 @@ async fn serve_inner<H: Hypervisor>(
     }
     builder
         .timeout(SERVER_REQUEST_TIMEOUT)
+        .http2_keepalive_interval(Some(opts.keepalive_interval))
+        .http2_keepalive_timeout(Some(opts.keepalive_timeout))
         .layer(metrics_layer::MetricsLayer::new(opts.metrics))
         .add_service(health_service)
         .add_service(reflection)
