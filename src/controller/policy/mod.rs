@@ -108,6 +108,12 @@ pub type VcpuMap<V> = HashMap<VcpuKey, V, foldhash::fast::FixedState>;
 /// The set form of [`VcpuMap`].
 pub type VcpuSet = HashSet<VcpuKey, foldhash::fast::FixedState>;
 
+/// Decided rounds in which a pin whose answer was lost is looked for ([`PolicyState::unconfirmed`]). It lands within
+/// the agent's libvirt deadline, or, if libvirtd hung, when it resumes; rounds in which the host cannot be sampled
+/// are not decided and do not count. Past this, an affinity equal to it is no longer taken for the controller's: an
+/// operator who later pins that vCPU to the same pCPUs made a manual pin.
+pub const UNCONFIRMED_ROUNDS: u64 = 3;
+
 /// What a policy remembers between rounds for one host. The per-host task owns it and passes it to
 /// [`decide`], which returns the next one; nothing else keeps state.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -121,9 +127,9 @@ pub struct PolicyState {
     pub last_pins: std::sync::Arc<VcpuMap<std::sync::Arc<[PcpuId]>>>,
     /// Pins sent in a batch whose answer never came (the RPC failed as a whole, e.g. at its deadline). The agent may
     /// have applied them anyway, since its blocking work finishes in the background: an affinity later seen equal to
-    /// one of them is this controller's own pin, not an operator's. Kept until seen, superseded by a newer pin, or
-    /// the vCPU is gone.
-    pub unconfirmed: VcpuMap<std::sync::Arc<[PcpuId]>>,
+    /// one of them is this controller's own pin, not an operator's. Each is kept with the round it was decided in,
+    /// until it is seen, superseded by a newer pin, the vCPU is gone, or [`UNCONFIRMED_ROUNDS`] rounds passed.
+    pub unconfirmed: VcpuMap<(u64, std::sync::Arc<[PcpuId]>)>,
     /// Round at which each vCPU was last moved, and the pCPU it left (for [`converge`]'s cooldown and its
     /// no-return rule).
     pub last_moved: VcpuMap<(u64, PcpuId)>,
@@ -156,7 +162,7 @@ impl PolicyState {
 
     /// Records a pin whose outcome is unknown: its batch got no answer (see [`PolicyState::unconfirmed`]).
     pub fn record_unconfirmed(&mut self, pin: &PinRequest) {
-        self.unconfirmed.insert((pin.domain.as_str().into(), pin.vcpu), pin.pcpus.as_slice().into());
+        self.unconfirmed.insert((pin.domain.as_str().into(), pin.vcpu), (self.round, pin.pcpus.as_slice().into()));
     }
 }
 
@@ -372,13 +378,17 @@ fn decide_into(
     let mut is_held = vec![false; u.vcpus.len()];
     // Whether the affinity seen is the one remembered: looked up once here, used again by `remember_seen`.
     let mut remembered = vec![false; u.vcpus.len()];
+    if !next.unconfirmed.is_empty() {
+        let decided = old.map_or(next.round, |o| o.round);
+        next.unconfirmed.retain(|_, (at, _)| decided.saturating_sub(*at) < UNCONFIRMED_ROUNDS);
+    }
     for (i, v) in u.vcpus.iter().enumerate() {
         let key = (v.uuid.clone(), v.vcpu);
         let why = if c.excludes(&v.domain, &v.uuid) {
             Some(HeldWhy::Excluded)
         } else {
             remembered[i] = next.last_pins.get(&key) == Some(&v.affinity);
-            if !remembered[i] && !next.unconfirmed.is_empty() && next.unconfirmed.get(&key) == Some(&v.affinity) {
+            if !remembered[i] && next.unconfirmed.get(&key).is_some_and(|(_, lost)| *lost == v.affinity) {
                 // A pin of a batch whose answer was lost, applied after all: it is this controller's.
                 next.unconfirmed.remove(&key);
                 std::sync::Arc::make_mut(&mut next.last_pins).insert(key.clone(), v.affinity.clone());
@@ -778,11 +788,41 @@ pub(crate) mod tests {
         for k in PolicyKind::ALL {
             let (p, next) = decide(&h, &cfg(k), &state);
             assert!(p.held.is_empty(), "{k}: {p:?}");
-            assert_eq!(next.unconfirmed.get(&("uuid-a".into(), 0)), Some(&[0].into()), "{k}");
+            assert_eq!(next.unconfirmed.get(&("uuid-a".into(), 0)).map(|(_, p)| p), Some(&[0].into()), "{k}");
         }
         // A newer pin that the agent confirms supersedes it.
         state.record_applied(&pin_a(1));
         assert!(state.unconfirmed.is_empty());
+    }
+
+    #[test]
+    fn a_lost_pin_is_looked_for_a_few_rounds_only() {
+        // The lost pin (pCPU 0) never lands; "a" stays on pCPU 1 for UNCONFIRMED_ROUNDS rounds, then an operator
+        // happens to pin it to pCPU 0: that is a manual pin, not the lost one arriving late.
+        let stays = host(2, &[("a", 1, 40.0, true), ("b", 0, 40.0, true)]);
+        let operator = host(2, &[("a", 0, 40.0, true), ("b", 0, 40.0, true)]);
+        for k in PolicyKind::ALL {
+            let mut state = PolicyState::default();
+            state.record_applied(&pin_a(1));
+            state.record_unconfirmed(&pin_a(0));
+            for _ in 0..UNCONFIRMED_ROUNDS {
+                let (_, next) = decide(&stays, &cfg(k), &state);
+                state = next;
+            }
+            let (p, next) = decide(&operator, &cfg(k), &state);
+            assert_eq!(p.newly_manual.len(), 1, "{k}: {p:?}");
+            assert!(next.unconfirmed.is_empty(), "{k}: given up after {UNCONFIRMED_ROUNDS} rounds");
+            // One round earlier it would still have been taken for the lost pin.
+            let mut state = PolicyState::default();
+            state.record_applied(&pin_a(1));
+            state.record_unconfirmed(&pin_a(0));
+            for _ in 0..UNCONFIRMED_ROUNDS - 1 {
+                let (_, next) = decide(&stays, &cfg(k), &state);
+                state = next;
+            }
+            let (p, _) = decide(&operator, &cfg(k), &state);
+            assert!(p.newly_manual.is_empty(), "{k}: {p:?}");
+        }
     }
 
     #[test]
