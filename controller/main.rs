@@ -201,6 +201,10 @@ struct RunArgs {
     /// Most RPCs in flight at once across all hosts [default: 256].
     #[arg(long, env = "VCPU_MAX_INFLIGHT", value_parser = parse_positive)]
     max_inflight: Option<usize>,
+    /// Keep each host's memory of the controller's own pins in this directory (created if missing), so that after a
+    /// restart the controller still tells its pins from an operator's [default: in memory only].
+    #[arg(long, env = "VCPU_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -327,6 +331,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         interval: a.interval,
         rpc_timeout: a.rpc_timeout,
         max_inflight: a.max_inflight,
+        state_dir: a.state_dir.clone(),
         policy: a.policy,
         threshold: a.threshold,
         no_guard: a.no_guard,
@@ -351,12 +356,16 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         tracing::warn!(rpc_timeout = ?set.rpc_timeout, interval = ?set.interval,
             "two RPC deadlines do not fit in one interval; slow hosts will skip ticks");
     }
+    if let Some(dir) = &set.state_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("state directory {}: cannot create it", dir.display()))?;
+    }
     let cfg = LoopConfig {
         interval: set.interval,
         policy: set.policy.clone(),
         dry_run: set.dry_run,
         rounds: a.rounds,
         max_inflight: set.max_inflight,
+        state_dir: set.state_dir.clone(),
     };
     let stop = CancellationToken::new();
     let metrics = (set.metrics_listen.is_some() || set.http_listen.is_some()).then(ControllerMetrics::new);

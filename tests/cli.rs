@@ -118,6 +118,11 @@ fn bad_input_is_refused() {
     let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario"]).arg(&bad).output().unwrap();
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("line 4"), "{}", text(&out.stderr));
+    // A state directory under a file cannot be made: refused before any host is contacted.
+    let under_a_file = bad.join("state");
+    let out = controller(&["run", "--host", "127.0.0.1:1", "--state-dir", under_a_file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("cannot create it"), "{}", text(&out.stderr));
     let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario", "no-such"]).output().unwrap();
     assert!(text(&out.stderr).contains("not a built-in scenario"), "{}", text(&out.stderr));
     for (timeout, needle) in [("10ms", "at least 100ms"), ("soon", "expected e.g. 2s"), ("0s", "greater than zero")] {

@@ -16,6 +16,7 @@ use common::SimAgent;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use vcpu_balancer::controller::policy::PolicyConfig;
+use vcpu_balancer::controller::policy::HeldWhy;
 use vcpu_balancer::controller::report::{ActionType, RoundReport};
 use vcpu_balancer::controller::{self, LoopConfig};
 use vcpu_balancer::hypervisor::sim::scenario::DomainSpec;
@@ -397,4 +398,64 @@ async fn pins_whose_answer_came_too_late_are_not_taken_for_manual_pins() {
     assert!(manual.is_empty(), "the controller's own late pins were held as manual: {manual:#?}");
     assert!(settled(&rs, 3), "balanced in the end: {:#?}", rs.last());
     sane_usage(&rs);
+}
+
+/// Runs the controller on `host` for `rounds` rounds with `state_dir`, and returns its reports.
+async fn run_rounds(host: &str, rounds: u64, state_dir: Option<&std::path::Path>) -> Vec<RoundReport> {
+    run_rounds_with(host, LoopConfig { state_dir: state_dir.map(Into::into), ..cfg(rounds) }).await
+}
+
+async fn run_rounds_with(host: &str, cfg: LoopConfig) -> Vec<RoundReport> {
+    let (tx, mut rx) = controller::report_channel(1);
+    let hosts = vec![host.to_string()];
+    let ctl = tokio::spawn(async move { controller::run(hosts, RPC_TIMEOUT, cfg, tx, CancellationToken::new()).await.unwrap() });
+    let mut rs = Vec::new();
+    while let Some(r) = rx.recv().await {
+        rs.push(r);
+    }
+    ctl.await.unwrap();
+    rs
+}
+
+/// With `--state-dir`, a restarted controller still knows which pins were its own: a vCPU that an operator pinned
+/// by hand while the controller was stopped is held as a manual pin. Without the directory, the restarted
+/// controller takes the same pin for its starting point (the gap the directory closes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_knows_its_pins_with_a_state_dir() {
+    let agent = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let dir = std::env::temp_dir().join(format!("vcpub-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let first = run_rounds(&agent.addr, 20, Some(&dir)).await;
+    assert!(settled(&first, 3), "balanced before the restart: {:#?}", first.last());
+    assert!(std::fs::read_dir(&dir).unwrap().count() == 1, "one pins file for the one host");
+
+    // While the controller is stopped, an operator pins vm1's vCPU 0 somewhere else (as `virsh vcpupin` would).
+    let before = agent.hv.placement("vm1").await.unwrap().vcpus[0].pcpu;
+    let elsewhere = (before + 1) % 4;
+    let pin = PinRequest { domain: "vm1".into(), vcpu: 0, pcpus: vec![elsewhere], persist: false };
+    agent.hv.apply_pins(&[pin]).await.unwrap().into_iter().for_each(|r| r.unwrap());
+    let manual = |rs: &[RoundReport]| {
+        rs.iter().any(|r| r.held.iter().any(|h| h.domain == "vm1" && h.vcpu == 0 && h.why == HeldWhy::Manual))
+    };
+
+    let second = run_rounds(&agent.addr, 6, Some(&dir)).await;
+    assert!(manual(&second), "the restarted controller held the operator's pin: {:#?}", second.last());
+    assert_eq!(agent.hv.placement("vm1").await.unwrap().vcpus[0].affinity, vec![elsewhere], "left where it was put");
+
+    let without = run_rounds(&agent.addr, 6, None).await;
+    assert!(!manual(&without), "without the directory the pin is not known as manual: {:#?}", without.last());
+
+    // A file that cannot be read is replaced by the next run.
+    let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(&file, "not json").unwrap();
+    run_rounds(&agent.addr, 3, Some(&dir)).await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(serde_json::from_str::<serde_json::Value>(&text).is_ok(), "rewritten: {text}");
+
+    // A dry run writes nothing.
+    let dry = dir.join("dry");
+    run_rounds_with(&agent.addr, LoopConfig { state_dir: Some(dry.clone()), dry_run: true, ..cfg(4) }).await;
+    assert!(!dry.exists() || std::fs::read_dir(&dry).unwrap().next().is_none(), "a dry run wrote a pins file");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

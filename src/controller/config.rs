@@ -8,6 +8,7 @@
 //! rpc_timeout = "800ms"
 //! dry_run = false
 //! max_inflight = 256                # most RPCs in flight at once across all hosts
+//! state_dir = "/var/lib/vcpu-balancer"  # the controller's own pins, kept across restarts
 //! http_listen = "127.0.0.1:9180"    # status page and /api/state
 //! metrics_listen = "0.0.0.0:9181"   # Prometheus /metrics
 //! [policy]
@@ -73,6 +74,7 @@ pub struct ControllerConfig {
     pub rpc_timeout: Option<Duration>,
     pub dry_run: Option<bool>,
     pub max_inflight: Option<usize>,
+    pub state_dir: Option<PathBuf>,
     pub policy: Option<PolicyKind>,
     pub threshold: Option<f64>,
     pub exclude: Option<Vec<String>>,
@@ -91,6 +93,7 @@ struct Raw {
     rpc_timeout: Option<Spanned<String>>,
     dry_run: Option<bool>,
     max_inflight: Option<Spanned<i64>>,
+    state_dir: Option<Spanned<String>>,
     http_listen: Option<Spanned<String>>,
     metrics_listen: Option<Spanned<String>>,
     policy: Option<RawPolicy>,
@@ -186,6 +189,12 @@ impl ControllerConfig {
             cfg.max_inflight =
                 Some(v.ok_or_else(|| invalid(n.span(), "max_inflight", "must be a whole number greater than zero".into()))?);
         }
+        if let Some(d) = raw.state_dir {
+            if d.get_ref().trim().is_empty() {
+                return Err(invalid(d.span(), "state_dir", "must name a directory".into()));
+            }
+            cfg.state_dir = Some(PathBuf::from(d.into_inner()));
+        }
         let addr = |s: Spanned<String>, key: &str| -> Result<SocketAddr, ConfigError> {
             s.get_ref().parse().map_err(|e| invalid(s.span(), key, format!("{e} (expected IP:PORT, e.g. 127.0.0.1:9180)")))
         };
@@ -254,7 +263,7 @@ mod tests {
         std::fs::write(&ca, "x").unwrap();
         let text = format!(
             "hosts = [\"hv1\", \"hv2:7000\", \"https://hv3\"]\ninterval = \"500ms\"\nrpc_timeout = \"200ms\"\n\
-             dry_run = true\nmax_inflight = 32\nhttp_listen = \"127.0.0.1:9180\"\nmetrics_listen = \"[::1]:9181\"\n\
+             dry_run = true\nmax_inflight = 32\nstate_dir = \"/var/lib/vcpu-balancer\"\nhttp_listen = \"127.0.0.1:9180\"\nmetrics_listen = \"[::1]:9181\"\n\
              [policy]\nname = \"guarded\"\nthreshold = 12.5\nexclude = [\"db-*\"]\nreserve_pcpus = \"0-1,4\"\n\
              override_manual = true\n[tls]\nca = {:?}\n",
             ca.display().to_string()
@@ -265,6 +274,7 @@ mod tests {
         assert_eq!(c.rpc_timeout, Some(Duration::from_millis(200)));
         assert_eq!(c.dry_run, Some(true));
         assert_eq!(c.max_inflight, Some(32));
+        assert_eq!(c.state_dir, Some(PathBuf::from("/var/lib/vcpu-balancer")));
         assert_eq!(c.policy, Some(PolicyKind::Guarded));
         assert_eq!(c.threshold, Some(12.5));
         assert_eq!(c.exclude, Some(vec!["db-*".to_string()]));
@@ -294,6 +304,7 @@ mod tests {
             ("[policy]\nname = \"converge\"\nguard = false\n", 3, "contradicts"),
             ("[policy]\nreserve_pcpus = \"3-1\"\n", 2, "reserve_pcpus"),
             ("max_inflight = 0\n", 1, "greater than zero"),
+            ("hosts = [\"a\"]\nstate_dir = \" \"\n", 2, "must name a directory"),
         ] {
             match ControllerConfig::parse(text, "c.toml") {
                 Err(ConfigError::Invalid { line: l, message, .. }) => {
@@ -313,6 +324,8 @@ pub struct Overrides {
     pub interval: Option<Duration>,
     pub rpc_timeout: Option<Duration>,
     pub max_inflight: Option<usize>,
+    /// `--state-dir`: replaces the file's.
+    pub state_dir: Option<PathBuf>,
     pub policy: Option<PolicyKind>,
     pub threshold: Option<f64>,
     /// `--no-guard` (the older `--policy seed`) can only select the literal rule.
@@ -339,6 +352,8 @@ pub struct RunSettings {
     pub interval: Duration,
     pub rpc_timeout: Duration,
     pub max_inflight: usize,
+    /// Where the controller keeps its own pins across restarts; `None` = in memory only.
+    pub state_dir: Option<PathBuf>,
     pub policy: PolicyConfig,
     pub dry_run: bool,
     pub http_listen: Option<SocketAddr>,
@@ -398,6 +413,7 @@ impl RunSettings {
                 .max_inflight
                 .or(file.max_inflight)
                 .unwrap_or(crate::controller::host::DEFAULT_MAX_INFLIGHT),
+            state_dir: flags.state_dir.clone().or_else(|| file.state_dir.clone()),
             policy: PolicyConfig {
                 kind,
                 threshold: flags

@@ -12,6 +12,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::client::AgentClient;
+use crate::controller::pins_file;
 use crate::controller::policy::{self, PolicyConfig, PolicyState};
 use crate::controller::report::{ActionReport, ActionType, RoundReport};
 use crate::controller::usage;
@@ -35,6 +36,8 @@ pub struct LoopConfig {
     /// Most RPCs in flight at once across all hosts: bounds the controller's sockets, memory and CPU bursts when
     /// a large fleet ticks together.
     pub max_inflight: usize,
+    /// Where each host's task keeps its memory of its own pins ([`pins_file`]); `None` keeps it in memory only.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// Default bound on concurrent RPCs across all hosts.
@@ -48,6 +51,7 @@ impl Default for LoopConfig {
             dry_run: false,
             rounds: None,
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            state_dir: None,
         }
     }
 }
@@ -73,6 +77,14 @@ struct HostState {
     failures: u32,
     next_attempt: Option<Instant>,
     was_down: bool,
+    /// This host's pins file, with `--state-dir`.
+    pins_path: Option<std::path::PathBuf>,
+    /// Pins read from it at start, applied to the first sample (which tells which of them still hold).
+    restored: Option<pins_file::PinsFile>,
+    /// The pins last written, to write again only when they change.
+    saved: Option<Arc<policy::VcpuMap<Arc<[crate::model::PcpuId]>>>>,
+    /// Whether the last write failed: only a change is logged at warn.
+    save_failing: bool,
 }
 
 impl HostState {
@@ -85,6 +97,53 @@ impl HostState {
             failures: 0,
             next_attempt: None,
             was_down: false,
+            pins_path: None,
+            restored: None,
+            saved: None,
+            save_failing: false,
+        }
+    }
+
+    /// A host's state with its pins file under `dir`, read now. A file that cannot be read is logged and left alone
+    /// (it is overwritten with the next pins): losing the controller's memory of its pins must not stop a host.
+    fn with_pins_file(dir: &std::path::Path, host: &str) -> Self {
+        let path = pins_file::path_for(dir, host);
+        let restored = match pins_file::load(&path, host) {
+            Ok(Some(f)) => {
+                tracing::info!(host = %host, path = %path.display(), domains = f.domains.len(), "read the controller's pins of this host");
+                Some(f)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(host = %host, error = %e, "cannot read this host's pins file; starting without it");
+                None
+            }
+        };
+        HostState { pins_path: Some(path), restored, ..HostState::new() }
+    }
+
+    /// Writes this host's pins if they changed since the last write. Called after a round, so the file never runs
+    /// ahead of what the agent confirmed.
+    async fn save_pins(&mut self, host: &str) {
+        let (Some(path), Some(sample)) = (self.pins_path.clone(), self.prev.as_ref()) else { return };
+        if self.saved.as_ref().is_some_and(|s| Arc::ptr_eq(s, &self.policy.last_pins)) {
+            return;
+        }
+        let file = pins_file::PinsFile::from_pins(host, &self.policy.last_pins, sample);
+        let written = tokio::task::spawn_blocking(move || pins_file::save(&path, &file)).await;
+        match written {
+            Ok(Ok(())) => {
+                self.saved = Some(Arc::clone(&self.policy.last_pins));
+                if std::mem::take(&mut self.save_failing) {
+                    tracing::info!(host = %host, "this host's pins file is written again");
+                }
+            }
+            Ok(Err(e)) if !self.save_failing => {
+                self.save_failing = true;
+                tracing::warn!(host = %host, error = %e, "cannot write this host's pins file; a restarted controller will not know its pins");
+            }
+            Ok(Err(e)) => tracing::debug!(host = %host, error = %e, "this host's pins file still cannot be written"),
+            Err(e) => tracing::warn!(host = %host, error = %e, "writing this host's pins file failed"),
         }
     }
 }
@@ -121,7 +180,10 @@ pub async fn run_host(
     let mut ticker = tokio::time::interval(cfg.interval);
     // A round that overruns its interval makes the loop skip the ticks it missed rather than fire them in a burst.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let mut st = HostState::new();
+    let mut st = match &cfg.state_dir {
+        Some(dir) => HostState::with_pins_file(dir, &host),
+        None => HostState::new(),
+    };
     let mut round: u64 = 0;
     let mut skipped: u64 = 0;
     loop {
@@ -161,6 +223,10 @@ pub async fn run_host(
             tracing::warn!(host = %host, round, skipped = overran, "round overran its interval; skipping ticks");
             skipped = overran;
         }
+        // A dry run changes nothing, on disk either.
+        if !cfg.dry_run {
+            st.save_pins(&host).await;
+        }
         report.log();
         if out.send(report).await.is_err() {
             break;
@@ -186,6 +252,12 @@ async fn one_round(
     };
     if std::mem::take(&mut st.was_down) {
         tracing::info!(host = %host, "host is back; taking a fresh baseline");
+    }
+    if let Some(file) = st.restored.take() {
+        // Before any decision: the first one must already know which affinities are the controller's.
+        let pins = file.restore(&cur);
+        tracing::info!(host = %host, vcpus = pins.len(), "the controller's pins before its restart still hold for these vCPUs");
+        st.policy.last_pins = Arc::new(pins);
     }
     st.failures = 0;
     st.next_attempt = None;

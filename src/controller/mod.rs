@@ -2,7 +2,8 @@
 //!
 //! - [`usage`] and [`policy`]: pure decision code (samples in, plan out).
 //! - [`client`]: the gRPC client with a deadline on every call.
-//! - [`host`]: one task per host, owning that host's previous sample.
+//! - [`host`]: one task per host, owning that host's previous sample; [`pins_file`]: its memory of its own pins on
+//!   disk, across restarts.
 //! - [`report`]: what a round produced, as a log line or JSON.
 //! - [`show`]: one-shot views for operators (`show`, `pin`).
 //! - [`supervisor`]: the set of host tasks, changed by reloads; [`state`]: the live state behind the status page;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod evaluate;
 pub mod host;
+pub mod pins_file;
 pub mod policy;
 pub mod report;
 pub mod show;

@@ -1,0 +1,235 @@
+//! The controller's memory of its own pins, kept on disk per host (`run --state-dir DIR`).
+//!
+//! Manual-pin detection compares a vCPU's affinity with the last pin the controller applied to it. That memory lives
+//! in the host's task; without a copy on disk, a restarted controller (an upgrade, a reboot of the management node)
+//! takes every affinity it finds for its own starting point and may move a vCPU an operator pinned by hand.
+//!
+//! Each host's pins go to one small JSON file, rewritten (to a temporary file, then renamed) only when they change.
+//! With each domain's pins the file keeps the domain's id and CPU time: a domain restarted while the controller was
+//! away gets its affinity from its configuration again, which is not an operator's pin, so its saved pins are
+//! dropped on load exactly as [`crate::controller::usage`] resets a restarted domain (a new id, or CPU time that
+//! went back).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::controller::policy::VcpuMap;
+use crate::model::{HostStats, PcpuId};
+
+/// Format version written in every file; a file of another version is ignored with a warning.
+pub const PINS_FILE_VERSION: u32 = 1;
+
+/// One host's pins as saved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinsFile {
+    pub version: u32,
+    /// The host as given to the controller: a file found under another host's name is not used.
+    pub host: String,
+    pub domains: Vec<DomainPins>,
+}
+
+/// One domain's pins, with what tells whether it restarted since.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainPins {
+    pub uuid: String,
+    pub id: u32,
+    pub cpu_time_ns: u64,
+    /// (vCPU, pCPUs), by vCPU.
+    pub vcpus: Vec<(u32, Vec<PcpuId>)>,
+}
+
+/// Why a pins file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum PinsFileError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: not a pins file: {source}")]
+    Parse { path: String, source: serde_json::Error },
+    #[error("{path}: version {found}, this controller reads version {PINS_FILE_VERSION}")]
+    Version { path: String, found: u32 },
+    #[error("{path}: holds the pins of host {found:?}, not of {expected:?}")]
+    OtherHost { path: String, found: String, expected: String },
+}
+
+/// The file of `host` in `dir`. Every byte outside `[A-Za-z0-9.-]` is written as `_xx` (hex), so two hosts never
+/// share a file (`hv1:50151` and `hv1_50151` differ) and no host name can reach outside `dir`.
+pub fn path_for(dir: &Path, host: &str) -> PathBuf {
+    let mut name = String::with_capacity(host.len() + 16);
+    for b in host.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'-' {
+            name.push(char::from(b));
+        } else {
+            let _ = write!(name, "_{b:02x}");
+        }
+    }
+    // A leading dot would hide the file and ".." would name the parent: "." never starts a name.
+    if name.starts_with('.') {
+        name.insert(0, '_');
+    }
+    name.push_str(".pins.json");
+    dir.join(name)
+}
+
+/// Reads `path`; `Ok(None)` when there is no such file yet.
+pub fn load(path: &Path, host: &str) -> Result<Option<PinsFile>, PinsFileError> {
+    let p = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(PinsFileError::Io { path: p, source }),
+    };
+    // The version first, so that a file of a later format says so instead of failing to parse.
+    let version = serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|source| PinsFileError::Parse { path: p.clone(), source })?
+        .get("version")
+        .and_then(serde_json::Value::as_u64);
+    if let Some(found) = version.filter(|&v| v != u64::from(PINS_FILE_VERSION)) {
+        return Err(PinsFileError::Version { path: p, found: u32::try_from(found).unwrap_or(u32::MAX) });
+    }
+    let file: PinsFile = serde_json::from_str(&text).map_err(|source| PinsFileError::Parse { path: p.clone(), source })?;
+    if file.host != host {
+        return Err(PinsFileError::OtherHost { path: p, found: file.host, expected: host.to_string() });
+    }
+    Ok(Some(file))
+}
+
+/// Writes `file` to `path` whole: to a temporary file beside it, then renamed over it, so that a crash leaves the old
+/// file or the new one, never half of one. Creates the directory if it is missing.
+pub fn save(path: &Path, file: &PinsFile) -> Result<(), PinsFileError> {
+    let io = |source| PinsFileError::Io { path: path.display().to_string(), source };
+    // The directory may have been removed under a running controller (or never made, by a library caller).
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec(file).expect("a pins file always serializes");
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+impl PinsFile {
+    /// The pins of `host`'s domains that `sample` shows running, with their ids and CPU times from it.
+    pub fn from_pins(host: &str, pins: &VcpuMap<Arc<[PcpuId]>>, sample: &HostStats) -> PinsFile {
+        let mut by_uuid: BTreeMap<&str, Vec<(u32, Vec<PcpuId>)>> = BTreeMap::new();
+        for ((uuid, vcpu), pcpus) in pins {
+            by_uuid.entry(&**uuid).or_default().push((*vcpu, pcpus.to_vec()));
+        }
+        let domains = by_uuid
+            .into_iter()
+            .filter_map(|(uuid, mut vcpus)| {
+                let d = sample.domains.iter().find(|d| d.uuid == uuid)?;
+                vcpus.sort_unstable();
+                Some(DomainPins { uuid: uuid.to_string(), id: d.id, cpu_time_ns: d.cpu_time_ns, vcpus })
+            })
+            .collect();
+        PinsFile { version: PINS_FILE_VERSION, host: host.to_string(), domains }
+    }
+
+    /// The saved pins still worth remembering given `sample`: those of domains that run with the same id and have
+    /// not gone back in CPU time (so they did not restart), and that still have that vCPU.
+    pub fn restore(&self, sample: &HostStats) -> VcpuMap<Arc<[PcpuId]>> {
+        let mut pins = VcpuMap::default();
+        for saved in &self.domains {
+            let Some(d) = sample.domains.iter().find(|d| d.uuid == saved.uuid) else { continue };
+            if d.id != saved.id || d.cpu_time_ns < saved.cpu_time_ns {
+                continue;
+            }
+            let uuid: Arc<str> = Arc::from(saved.uuid.as_str());
+            for (vcpu, pcpus) in &saved.vcpus {
+                if d.vcpus.iter().any(|v| v.index == *vcpu) {
+                    pins.insert((Arc::clone(&uuid), *vcpu), Arc::from(pcpus.as_slice()));
+                }
+            }
+        }
+        pins
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DomainStats, VcpuStats};
+
+    fn sample(domains: &[(&str, u32, u64, u32)]) -> HostStats {
+        HostStats {
+            sample_time_ns: 1,
+            npcpus: 4,
+            online_pcpus: vec![0, 1, 2, 3],
+            agent_instance: "a".into(),
+            domains: domains
+                .iter()
+                .map(|&(uuid, id, cpu_time_ns, nvcpus)| DomainStats {
+                    uuid: uuid.into(),
+                    name: format!("vm-{uuid}"),
+                    id,
+                    cpu_time_ns,
+                    vcpus: (0..nvcpus).map(|i| VcpuStats { index: i, time_ns: 0, pcpu: 0, affinity: vec![0] }).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn pins(entries: &[(&str, u32, &[PcpuId])]) -> VcpuMap<Arc<[PcpuId]>> {
+        entries.iter().map(|&(u, v, p)| ((Arc::from(u), v), Arc::from(p))).collect()
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vcpub-pins-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn saved_pins_come_back_for_domains_that_did_not_restart() {
+        let before = sample(&[("u1", 7, 1_000, 2), ("u2", 8, 5_000, 1), ("u3", 9, 9_000, 1)]);
+        let mine = pins(&[("u1", 0, &[1]), ("u1", 1, &[2]), ("u2", 0, &[3]), ("u3", 0, &[0]), ("gone", 0, &[1])]);
+        let file = PinsFile::from_pins("hv1:50151", &mine, &before);
+        assert_eq!(file.domains.len(), 3, "a domain not in the sample is not saved: {file:?}");
+
+        let dir = tmpdir("roundtrip");
+        let path = path_for(&dir, "hv1:50151");
+        save(&path, &file).unwrap();
+        let back = load(&path, "hv1:50151").unwrap().expect("saved");
+        assert_eq!(back, file);
+
+        // u1 ran on; u2 restarted (new id); u3 restarted and got the same id back (its CPU time went back).
+        let after = sample(&[("u1", 7, 2_000, 2), ("u2", 12, 6_000, 1), ("u3", 9, 10, 1)]);
+        assert_eq!(back.restore(&after), pins(&[("u1", 0, &[1]), ("u1", 1, &[2])]));
+        // A vCPU that is gone (unplugged) is not restored.
+        let fewer = sample(&[("u1", 7, 2_000, 1)]);
+        assert_eq!(back.restore(&fewer), pins(&[("u1", 0, &[1])]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_file_is_no_pins_and_a_bad_one_an_error() {
+        let dir = tmpdir("bad");
+        let path = path_for(&dir, "hv1");
+        assert!(load(&path, "hv1").unwrap().is_none());
+        std::fs::write(&path, "{ not json").unwrap();
+        assert!(matches!(load(&path, "hv1"), Err(PinsFileError::Parse { .. })));
+        std::fs::write(&path, r#"{"version": 2, "host": "hv1", "domains": [], "extra": 1}"#).unwrap();
+        let e = load(&path, "hv1").unwrap_err();
+        assert!(matches!(e, PinsFileError::Version { found: 2, .. }), "{e}");
+        save(&path, &PinsFile { version: PINS_FILE_VERSION, host: "hv2".into(), domains: vec![] }).unwrap();
+        let e = load(&path, "hv1").unwrap_err();
+        assert!(e.to_string().contains("\"hv2\""), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn file_names_are_one_per_host_and_stay_in_the_directory() {
+        let dir = Path::new("/state");
+        assert_eq!(path_for(dir, "hv1.example.org:50151"), Path::new("/state/hv1.example.org_3a50151.pins.json"));
+        assert_ne!(path_for(dir, "hv1:50151"), path_for(dir, "hv1_50151"));
+        assert_eq!(path_for(dir, "../etc/passwd"), Path::new("/state/_.._2fetc_2fpasswd.pins.json"));
+        assert_eq!(path_for(dir, "[::1]:50151").parent(), Some(dir));
+    }
+}
