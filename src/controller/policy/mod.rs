@@ -157,6 +157,11 @@ impl PolicyState {
         if !self.unconfirmed.is_empty() {
             self.unconfirmed.remove(&key);
         }
+        // The 10% rules re-pin every vCPU where it runs each round: a pin equal to the remembered one changes
+        // nothing, and leaving the map untouched keeps it shared (no copy, and no rewrite of the pins file).
+        if self.last_pins.get(&key).is_some_and(|p| **p == *pin.pcpus) {
+            return;
+        }
         std::sync::Arc::make_mut(&mut self.last_pins).insert(key, pin.pcpus.as_slice().into());
     }
 
@@ -776,6 +781,18 @@ pub(crate) mod tests {
             let (p2, _) = decide(&moved, &cfg(k), &next);
             assert_eq!(p2.newly_manual.len(), 1, "{k}: {p2:?}");
         }
+    }
+
+    #[test]
+    fn re_recording_the_same_pin_leaves_the_memory_shared() {
+        let mut state = PolicyState::default();
+        state.record_applied(&pin_a(1));
+        let kept = std::sync::Arc::clone(&state.last_pins);
+        state.record_applied(&pin_a(1));
+        assert!(std::sync::Arc::ptr_eq(&kept, &state.last_pins), "the same pin again copies nothing");
+        state.record_applied(&pin_a(0));
+        assert!(!std::sync::Arc::ptr_eq(&kept, &state.last_pins), "a new pin is a change");
+        assert_eq!(state.last_pins.get(&("uuid-a".into(), 0)), Some(&[0].into()));
     }
 
     #[test]
