@@ -36,9 +36,14 @@ fn cfg(rounds: u64) -> LoopConfig {
 
 /// Starts the controller on `hosts`; the caller drains the reports and reacts to them.
 fn start(hosts: Vec<String>, rounds: u64) -> (mpsc::Receiver<RoundReport>, tokio::task::JoinHandle<()>) {
+    start_with(hosts, cfg(rounds))
+}
+
+/// [`start`] with a loop configuration of the caller's.
+fn start_with(hosts: Vec<String>, cfg: LoopConfig) -> (mpsc::Receiver<RoundReport>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = controller::report_channel(hosts.len());
     let h = tokio::spawn(async move {
-        controller::run(hosts, RPC_TIMEOUT, cfg(rounds), tx, CancellationToken::new()).await.unwrap();
+        controller::run(hosts, RPC_TIMEOUT, cfg, tx, CancellationToken::new()).await.unwrap();
     });
     (rx, h)
 }
@@ -406,9 +411,7 @@ async fn run_rounds(host: &str, rounds: u64, state_dir: Option<&std::path::Path>
 }
 
 async fn run_rounds_with(host: &str, cfg: LoopConfig) -> Vec<RoundReport> {
-    let (tx, mut rx) = controller::report_channel(1);
-    let hosts = vec![host.to_string()];
-    let ctl = tokio::spawn(async move { controller::run(hosts, RPC_TIMEOUT, cfg, tx, CancellationToken::new()).await.unwrap() });
+    let (mut rx, ctl) = start_with(vec![host.to_string()], cfg);
     let mut rs = Vec::new();
     while let Some(r) = rx.recv().await {
         rs.push(r);

@@ -26,6 +26,8 @@ const DAEMON_GID: u32 = 65534;
 /// Attempts (each one short RPC or socket check, then this pause) before a daemon or agent counts as not coming up.
 const ATTEMPTS: u32 = 150;
 const PAUSE: Duration = Duration::from_millis(200);
+/// The client's own bound on one call, far above any agent deadline: a regression fails instead of hanging the test.
+const CLIENT_WAIT: Duration = Duration::from_secs(30);
 
 fn libvirtd() -> PathBuf {
     for p in ["/usr/sbin/libvirtd", "/usr/local/sbin/libvirtd"] {
@@ -157,6 +159,28 @@ fn pin(domain: &str, vcpu: u32, pcpus: &[u32]) -> pb::PinVcpuRequest {
     pb::PinVcpuRequest { domain: domain.into(), vcpu, pcpus: pcpus.to_vec(), persist: false }
 }
 
+/// Retries `GetStats` until the agent that answered `before` samples its daemon again: only UNAVAILABLE meanwhile,
+/// then the same agent process (same instance id) serving the test driver's domain, without being restarted.
+async fn serves_again(
+    c: &mut pb::agent_client::AgentClient<tonic::transport::Channel>,
+    before: &pb::GetStatsResponse,
+) {
+    let mut back = None;
+    for _ in 0..ATTEMPTS {
+        match tokio::time::timeout(CLIENT_WAIT, c.get_stats(pb::GetStatsRequest {})).await.expect("the agent answers") {
+            Ok(r) => {
+                back = Some(r.into_inner());
+                break;
+            }
+            Err(s) => assert_eq!(s.code(), Code::Unavailable, "only UNAVAILABLE until libvirtd answers again: {s}"),
+        }
+        tokio::time::sleep(PAUSE).await;
+    }
+    let back = back.expect("the agent serves again once libvirtd answers");
+    assert_eq!(back.agent_instance, before.agent_instance, "same agent process");
+    assert!(back.domains.iter().any(|d| d.name == "test"), "the daemon's test driver is served");
+}
+
 /// (a) A domain destroyed between `GetStats` and `ApplyPins`: its pin fails alone with NOT_FOUND, the other pin of
 /// the batch is applied, and the agent goes on (the next `GetStats` no longer lists it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,20 +227,7 @@ async fn the_agent_survives_a_daemon_restart() {
     assert_eq!(pin_down.code(), Code::Unavailable, "{pin_down}");
 
     daemon.restart();
-    let mut back = None;
-    for _ in 0..ATTEMPTS {
-        match c.get_stats(pb::GetStatsRequest {}).await {
-            Ok(r) => {
-                back = Some(r.into_inner());
-                break;
-            }
-            Err(s) => assert_eq!(s.code(), Code::Unavailable, "only UNAVAILABLE while reconnecting: {s}"),
-        }
-        tokio::time::sleep(PAUSE).await;
-    }
-    let back = back.expect("the agent reconnected to the restarted daemon");
-    assert_eq!(back.agent_instance, before.agent_instance, "same agent process");
-    assert!(back.domains.iter().any(|d| d.name == "test"), "the restarted daemon's test driver is served");
+    serves_again(&mut c, &before).await;
 }
 
 /// (c) libvirtd hangs without dying under a running agent (SIGSTOP: it still holds its socket, it just never answers):
@@ -224,8 +235,6 @@ async fn the_agent_survives_a_daemon_restart() {
 /// agent serves again by itself once it does (SIGCONT).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_daemon_costs_a_deadline_not_a_hung_agent() {
-    // The client's own bound, far above the agent's deadline: a regression fails here instead of hanging the test.
-    const CLIENT_WAIT: Duration = Duration::from_secs(30);
     let daemon = PrivateDaemon::start("hung");
     let agent = common::AgentProcess::start(&["--backend", "libvirt", "--uri", &daemon.uri(), "--libvirt-timeout", "1s"]);
     let mut c = agent.client().await;
@@ -246,18 +255,5 @@ async fn a_hung_daemon_costs_a_deadline_not_a_hung_agent() {
     assert!(pin_hung.message().contains("did not answer"), "{pin_hung}");
 
     daemon.signal("CONT");
-    let mut back = None;
-    for _ in 0..ATTEMPTS {
-        match tokio::time::timeout(CLIENT_WAIT, c.get_stats(pb::GetStatsRequest {})).await.expect("answered") {
-            Ok(r) => {
-                back = Some(r.into_inner());
-                break;
-            }
-            Err(s) => assert_eq!(s.code(), Code::Unavailable, "only UNAVAILABLE while libvirtd catches up: {s}"),
-        }
-        tokio::time::sleep(PAUSE).await;
-    }
-    let back = back.expect("the agent serves again once libvirtd answers");
-    assert_eq!(back.agent_instance, before.agent_instance, "same agent process");
-    assert!(back.domains.iter().any(|d| d.name == "test"), "the test driver's domain is served");
+    serves_again(&mut c, &before).await;
 }

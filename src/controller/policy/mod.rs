@@ -762,14 +762,20 @@ pub(crate) mod tests {
         PinRequest { domain: "uuid-a".into(), vcpu: 0, pcpus: vec![pcpu], persist: false }
     }
 
+    /// The controller pinned "a" to pCPU 1, then sent a batch moving it to pCPU 0 that got no answer.
+    fn lost_pin_to_0() -> PolicyState {
+        let mut state = PolicyState::default();
+        state.record_applied(&pin_a(1));
+        state.record_unconfirmed(&pin_a(0));
+        state
+    }
+
     #[test]
     fn a_pin_applied_after_its_answer_was_lost_is_the_controllers_own() {
         // The controller pinned "a" to pCPU 1, then sent a batch moving it to pCPU 0 that got no answer; the host
         // now shows it on 0.
         let h = host(2, &[("a", 0, 40.0, true), ("b", 1, 40.0, true)]);
-        let mut state = PolicyState::default();
-        state.record_applied(&pin_a(1));
-        state.record_unconfirmed(&pin_a(0));
+        let state = lost_pin_to_0();
         let key: VcpuKey = ("uuid-a".into(), 0);
         for k in PolicyKind::ALL {
             let (p, next) = decide(&h, &cfg(k), &state);
@@ -799,9 +805,7 @@ pub(crate) mod tests {
     fn a_lost_pin_that_did_not_land_changes_nothing() {
         // "a" still shows the last pin the controller knows applied: not manual, and the lost pin is still awaited.
         let h = host(2, &[("a", 1, 40.0, true), ("b", 0, 40.0, true)]);
-        let mut state = PolicyState::default();
-        state.record_applied(&pin_a(1));
-        state.record_unconfirmed(&pin_a(0));
+        let mut state = lost_pin_to_0();
         for k in PolicyKind::ALL {
             let (p, next) = decide(&h, &cfg(k), &state);
             assert!(p.held.is_empty(), "{k}: {p:?}");
@@ -819,25 +823,13 @@ pub(crate) mod tests {
         let stays = host(2, &[("a", 1, 40.0, true), ("b", 0, 40.0, true)]);
         let operator = host(2, &[("a", 0, 40.0, true), ("b", 0, 40.0, true)]);
         for k in PolicyKind::ALL {
-            let mut state = PolicyState::default();
-            state.record_applied(&pin_a(1));
-            state.record_unconfirmed(&pin_a(0));
-            for _ in 0..UNCONFIRMED_ROUNDS {
-                let (_, next) = decide(&stays, &cfg(k), &state);
-                state = next;
-            }
-            let (p, next) = decide(&operator, &cfg(k), &state);
+            // The state after `rounds` rounds in which "a" stayed on pCPU 1.
+            let after = |rounds: u64| (0..rounds).fold(lost_pin_to_0(), |state, _| decide(&stays, &cfg(k), &state).1);
+            let (p, next) = decide(&operator, &cfg(k), &after(UNCONFIRMED_ROUNDS));
             assert_eq!(p.newly_manual.len(), 1, "{k}: {p:?}");
             assert!(next.unconfirmed.is_empty(), "{k}: given up after {UNCONFIRMED_ROUNDS} rounds");
             // One round earlier it would still have been taken for the lost pin.
-            let mut state = PolicyState::default();
-            state.record_applied(&pin_a(1));
-            state.record_unconfirmed(&pin_a(0));
-            for _ in 0..UNCONFIRMED_ROUNDS - 1 {
-                let (_, next) = decide(&stays, &cfg(k), &state);
-                state = next;
-            }
-            let (p, _) = decide(&operator, &cfg(k), &state);
+            let (p, _) = decide(&operator, &cfg(k), &after(UNCONFIRMED_ROUNDS - 1));
             assert!(p.newly_manual.is_empty(), "{k}: {p:?}");
         }
     }
@@ -845,9 +837,7 @@ pub(crate) mod tests {
     #[test]
     fn an_operators_pin_is_manual_even_with_a_lost_pin_pending() {
         let h = host(3, &[("a", 2, 40.0, true), ("b", 0, 40.0, true)]);
-        let mut state = PolicyState::default();
-        state.record_applied(&pin_a(1));
-        state.record_unconfirmed(&pin_a(0));
+        let state = lost_pin_to_0();
         for k in PolicyKind::ALL {
             let (p, _) = decide(&h, &cfg(k), &state);
             assert_eq!(p.newly_manual.len(), 1, "{k}: {p:?}");
