@@ -125,10 +125,12 @@ impl HostState {
     /// Writes this host's pins if they changed since the last write. Called after a round, so the file never runs
     /// ahead of what the agent confirmed.
     async fn save_pins(&mut self, host: &str) {
-        let (Some(path), Some(sample)) = (self.pins_path.clone(), self.prev.as_ref()) else { return };
+        // Every round of every host comes here, and most change no pin: that check comes first and costs a pointer
+        // comparison.
         if self.saved.as_ref().is_some_and(|s| Arc::ptr_eq(s, &self.policy.last_pins)) {
             return;
         }
+        let (Some(path), Some(sample)) = (self.pins_path.clone(), self.prev.as_ref()) else { return };
         let file = pins_file::PinsFile::from_pins(host, &self.policy.last_pins, sample);
         let written = tokio::task::spawn_blocking(move || pins_file::save(&path, &file)).await;
         match written {

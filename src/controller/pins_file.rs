@@ -84,15 +84,15 @@ pub fn load(path: &Path, host: &str) -> Result<Option<PinsFile>, PinsFileError> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(PinsFileError::Io { path: p, source }),
     };
-    // The version first, so that a file of a later format says so instead of failing to parse.
-    let version = serde_json::from_str::<serde_json::Value>(&text)
-        .map_err(|source| PinsFileError::Parse { path: p.clone(), source })?
-        .get("version")
-        .and_then(serde_json::Value::as_u64);
+    // Parsed once as JSON, and the version read first, so that a file of a later format says so instead of failing
+    // to parse as this one.
+    let parse = |source| PinsFileError::Parse { path: p.clone(), source };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(parse)?;
+    let version = value.get("version").and_then(serde_json::Value::as_u64);
     if let Some(found) = version.filter(|&v| v != u64::from(PINS_FILE_VERSION)) {
         return Err(PinsFileError::Version { path: p, found: u32::try_from(found).unwrap_or(u32::MAX) });
     }
-    let file: PinsFile = serde_json::from_str(&text).map_err(|source| PinsFileError::Parse { path: p.clone(), source })?;
+    let file: PinsFile = serde_json::from_value(value).map_err(parse)?;
     if file.host != host {
         return Err(PinsFileError::OtherHost { path: p, found: file.host, expected: host.to_string() });
     }
