@@ -180,39 +180,64 @@ fn usage_of(r: &RoundReport, dom: &str) -> Option<f64> {
     r.vcpus.iter().find(|v| &*v.domain == dom).and_then(|v| v.usage)
 }
 
-/// 1. The agent reports what libvirt reports: vCPU times (within 2 %), current pCPU and affinity; and the usage it
-///    lets the controller measure matches what the guests run.
+/// 1. The agent reports what libvirt reports: vCPU times (within 2 %), current pCPU and affinity; the usage it lets
+///    the controller measure matches the usage virsh's own times give over the same window; and that usage follows
+///    what the guests run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_reports_what_libvirt_reports() {
+    // Usage from the agent's two samples against usage from virsh's readings just before and just after them: the
+    // virsh window is longer by the few hundred ms its calls take, so a load that changes at the window's edges
+    // moves the two by at most about that share (5 %) of a 100 % guest.
+    const SAME_WINDOW_POINTS: f64 = 8.0;
     let _s = SERIAL.lock().await;
     let tb = Testbed::up("vcbe2e1", &["full:100:0", "half:50:1", "idle:0:1"]);
+    let names = ["full", "half", "idle"];
     let agent = Agent::start();
     let mut c = agent.client().await;
+    let virsh_times =
+        || -> BTreeMap<String, Vec<u64>> { names.iter().map(|n| (tb.dom(n), virsh_vcpu_times(&tb.dom(n)))).collect() };
+    let t0 = std::time::Instant::now();
+    let before = virsh_times();
     let a = c.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let before: BTreeMap<String, Vec<u64>> = ["full", "half", "idle"].iter().map(|n| (tb.dom(n), virsh_vcpu_times(&tb.dom(n)))).collect();
     let b = c.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
-    let after: BTreeMap<String, Vec<u64>> = ["full", "half", "idle"].iter().map(|n| (tb.dom(n), virsh_vcpu_times(&tb.dom(n)))).collect();
+    let after = virsh_times();
+    let virsh_elapsed = t0.elapsed().as_nanos() as f64;
     let elapsed = (b.sample_time_ns - a.sample_time_ns) as f64;
-    for (name, want) in [("full", 100.0), ("half", 50.0), ("idle", 0.0)] {
+    let mut measured = BTreeMap::new();
+    for name in names {
         let dom = tb.dom(name);
         let (da, db) = (
             a.domains.iter().find(|d| d.name == dom).unwrap_or_else(|| panic!("{dom} missing from GetStats")),
             b.domains.iter().find(|d| d.name == dom).unwrap(),
         );
-        // Times: the agent's value lies between virsh's before and after, within 2 %.
-        let t = db.vcpus[0].time_ns as f64;
+        // Times: both of the agent's values lie between virsh's before and after, within 2 %.
         let (lo, hi) = (before[&dom][0] as f64, after[&dom][0] as f64);
-        assert!(t >= lo * 0.98 && t <= hi * 1.02, "{dom}: agent {t} vs virsh {lo}..{hi}");
+        for t in [da.vcpus[0].time_ns as f64, db.vcpus[0].time_ns as f64] {
+            assert!(t >= lo * 0.98 && t <= hi * 1.02, "{dom}: agent {t} vs virsh {lo}..{hi}");
+        }
         assert_eq!(db.vcpus.len(), virsh_vcpu_times(&dom).len());
         // Placement and affinity as virsh sees them.
         assert_eq!(db.vcpus[0].pcpu, virsh_vcpu_cpu(&dom)[0], "{dom} current pCPU");
         assert_eq!(db.vcpus[0].affinity, virsh_vcpupin(&dom)[0], "{dom} affinity");
-        // Usage over the window.
+        // Usage over the window, against virsh's over the enclosing one.
         let u = (db.vcpus[0].time_ns - da.vcpus[0].time_ns) as f64 / elapsed * 100.0;
-        assert!((u - want).abs() <= 10.0, "{dom}: measured {u:.1}%, runs {want}%");
+        let v = (hi - lo) / virsh_elapsed * 100.0;
+        assert!(
+            (u - v).abs() <= SAME_WINDOW_POINTS,
+            "{dom}: agent measured {u:.1}%, virsh {v:.1}% over the same window"
+        );
         assert!(db.cpu_time_ns >= db.vcpus[0].time_ns, "{dom}: domain time includes its vCPU time");
+        measured.insert(name, u);
     }
+    // The load follows what the guests run. Loosely: a guest's pCPU can be taken for a moment by other threads
+    // (its own QEMU's unpinned ones just after boot, or steal time from the outer host on a nested VM); a 100 % guest
+    // once read 69 % over this window. The tight check above is against virsh, not against the target.
+    let (full, half, idle) = (measured["full"], measured["half"], measured["idle"]);
+    assert!(full >= 60.0 && full <= 110.0, "full guest runs 100%: measured {full:.1}%");
+    assert!((25.0..=75.0).contains(&half), "half guest runs 50%: measured {half:.1}%");
+    assert!(idle <= 10.0, "idle guest: measured {idle:.1}%");
+    assert!(full > half + 15.0 && half > idle + 15.0, "loads in order: {measured:?}");
     let info = c.get_host_info(pb::GetHostInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.backend, "libvirt");
     assert!(info.npcpus >= 1 && !info.online_pcpus.is_empty());
