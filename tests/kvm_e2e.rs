@@ -142,8 +142,13 @@ async fn balance(addr: &str, rounds: u64, at_round: impl FnMut(u64)) -> Vec<Roun
 }
 
 /// [`balance`] with a given policy and constraints.
-async fn balance_with(addr: &str, policy: PolicyConfig, rounds: u64, mut at_round: impl FnMut(u64)) -> Vec<RoundReport> {
+async fn balance_with(addr: &str, policy: PolicyConfig, rounds: u64, at_round: impl FnMut(u64)) -> Vec<RoundReport> {
     let cfg = LoopConfig { interval: INTERVAL, policy, dry_run: false, rounds: Some(rounds), ..Default::default() };
+    balance_cfg(addr, cfg, at_round).await
+}
+
+/// [`balance`] with a whole loop configuration.
+async fn balance_cfg(addr: &str, cfg: LoopConfig, mut at_round: impl FnMut(u64)) -> Vec<RoundReport> {
     let (tx, mut rx) = controller::report_channel(1);
     let ctl = tokio::spawn(controller::run(vec![addr.to_string()], RPC_TIMEOUT, cfg, tx, CancellationToken::new()));
     let mut out = Vec::new();
@@ -417,4 +422,47 @@ async fn manual_pins_on_real_guests_are_left_alone() {
         drop(agent);
         drop(tb);
     }
+}
+
+/// 9. With `--state-dir`, a controller restarted against real guests still knows which pins were its own: a vCPU
+///    that an operator pinned by hand (virsh) while the controller was stopped is held as a manual pin and stays
+///    where it was put. Without the directory the restarted controller takes that pin for its starting point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_knows_its_pins_on_real_guests() {
+    use vcpu_balancer::controller::policy::HeldWhy;
+    let _s = SERIAL.lock().await;
+    // 80 | 0: the controller moves one of the two to pCPU 1 and remembers that pin.
+    let tb = Testbed::up("vcbe2e9", &["a:40:0", "b:40:0"]);
+    let agent = Agent::start();
+    let dir = std::env::temp_dir().join(format!("vcpub-e2e-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = |rounds, state_dir: Option<&std::path::Path>| LoopConfig {
+        interval: INTERVAL,
+        rounds: Some(rounds),
+        state_dir: state_dir.map(|d| d.to_path_buf()),
+        ..Default::default()
+    };
+    let first = balance_cfg(&agent.addr, cfg(6, Some(&dir)), |_| {}).await;
+    assert!(first.iter().any(|r| r.action.kind == ActionType::Move), "the first run moved a guest: {first:#?}");
+    let moved = ["a", "b"]
+        .into_iter()
+        .map(|g| tb.dom(g))
+        .find(|d| virsh_vcpupin(d) == vec![vec![1]])
+        .unwrap_or_else(|| panic!("no guest on pCPU 1 after the first run: {first:#?}"));
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "one pins file for the one host");
+
+    // The controller is stopped; the operator puts the moved guest back on pCPU 0 (80 | 0 again).
+    virsh(&["vcpupin", &moved, "0", "0"]);
+    let held = |rs: &[RoundReport]| {
+        rs.iter().any(|r| r.held.iter().any(|h| h.domain == moved && h.vcpu == 0 && h.why == HeldWhy::Manual))
+    };
+    let second = balance_cfg(&agent.addr, cfg(5, Some(&dir)), |_| {}).await;
+    assert!(second.iter().all(|r| r.action.kind != ActionType::Error), "{second:#?}");
+    assert!(held(&second), "the restarted controller held the operator's pin: {second:#?}");
+    assert_eq!(virsh_vcpupin(&moved), vec![vec![0]], "the hand-pinned guest was moved: {second:#?}");
+
+    // The same restart without the directory: nothing marks the pin as the operator's.
+    let without = balance_cfg(&agent.addr, cfg(3, None), |_| {}).await;
+    assert!(!held(&without), "without the directory the pin is not known as manual: {without:#?}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
