@@ -28,6 +28,12 @@
 //! 7. Hysteresis: once the host has been seen balanced and nothing has moved since, the trigger is
 //!    [`SETTLED_FACTOR`] × threshold instead of the threshold. Noise on a host balanced near the threshold moves
 //!    nothing; an imbalance that grows past the band is acted on (and balanced back to the threshold).
+//!
+//!    A host that cannot be balanced gets the same band above its best: once a round over the threshold finds
+//!    nothing worth a pin with no vCPU cooling down, at a spread `s` ([`PolicyState::stalled`]), a spread up to `s`
+//!    plus the band's width is acted on only by a plan that balances the host. Otherwise noise around `s` keeps
+//!    showing steps that narrow one pair on the readings and not on the demand, and pins go back and forth for
+//!    as long as the controller runs.
 //! 8. Saturation: on a pCPU at [`SATURATED`] % shared by several vCPUs, the vCPUs that read the top share were cut
 //!    to a fair share, and their demand is unknown (at least the reading). A plan built on those readings places
 //!    them wrongly, and fixing it later costs extra pins. So in a round where pCPUs have just become saturated, the
@@ -77,8 +83,18 @@ pub const SMOOTHING: f64 = 0.3;
 pub const SMOOTHING_RESET: f64 = 15.0;
 
 /// The spread above which `converge` acts: the threshold, or [`SETTLED_FACTOR`] times it once the host has been
-/// seen balanced and nothing has moved since.
+/// seen balanced and nothing has moved since; on a host where it found nothing worth a pin at a spread `s` over the
+/// threshold ([`PolicyState::stalled`]), the same band above `s`.
 pub fn trigger(threshold: f64, state: &PolicyState) -> f64 {
+    let band = settled_band(threshold, state);
+    match state.stalled {
+        Some(s) => band.max(s + (SETTLED_FACTOR - 1.0) * threshold),
+        None => band,
+    }
+}
+
+/// [`trigger`] without the band kept above a stall.
+fn settled_band(threshold: f64, state: &PolicyState) -> f64 {
     if state.settled {
         SETTLED_FACTOR * threshold
     } else {
@@ -189,7 +205,11 @@ fn balanced(v: &View<'_>, threshold: f64) -> Option<Decision> {
     let ((_, hi), (_, lo)) = v.extremes()?;
     let before = hi - lo;
     (before <= threshold && !v.any_stranded())
-        .then(|| Decision { moves: Vec::new(), reason: format!("balanced: spread {before:.1} <= threshold {threshold:.1}") })
+        .then(|| Decision {
+            moves: Vec::new(),
+            reason: format!("balanced: spread {before:.1} <= threshold {threshold:.1}"),
+            stalled: None,
+        })
 }
 
 /// [`decide`] for a host that is not [`balanced`].
@@ -212,6 +232,7 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
     let mut load: BTreeMap<PcpuId, f64> =
         v.load.iter().filter(|(id, _)| v.allowed.contains(id)).copied().collect();
     let stranded = v.stranded();
+    let any_cooling = v.movable.iter().any(|&i| !stranded.contains(&i) && cooling(i));
     let mut slots: Vec<Slot> = v
         .movable
         .iter()
@@ -260,7 +281,11 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
     let mut stuck = None;
     let before = spread_of(&load);
     let trigger = trigger(threshold, state);
-    let quiet = off.is_empty() && before > threshold && before <= trigger;
+    let quiet = off.is_empty() && before > threshold && before <= settled_band(threshold, state);
+    // Within the band kept above a stall: a plan is made, and kept only if it balances the host. Noise on a host
+    // that cannot be balanced then moves nothing, while a way to balance that a later reading shows is still taken.
+    // A pCPU newly saturated is a change, not noise: that round acts (and probes) as usual.
+    let at_best = off.is_empty() && !quiet && newly.is_empty() && state.stalled.is_some() && before <= trigger;
     let hold = off.is_empty()
         && before > trigger
         && before <= HOLD_FACTOR * threshold
@@ -328,9 +353,17 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
         }
     }
     let after = spread_of(&load);
-    let planned: Vec<(usize, PcpuId)> =
+    let mut planned: Vec<(usize, PcpuId)> =
         slots.iter().zip(&start).filter(|(s, from)| s.pcpu != **from).map(|(s, _)| (s.idx, s.pcpu)).collect();
-    let mut reason = if quiet {
+    let kept_at_best = at_best && after > threshold + EPS;
+    if kept_at_best {
+        planned.clear();
+    }
+    let mut reason = if kept_at_best {
+        format!(
+            "at its best: spread {before:.1} is within {trigger:.1}, the band kept since nothing narrowed it by {MIN_STEP_GAIN:.0} point(s) or more, and no plan balances it"
+        )
+    } else if quiet {
         format!("settled: spread {before:.1} is within {trigger:.1}, the band kept once balanced")
     } else if hold {
         format!("hold: spread {before:.1} > {trigger:.1} for the first round; acting if it persists")
@@ -346,14 +379,14 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
             planned.len()
         )
     };
-    if fewest {
+    if fewest && !kept_at_best {
         reason = format!(
             "spread {before:.1} > {threshold:.1}: {} pin change(s) for the whole host at once, each vCPU moved at most once, expected spread {after:.1}",
             planned.len()
         );
         stuck = None;
     }
-    if let Some(s) = stuck.filter(|_| moves + swaps > 0) {
+    if let Some(s) = stuck.filter(|_| moves + swaps > 0 && !kept_at_best) {
         reason.push_str(&format!(" (best reachable this round: {s:.1})"));
     }
     if probed > 0 {
@@ -366,7 +399,10 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
         reason.push_str("; ");
         reason.push_str(&n);
     }
-    Decision { moves: planned, reason }
+    // Nothing worth a pin, with every vCPU free to move and nothing being probed: the best this host reaches.
+    let acted_on = !hold && !quiet && !kept_at_best && off.is_empty() && probed == 0;
+    let stalled = (acted_on && planned.is_empty() && !any_cooling && before > threshold).then_some(before);
+    Decision { moves: planned, reason, stalled }
 }
 
 fn spread_of(load: &BTreeMap<PcpuId, f64>) -> f64 {
@@ -748,6 +784,42 @@ mod tests {
         // Still saturated in the next round: no more probing, the plan is made on the readings.
         let (p, _) = decide(&h, &converge(), &PolicyState { round: 5, ..state });
         assert!(!p.reason.contains("newly saturated"), "{}", p.reason);
+    }
+
+    #[test]
+    fn a_host_it_cannot_improve_is_left_at_its_best_until_the_spread_grows() {
+        // 60 | 30 + 8: no move or swap narrows the gap of 22, so that is the best it reaches, with every vCPU free.
+        let stuck = host(2, &[("a", 0, 60.0, true), ("b", 1, 30.0, true), ("c", 1, 8.0, true)]);
+        let over = PolicyState { was_over: true, ..Default::default() };
+        let (p, next) = decide(&stuck, &converge(), &over);
+        assert!(p.moves.is_empty(), "{p:?}");
+        assert_eq!(next.stalled, Some(22.0));
+        // A vCPU cooling down might have been the way out: no stall is recorded then.
+        let last_moved = [(("uuid-c".into(), 0), (7, 0))].into_iter().collect();
+        let cooling = PolicyState { round: 7, last_moved, ..over.clone() };
+        let (p, next) = decide(&stuck, &converge(), &cooling);
+        assert!(p.moves.is_empty() && next.stalled.is_none(), "{p:?} {:?}", next.stalled);
+
+        // Stalled at 20: a later reading of 23 (within 20 + 5) has a step that narrows the gap (45 + 18 | 40: move
+        // the 18 for 45 | 58), but no plan that balances. That is noise around the best, and nothing moves.
+        let stalled = PolicyState { stalled: Some(20.0), ..over.clone() };
+        let noisy = host(2, &[("a", 0, 45.0, true), ("b", 0, 18.0, true), ("c", 1, 40.0, true)]);
+        let (p, next) = decide(&noisy, &converge(), &stalled);
+        assert!(p.moves.is_empty() && p.reason.starts_with("at its best"), "{p:?}");
+        assert_eq!(next.stalled, Some(20.0));
+        // Without the stall the same reading is acted on: the hold above is what keeps it.
+        assert_eq!(decide(&noisy, &converge(), &over).0.moves.len(), 1);
+        // Within the band, a plan that balances is still taken (30 + 12 + 10 | 30: move the 12 for 40 | 42).
+        let way_out =
+            host(2, &[("a", 0, 30.0, true), ("b", 0, 12.0, true), ("d", 0, 10.0, true), ("c", 1, 30.0, true)]);
+        let (p, next) = decide(&way_out, &converge(), &stalled);
+        assert_eq!(p.moves.len(), 1, "{p:?}");
+        assert!(spread(&apply(&way_out, &p)) <= 10.0 && next.stalled.is_none(), "{p:?}");
+        // Past the band (26 > 20 + 5) it acts again, balancing or not.
+        let grown = host(2, &[("a", 0, 45.0, true), ("b", 0, 20.0, true), ("c", 1, 39.0, true)]);
+        let (p, next) = decide(&grown, &converge(), &stalled);
+        assert_eq!(p.moves.len(), 1, "{p:?}");
+        assert!(next.stalled.is_none());
     }
 
     #[test]

@@ -145,6 +145,11 @@ pub struct PolicyState {
     pub saturated: BTreeSet<PcpuId>,
     /// Whether the host has been seen balanced since [`converge`] last moved anything (its hysteresis).
     pub settled: bool,
+    /// The spread over the threshold at which [`converge`] last found no step worth a pin, with no vCPU cooling
+    /// down, if nothing has moved and the host has not been balanced since: the best it reaches on this host. Its
+    /// hysteresis then holds from that level, so that noise on a host that cannot be balanced does not move pins
+    /// back and forth for ever.
+    pub stalled: Option<f64>,
     /// The vCPUs of the last round, in its order: when this round has the same ones and no fresh domain, nothing
     /// in the maps above can be stale, and pruning them is skipped.
     pub seen: Vec<VcpuKey>,
@@ -315,6 +320,9 @@ pub struct Decision {
     /// (index into `u.vcpus`, target pCPU), at most one per vCPU.
     pub moves: Vec<(usize, PcpuId)>,
     pub reason: String,
+    /// The spread at which [`converge`] found nothing worth a pin with every vCPU free to move: the best it can
+    /// reach on this host as it is (see [`PolicyState::stalled`]).
+    pub stalled: Option<f64>,
 }
 
 /// Decides one round for one host. `state` is the policy's memory of earlier rounds on this host; the returned
@@ -454,11 +462,13 @@ fn decide_into(
         PolicyKind::Converge => converge::decide(&view, cfg.threshold, state, &saturated),
     };
     let settled = if !d.moves.is_empty() { false } else { state.settled || spread <= cfg.threshold };
+    let stalled = if !d.moves.is_empty() || spread <= cfg.threshold { None } else { d.stalled.or(state.stalled) };
     let round = state.round + 1;
     next.round = round;
     next.was_over = was_over;
     next.saturated = saturated;
     next.settled = settled;
+    next.stalled = stalled;
     let mut target: Vec<Option<PcpuId>> = vec![None; u.vcpus.len()];
     let mut moves = Vec::new();
     for &(i, to) in &d.moves {
@@ -580,6 +590,7 @@ fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
         was_over: state.was_over,
         saturated: state.saturated.clone(),
         settled: state.settled && !churn,
+        stalled: state.stalled.filter(|_| !churn),
         seen,
     }
 }

@@ -19,7 +19,7 @@ use crate::model::PcpuId;
 /// One round of the 10 % rule; `guard` selects `guarded` over `seed`.
 pub fn decide(v: &View<'_>, threshold: f64, guard: bool) -> Decision {
     let Some(((busiest, hi), (freest, lo))) = v.extremes() else {
-        return Decision { moves: vec![], reason: "no allowed pCPU".into() };
+        return Decision { moves: vec![], reason: "no allowed pCPU".into(), stalled: None };
     };
     let spread = hi - lo;
     if let Some(&i) = busiest_of(v, &v.stranded()).first() {
@@ -33,10 +33,15 @@ pub fn decide(v: &View<'_>, threshold: f64, guard: bool) -> Decision {
                 x.vcpu,
                 x.usage.unwrap_or(0.0)
             ),
+            stalled: None,
         };
     }
     if spread <= threshold {
-        return Decision { moves: vec![], reason: format!("balanced: spread {spread:.1} <= threshold {threshold:.1}") };
+        return Decision {
+            moves: vec![],
+            reason: format!("balanced: spread {spread:.1} <= threshold {threshold:.1}"),
+            stalled: None,
+        };
     }
     let on_busiest: Vec<usize> = v.movable.iter().copied().filter(|&i| v.vcpu(i).pcpu == busiest).collect();
     let cands = busiest_of(v, &on_busiest);
@@ -55,9 +60,10 @@ pub fn decide(v: &View<'_>, threshold: f64, guard: bool) -> Decision {
                     "spread {spread:.1} > {threshold:.1}: move {} vCPU {} ({usage:.1}%) from busiest pCPU {busiest} ({hi:.1}%) to freest pCPU {freest} ({lo:.1}%)",
                     x.domain, x.vcpu
                 ),
+                stalled: None,
             }
         }
-        None => Decision { moves: vec![], reason: no_move_reason(spread, busiest, cands.len()) },
+        None => Decision { moves: vec![], reason: no_move_reason(spread, busiest, cands.len()), stalled: None },
     }
 }
 
