@@ -10,6 +10,10 @@
 //!    pin changes (a move before a swap), else the one that narrows the pair the most. The pair is the busiest and
 //!    the freest pCPU first; if no step helps there, the busiest with the next freest ones, then the freest with
 //!    the next busiest ones (a heavy vCPU alone on the busiest pCPU does not block the rest of the host).
+//!
+//!    When no move or swap narrows any pair enough, two pCPUs with at most [`EXCHANGE_MAX_VCPUS`] movable vCPUs
+//!    between them may also trade several (two light ones for a heavy one, say): every split of their vCPUs is
+//!    tried ([`find_exchange`]), under the same rules.
 //! 3. A step must narrow its pair's gap by at least [`MIN_STEP_GAIN`] points: moving a pin for less is churn.
 //! 4. A vCPU moved in the last [`COOLDOWN_ROUNDS`] round is not moved again: the first reading after a move is
 //!    the first that shows its demand in its new place, and a plan made before it would act on stale numbers.
@@ -276,7 +280,7 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
     }
 
     // 2. Steps until balanced or stuck. Each step lowers the sum of squares, so this ends; the cap is a backstop.
-    let (mut moves, mut swaps) = (0u32, 0u32);
+    let (mut moves, mut swaps, mut exchanges) = (0u32, 0u32, 0u32);
     let max_steps = 4 * slots.len() + 4;
     let mut stuck = None;
     let before = spread_of(&load);
@@ -311,6 +315,18 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
         }
         if !probing {
             found = find_step(&slots, &load, b, f, threshold);
+            if found.is_none() {
+                // No single move or swap helps: a pair of pCPUs may still trade several vCPUs.
+                if let Some(x) = find_exchange(&slots, &load, b, f, threshold) {
+                    for &(s, to) in &x.moved {
+                        slots[s].pcpu = to;
+                    }
+                    *load.get_mut(&x.p).expect("allowed") = x.p_load;
+                    *load.get_mut(&x.q).expect("allowed") = x.q_load;
+                    exchanges += 1;
+                    continue;
+                }
+            }
         }
         let Some(step) = found else {
             stuck = Some(hi - lo);
@@ -367,15 +383,16 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
         format!("settled: spread {before:.1} is within {trigger:.1}, the band kept once balanced")
     } else if hold {
         format!("hold: spread {before:.1} > {trigger:.1} for the first round; acting if it persists")
-    } else if moves + swaps == 0 && stuck.is_none() {
+    } else if moves + swaps + exchanges == 0 && stuck.is_none() {
         format!("balanced: spread {before:.1} <= threshold {threshold:.1}")
-    } else if moves + swaps == 0 {
+    } else if moves + swaps + exchanges == 0 {
         format!(
             "spread {before:.1} > {threshold:.1} but no move or swap narrows it by {MIN_STEP_GAIN:.0} point(s) or more (vCPUs moved in the last {COOLDOWN_ROUNDS} rounds stay put)"
         )
     } else {
+        let traded = if exchanges > 0 { format!(", {exchanges} exchange(s) of several vCPUs") } else { String::new() };
         format!(
-            "spread {before:.1} > {threshold:.1}: {moves} move(s) and {swaps} swap(s), {} pin change(s), expected spread {after:.1}",
+            "spread {before:.1} > {threshold:.1}: {moves} move(s) and {swaps} swap(s){traded}, {} pin change(s), expected spread {after:.1}",
             planned.len()
         )
     };
@@ -386,7 +403,7 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
         );
         stuck = None;
     }
-    if let Some(s) = stuck.filter(|_| moves + swaps > 0 && !kept_at_best) {
+    if let Some(s) = stuck.filter(|_| moves + swaps + exchanges > 0 && !kept_at_best) {
         reason.push_str(&format!(" (best reachable this round: {s:.1})"));
     }
     if probed > 0 {
@@ -483,6 +500,106 @@ fn best_step(slots: &[Slot], g: f64, p: PcpuId, q: PcpuId, threshold: f64, probe
             .then(kx.4.cmp(&ky.4))
             .then(kx.5.cmp(&ky.5))
     })
+}
+
+/// Most movable vCPUs two pCPUs may have together for [`find_exchange`] to try every way of splitting them.
+const EXCHANGE_MAX_VCPUS: usize = 10;
+
+/// A new split of the movable vCPUs of two pCPUs `p` (busier) and `q`.
+struct Exchange {
+    p: PcpuId,
+    q: PcpuId,
+    /// (slot, its new pCPU) for each vCPU that changes pCPU.
+    moved: Vec<(usize, PcpuId)>,
+    p_load: f64,
+    q_load: f64,
+}
+
+/// When no single move or swap narrows any pair by [`MIN_STEP_GAIN`] (see [`find_step`]), the best new split of
+/// two pCPUs' movable vCPUs, pairs in the same order: e.g. two light vCPUs for one heavy one, or two for two. Every
+/// split is tried, so only for pairs with at most [`EXCHANGE_MAX_VCPUS`] movable vCPUs (2^10 splits). The pair's
+/// total stays the same and its gap narrows, so like a step it lowers the sum of squared loads and never widens the
+/// spread. Within the threshold, fewest pins first; else the narrowest gap, then fewest pins.
+fn find_exchange(
+    slots: &[Slot],
+    load: &BTreeMap<PcpuId, f64>,
+    b: PcpuId,
+    f: PcpuId,
+    threshold: f64,
+) -> Option<Exchange> {
+    let mut asc: Vec<(PcpuId, f64)> = load.iter().map(|(k, x)| (*k, *x)).collect();
+    asc.sort_by(|x, y| x.1.total_cmp(&y.1).then(x.0.cmp(&y.0)));
+    let mut desc = asc.clone();
+    desc.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+    let pairs = std::iter::once((b, f))
+        .chain(asc.iter().filter(|(q, _)| *q != b && *q != f).map(|(q, _)| (b, *q)))
+        .chain(desc.iter().filter(|(p, _)| *p != b && *p != f).map(|(p, _)| (*p, f)));
+    // Slots per pCPU, once: a big host has many pairs, and scanning every slot for each would cost n·p.
+    let mut on: BTreeMap<PcpuId, Vec<usize>> = BTreeMap::new();
+    for (i, sl) in slots.iter().enumerate() {
+        on.entry(sl.pcpu).or_default().push(i);
+    }
+    let none = Vec::new();
+    for (p, q) in pairs {
+        let g = load[&p] - load[&q];
+        if g <= 0.0 {
+            continue;
+        }
+        let (on_p, on_q) = (on.get(&p).unwrap_or(&none), on.get(&q).unwrap_or(&none));
+        if on_p.len() + on_q.len() < 2 || on_p.len() + on_q.len() > EXCHANGE_MAX_VCPUS {
+            continue;
+        }
+        let both: Vec<usize> = on_p.iter().chain(on_q).copied().collect();
+        let on_p: f64 = both.iter().filter(|&&s| slots[s].pcpu == p).map(|&s| slots[s].usage).sum();
+        let fixed_p = load[&p] - on_p;
+        let total = load[&p] + load[&q];
+        // (outside the threshold, pins or 0, new gap, pins, mask): the smallest wins.
+        let mut best: Option<(bool, u32, f64, u32, u32)> = None;
+        for mask in 0u32..(1 << both.len()) {
+            // Bit i set: slot both[i] ends on p.
+            let mut pins = 0;
+            let mut allowed = true;
+            let mut p_load = fixed_p;
+            for (i, &s) in both.iter().enumerate() {
+                let to = if mask & (1 << i) != 0 { p } else { q };
+                if to == p {
+                    p_load += slots[s].usage;
+                }
+                if to != slots[s].pcpu {
+                    pins += 1;
+                    allowed &= slots[s].not_to != Some(to) && slots[s].usage >= MIN_STEP_GAIN / 2.0;
+                }
+            }
+            let new_gap = (2.0 * p_load - total).abs();
+            if !allowed || g - new_gap < MIN_STEP_GAIN {
+                continue;
+            }
+            let ok = new_gap <= threshold;
+            let key = (!ok, if ok { pins } else { 0 }, new_gap, pins, mask);
+            let better = best.is_none_or(|b| {
+                let by_gap = (key.0, key.1).cmp(&(b.0, b.1)).then(key.2.total_cmp(&b.2));
+                by_gap.then((key.3, key.4).cmp(&(b.3, b.4))).is_lt()
+            });
+            if better {
+                best = Some(key);
+            }
+        }
+        if let Some((_, _, _, _, mask)) = best {
+            let mut moved = Vec::new();
+            let mut p_load = fixed_p;
+            for (i, &s) in both.iter().enumerate() {
+                let to = if mask & (1 << i) != 0 { p } else { q };
+                if to == p {
+                    p_load += slots[s].usage;
+                }
+                if to != slots[s].pcpu {
+                    moved.push((s, to));
+                }
+            }
+            return Some(Exchange { p, q, moved, p_load, q_load: total - p_load });
+        }
+    }
+    None
 }
 
 /// Floating-point slack when comparing planned loads with a band's edges.
@@ -784,6 +901,27 @@ mod tests {
         // Still saturated in the next round: no more probing, the plan is made on the readings.
         let (p, _) = decide(&h, &converge(), &PolicyState { round: 5, ..state });
         assert!(!p.reason.contains("newly saturated"), "{}", p.reason);
+    }
+
+    #[test]
+    fn two_pcpus_trade_several_vcpus_when_no_move_or_swap_helps() {
+        // 28 + 42 + 20 = 90 | 42 + 7 + 30 = 79: no move or swap narrows the gap of 11 by 3 points, but sending 28
+        // and 20 over for the other 42 gives 84 | 85.
+        let h = host(
+            2,
+            &[
+                ("a", 0, 28.0, true),
+                ("b", 0, 42.0, true),
+                ("c", 0, 20.0, true),
+                ("d", 1, 42.0, true),
+                ("e", 1, 7.0, true),
+                ("f", 1, 30.0, true),
+            ],
+        );
+        let (p, _) = decide(&h, &converge(), &PolicyState { was_over: true, ..Default::default() });
+        let moved: BTreeSet<&str> = p.moves.iter().map(|m| m.domain.as_str()).collect();
+        assert_eq!(moved, BTreeSet::from(["a", "c", "d"]), "{p:?}");
+        assert!(spread(&apply(&h, &p)) <= 10.0, "{p:?}");
     }
 
     #[test]
