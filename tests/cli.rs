@@ -174,6 +174,47 @@ fn evaluate_is_deterministic_and_filters_policies() {
     assert!(!bad.status.success() && text(&bad.stderr).contains("unknown policy"), "{}", text(&bad.stderr));
 }
 
+/// The cells of a Markdown table row, trimmed.
+fn cells(row: &str) -> Vec<String> {
+    row.trim().trim_matches('|').split('|').map(|c| c.trim().to_string()).collect()
+}
+
+/// POLICIES.md's two tables are what `evaluate` prints today: every row of the suite's table, and the `guarded` and
+/// `converge now` columns of "Beyond the suite" on the hosts `scripts/random-hosts` writes. A policy change that
+/// moves a number fails here until the page says so.
+#[test]
+fn policies_md_tables_are_what_evaluate_prints() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let doc = std::fs::read_to_string(format!("{root}/POLICIES.md")).unwrap();
+    let scenarios = format!("{root}/scenarios");
+    let suite = controller(&["evaluate", "--scenarios", &scenarios, "--rounds", "300", "--interval", "2s"]);
+    assert!(suite.status.success(), "{}", text(&suite.stderr));
+    for row in text(&suite.stdout).lines().skip(2) {
+        assert!(doc.lines().any(|l| l == row), "POLICIES.md lacks the suite row {row}");
+    }
+
+    let dir = std::env::temp_dir().join(format!("vcpub-random-hosts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let gen = Command::new(format!("{root}/scripts/random-hosts")).arg(&dir).output().expect("run the script");
+    assert!(gen.status.success(), "{}", text(&gen.stderr));
+    let d = dir.to_str().unwrap();
+    let out =
+        controller(&["evaluate", "--scenarios", d, "--policy", "guarded,converge", "--rounds", "300", "--interval", "2s"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut checked = 0;
+    for row in text(&out.stdout).lines().skip(2) {
+        let c = cells(row);
+        let got = format!("{} / {} / {} / {}", c[2], c[3], c[6], c[7]);
+        let line = doc.lines().find(|l| l.starts_with(&format!("| {} |", c[0])));
+        let want = cells(line.unwrap_or_else(|| panic!("POLICIES.md has no row for {}", c[0])));
+        let col = if c[1] == "guarded" { 2 } else { 4 };
+        assert_eq!(want[col], got, "POLICIES.md, {} with {}", c[0], c[1]);
+        checked += 1;
+    }
+    assert_eq!(checked, 48, "24 hosts, two policies");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `--no-guard` is `--policy seed`: on all-on-one both move exactly one vCPU in the first computed round.
 #[test]
 fn no_guard_is_an_alias_of_seed_and_policy_is_selectable() {
