@@ -113,6 +113,7 @@ pub struct ControllerMetrics {
     registry: Registry,
     pcpu_usage: Family<PcpuLabels, FloatGauge>,
     spread: Family<HostLabels, FloatGauge>,
+    at_best: Family<HostLabels, Gauge>,
     host_up: Family<HostLabels, Gauge>,
     rounds: Family<RoundLabels, Counter>,
     moves: Family<HostLabels, Counter>,
@@ -130,6 +131,7 @@ impl ControllerMetrics {
         let m = ControllerMetrics {
             pcpu_usage: Family::default(),
             spread: Family::default(),
+            at_best: Family::default(),
             host_up: Family::default(),
             rounds: Family::default(),
             moves: Family::default(),
@@ -150,6 +152,11 @@ impl ControllerMetrics {
             "host_spread_percent",
             "Busiest minus freest pCPU usage of a host in the last computed round, in points",
             m.spread.clone(),
+        );
+        registry.register(
+            "host_at_best",
+            "1 if the policy holds the host over the threshold at the best it found: no plan balances it",
+            m.at_best.clone(),
         );
         registry.register("host_up", "1 if the host's last round reached its agent, 0 if it failed", m.host_up.clone());
         registry.register("rounds", "Rounds done, by host and action (baseline, none, move, error)", m.rounds.clone());
@@ -191,6 +198,7 @@ impl ControllerMetrics {
         }
         if let Some(s) = r.spread {
             self.spread.get_or_create(&host).set(s);
+            self.at_best.get_or_create(&host).set(i64::from(r.at_best));
         }
         for p in &r.pcpus {
             self.pcpu_usage.get_or_create(&PcpuLabels { host: r.host.clone(), pcpu: p.id.to_string() }).set(p.usage);
@@ -228,6 +236,7 @@ impl ControllerMetrics {
     pub fn forget_host(&self, host: &str, pcpus: &[u32]) {
         let h = HostLabels { host: host.to_string() };
         self.spread.remove(&h);
+        self.at_best.remove(&h);
         self.host_up.remove(&h);
         for p in pcpus {
             self.pcpu_usage.remove(&PcpuLabels { host: host.to_string(), pcpu: p.to_string() });
@@ -353,6 +362,7 @@ mod tests {
         let mut r = RoundReport::bare("hv1:1", 2, ActionReport::simple(ActionType::Move, "why"), false);
         r.pcpus = vec![PcpuUsage { id: 3, usage: 42.5 }];
         r.spread = Some(17.0);
+        r.at_best = true;
         r.pins_applied = 2;
         r.duration = Some(Duration::from_millis(3));
         m.observe_round(&r);
@@ -361,6 +371,7 @@ mod tests {
         for line in [
             r#"vcpu_balancer_pcpu_usage_percent{host="hv1:1",pcpu="3"} 42.5"#,
             r#"vcpu_balancer_host_spread_percent{host="hv1:1"} 17.0"#,
+            r#"vcpu_balancer_host_at_best{host="hv1:1"} 1"#,
             r#"vcpu_balancer_host_up{host="hv1:1"} 1"#,
             r#"vcpu_balancer_rounds_total{host="hv1:1",action="move"} 1"#,
             r#"vcpu_balancer_moves_total{host="hv1:1"} 1"#,
@@ -374,5 +385,6 @@ mod tests {
         let text = m.encode();
         assert!(!text.contains("vcpu_balancer_pcpu_usage_percent{"), "{text}");
         assert!(!text.contains("vcpu_balancer_host_up{"), "{text}");
+        assert!(!text.contains("vcpu_balancer_host_at_best{"), "{text}");
     }
 }

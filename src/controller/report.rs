@@ -67,6 +67,8 @@ pub struct RoundReport {
     pub duration: Option<std::time::Duration>,
     /// Ticks skipped before this round because the previous round overran its interval.
     pub skipped_ticks: u64,
+    /// The policy holds this host over the threshold at the best it found (see [`Plan::at_best`]).
+    pub at_best: bool,
 }
 
 impl RoundReport {
@@ -101,6 +103,7 @@ impl RoundReport {
             dry_run,
             duration: None,
             skipped_ticks: 0,
+            at_best: plan.at_best,
         }
     }
 
@@ -120,6 +123,7 @@ impl RoundReport {
             dry_run,
             duration: None,
             skipped_ticks: 0,
+            at_best: false,
         }
     }
 

@@ -930,20 +930,20 @@ mod tests {
         let stuck = host(2, &[("a", 0, 60.0, true), ("b", 1, 30.0, true), ("c", 1, 8.0, true)]);
         let over = PolicyState { was_over: true, ..Default::default() };
         let (p, next) = decide(&stuck, &converge(), &over);
-        assert!(p.moves.is_empty(), "{p:?}");
+        assert!(p.moves.is_empty() && p.at_best, "{p:?}");
         assert_eq!(next.stalled, Some(22.0));
         // A vCPU cooling down might have been the way out: no stall is recorded then.
         let last_moved = [(("uuid-c".into(), 0), (7, 0))].into_iter().collect();
         let cooling = PolicyState { round: 7, last_moved, ..over.clone() };
         let (p, next) = decide(&stuck, &converge(), &cooling);
-        assert!(p.moves.is_empty() && next.stalled.is_none(), "{p:?} {:?}", next.stalled);
+        assert!(p.moves.is_empty() && !p.at_best && next.stalled.is_none(), "{p:?} {:?}", next.stalled);
 
         // Stalled at 20: a later reading of 23 (within 20 + 5) has a step that narrows the gap (45 + 18 | 40: move
         // the 18 for 45 | 58), but no plan that balances. That is noise around the best, and nothing moves.
         let stalled = PolicyState { stalled: Some(20.0), ..over.clone() };
         let noisy = host(2, &[("a", 0, 45.0, true), ("b", 0, 18.0, true), ("c", 1, 40.0, true)]);
         let (p, next) = decide(&noisy, &converge(), &stalled);
-        assert!(p.moves.is_empty() && p.reason.starts_with("at its best"), "{p:?}");
+        assert!(p.moves.is_empty() && p.at_best && p.reason.starts_with("at its best"), "{p:?}");
         assert_eq!(next.stalled, Some(20.0));
         // Without the stall the same reading is acted on: the hold above is what keeps it.
         assert_eq!(decide(&noisy, &converge(), &over).0.moves.len(), 1);
@@ -957,7 +957,7 @@ mod tests {
         let grown = host(2, &[("a", 0, 45.0, true), ("b", 0, 20.0, true), ("c", 1, 39.0, true)]);
         let (p, next) = decide(&grown, &converge(), &stalled);
         assert_eq!(p.moves.len(), 1, "{p:?}");
-        assert!(next.stalled.is_none());
+        assert!(next.stalled.is_none() && !p.at_best);
     }
 
     #[test]

@@ -223,6 +223,9 @@ pub struct Plan {
     pub newly_manual: Vec<Held>,
     /// Pins that change something, keyed by domain UUID.
     pub pins: Vec<PinRequest>,
+    /// Whether the policy holds the host over the threshold at the best it found ([`PolicyState::stalled`]):
+    /// nothing it can do balances the host, so more imbalance there needs capacity or a hand, not more rounds.
+    pub at_best: bool,
 }
 
 impl Plan {
@@ -449,6 +452,7 @@ fn decide_into(
             held,
             newly_manual,
             pins: vec![],
+            at_best: false,
         };
         next.round = old.unwrap_or(&*next).round + 1;
         return plan;
@@ -514,7 +518,8 @@ fn decide_into(
         })
         .collect();
     remember_seen(u, &is_held, &remembered, &pins, next);
-    Plan { spread, busiest: Some(busiest), freest: Some(freest), moves, reason, held, newly_manual, pins }
+    let at_best = next.stalled.is_some();
+    Plan { spread, busiest: Some(busiest), freest: Some(freest), moves, reason, held, newly_manual, pins, at_best }
 }
 
 /// Remembers the affinity of every vCPU this round leaves as it is, so that a later change this controller did not
