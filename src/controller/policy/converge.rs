@@ -455,14 +455,22 @@ fn probe_step(
 
 /// The first pair, in the documented order, that has a useful step, and its best step.
 fn find_step(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, b: PcpuId, f: PcpuId, threshold: f64) -> Option<Step> {
+    pair_order(load, b, f).into_iter().find_map(|(p, q)| best_step(slots, load[&p] - load[&q], p, q, threshold, false))
+}
+
+/// Pairs (busier, freer) in the order steps look at them: the busiest `b` and the freest `f`, then `b` with the next
+/// freest pCPUs, then `f` with the next busiest ones.
+fn pair_order(load: &BTreeMap<PcpuId, f64>, b: PcpuId, f: PcpuId) -> Vec<(PcpuId, PcpuId)> {
     let mut asc: Vec<(PcpuId, f64)> = load.iter().map(|(k, x)| (*k, *x)).collect();
     asc.sort_by(|x, y| x.1.total_cmp(&y.1).then(x.0.cmp(&y.0)));
+    // Ties by pCPU id in both orders, so not `asc` reversed.
     let mut desc = asc.clone();
     desc.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+    let others = |x: &&(PcpuId, f64)| x.0 != b && x.0 != f;
     std::iter::once((b, f))
-        .chain(asc.iter().filter(|(q, _)| *q != b && *q != f).map(|(q, _)| (b, *q)))
-        .chain(desc.iter().filter(|(p, _)| *p != b && *p != f).map(|(p, _)| (*p, f)))
-        .find_map(|(p, q)| best_step(slots, load[&p] - load[&q], p, q, threshold, false))
+        .chain(asc.iter().filter(others).map(|(q, _)| (b, *q)))
+        .chain(desc.iter().filter(others).map(|(p, _)| (*p, f)))
+        .collect()
 }
 
 /// The best step between `p` and `q` (gap `g > 0`), if any narrows the gap by at least [`MIN_STEP_GAIN`].
@@ -527,20 +535,13 @@ fn find_exchange(
     f: PcpuId,
     threshold: f64,
 ) -> Option<Exchange> {
-    let mut asc: Vec<(PcpuId, f64)> = load.iter().map(|(k, x)| (*k, *x)).collect();
-    asc.sort_by(|x, y| x.1.total_cmp(&y.1).then(x.0.cmp(&y.0)));
-    let mut desc = asc.clone();
-    desc.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
-    let pairs = std::iter::once((b, f))
-        .chain(asc.iter().filter(|(q, _)| *q != b && *q != f).map(|(q, _)| (b, *q)))
-        .chain(desc.iter().filter(|(p, _)| *p != b && *p != f).map(|(p, _)| (*p, f)));
     // Slots per pCPU, once: a big host has many pairs, and scanning every slot for each would cost n·p.
     let mut on: BTreeMap<PcpuId, Vec<usize>> = BTreeMap::new();
     for (i, sl) in slots.iter().enumerate() {
         on.entry(sl.pcpu).or_default().push(i);
     }
     let none = Vec::new();
-    for (p, q) in pairs {
+    for (p, q) in pair_order(load, b, f) {
         let g = load[&p] - load[&q];
         if g <= 0.0 {
             continue;
@@ -550,27 +551,23 @@ fn find_exchange(
             continue;
         }
         let both: Vec<usize> = on_p.iter().chain(on_q).copied().collect();
-        let on_p: f64 = both.iter().filter(|&&s| slots[s].pcpu == p).map(|&s| slots[s].usage).sum();
-        let fixed_p = load[&p] - on_p;
+        let fixed_p = load[&p] - on_p.iter().map(|&s| slots[s].usage).sum::<f64>();
         let total = load[&p] + load[&q];
+        // Where a split sends each slot of `both`: bit i set, slot both[i] ends on p.
+        let dest =
+            |mask: u32| both.iter().enumerate().map(move |(i, &s)| (s, if mask & (1 << i) != 0 { p } else { q }));
+        let p_load_of =
+            |mask: u32| fixed_p + dest(mask).filter(|&(_, to)| to == p).map(|(s, _)| slots[s].usage).sum::<f64>();
         // (outside the threshold, pins or 0, new gap, pins, mask): the smallest wins.
         let mut best: Option<(bool, u32, f64, u32, u32)> = None;
         for mask in 0u32..(1 << both.len()) {
-            // Bit i set: slot both[i] ends on p.
             let mut pins = 0;
             let mut allowed = true;
-            let mut p_load = fixed_p;
-            for (i, &s) in both.iter().enumerate() {
-                let to = if mask & (1 << i) != 0 { p } else { q };
-                if to == p {
-                    p_load += slots[s].usage;
-                }
-                if to != slots[s].pcpu {
-                    pins += 1;
-                    allowed &= slots[s].not_to != Some(to) && slots[s].usage >= MIN_STEP_GAIN / 2.0;
-                }
+            for (s, to) in dest(mask).filter(|&(s, to)| to != slots[s].pcpu) {
+                pins += 1;
+                allowed &= slots[s].not_to != Some(to) && slots[s].usage >= MIN_STEP_GAIN / 2.0;
             }
-            let new_gap = (2.0 * p_load - total).abs();
+            let new_gap = (2.0 * p_load_of(mask) - total).abs();
             if !allowed || g - new_gap < MIN_STEP_GAIN {
                 continue;
             }
@@ -585,17 +582,8 @@ fn find_exchange(
             }
         }
         if let Some((_, _, _, _, mask)) = best {
-            let mut moved = Vec::new();
-            let mut p_load = fixed_p;
-            for (i, &s) in both.iter().enumerate() {
-                let to = if mask & (1 << i) != 0 { p } else { q };
-                if to == p {
-                    p_load += slots[s].usage;
-                }
-                if to != slots[s].pcpu {
-                    moved.push((s, to));
-                }
-            }
+            let moved = dest(mask).filter(|&(s, to)| to != slots[s].pcpu).collect();
+            let p_load = p_load_of(mask);
             return Some(Exchange { p, q, moved, p_load, q_load: total - p_load });
         }
     }
