@@ -54,6 +54,13 @@
 //!    moves no vCPU lighter than half of [`MIN_STEP_GAIN`] (such a move changes a gap by less), vCPUs cooling down
 //!    stay put, and none goes back to the pCPU it left.
 //!
+//! 10. Last resort: in a round where nothing is worth a pin (the round that records a stall, see 7; not the rounds
+//!     held at its best after it), with no vCPU cooling down and no saturated pCPU, the whole host is placed
+//!     from scratch ([`super::partition`]: two number-partitioning heuristics, each set given to the pCPU that
+//!     runs most of it, moved vCPUs sent back where that keeps the balance). Kept only if it balances the host.
+//!     Steps and the shedding plan change few pCPUs at a time and can stop over the threshold where moving many
+//!     vCPUs at once balances; this can cost many pins, once, on a host that would otherwise stay unbalanced.
+//!
 //! The vCPUs' final places are compared with where they run: a vCPU moved several times within one round gets one
 //! pin, and one moved back to where it started gets none.
 
@@ -368,6 +375,25 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
             }
         }
     }
+    // The round that would record a stall (nothing worth a pin, every vCPU free to move), with no saturated pCPU
+    // whose readings hide demand: the whole host planned from scratch, kept only if it balances. Local steps and
+    // the shedding plan can stop over the threshold where moving many vCPUs at once balances. Not in the rounds
+    // held at its best: there only noise would make a new partition look balanced, and it moves many vCPUs.
+    let mut repartitioned = false;
+    if moves + swaps + exchanges == 0 && !at_best && probed == 0 && off.is_empty() && !hold && !quiet && !any_cooling && sat.is_empty()
+        && before > threshold
+        && spread_of(&load) > threshold + EPS
+    {
+        if let Some(to) = repartition(&slots0, &load0, threshold) {
+            let l = loads_after(&slots0, &load0, &to);
+            slots = slots0.clone();
+            for (s, t) in slots.iter_mut().zip(&to) {
+                s.pcpu = *t;
+            }
+            load = l;
+            repartitioned = true;
+        }
+    }
     let after = spread_of(&load);
     let mut planned: Vec<(usize, PcpuId)> =
         slots.iter().zip(&start).filter(|(s, from)| s.pcpu != **from).map(|(s, _)| (s.idx, s.pcpu)).collect();
@@ -399,6 +425,13 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
     if fewest && !kept_at_best {
         reason = format!(
             "spread {before:.1} > {threshold:.1}: {} pin change(s) for the whole host at once, each vCPU moved at most once, expected spread {after:.1}",
+            planned.len()
+        );
+        stuck = None;
+    }
+    if repartitioned {
+        reason = format!(
+            "spread {before:.1} > {threshold:.1} and no step narrows it: {} pin change(s) re-partition the whole host at once, expected spread {after:.1}",
             planned.len()
         );
         stuck = None;
@@ -588,6 +621,31 @@ fn find_exchange(
         }
     }
     None
+}
+
+/// The whole host placed from scratch by [`super::partition::balance`], within the threshold, or `None`. vCPUs
+/// lighter than half of [`MIN_STEP_GAIN`] stay where they are, as in the other plans, and count with the load that
+/// cannot move; none goes back to the pCPU it left. Returns each slot's new pCPU.
+fn repartition(slots: &[Slot], load: &BTreeMap<PcpuId, f64>, threshold: f64) -> Option<Vec<PcpuId>> {
+    let ids: Vec<PcpuId> = load.keys().copied().collect();
+    let at = |p: PcpuId| ids.binary_search(&p).ok();
+    let mut fixed: Vec<f64> = load.values().copied().collect();
+    let mut items = Vec::new();
+    let mut which = Vec::new();
+    for (s, x) in slots.iter().enumerate() {
+        if 2.0 * x.usage >= MIN_STEP_GAIN {
+            let i = at(x.pcpu).expect("slots are on allowed pCPUs");
+            fixed[i] -= x.usage;
+            items.push(super::partition::Item { usage: x.usage, at: i, not_to: x.not_to.and_then(at) });
+            which.push(s);
+        }
+    }
+    let placed = super::partition::balance(&items, &fixed, threshold)?;
+    let mut to: Vec<PcpuId> = slots.iter().map(|s| s.pcpu).collect();
+    for (&s, &i) in which.iter().zip(&placed) {
+        to[s] = ids[i];
+    }
+    Some(to)
 }
 
 /// Floating-point slack when comparing planned loads with a band's edges.
@@ -910,6 +968,39 @@ mod tests {
         let moved: BTreeSet<&str> = p.moves.iter().map(|m| m.domain.as_str()).collect();
         assert_eq!(moved, BTreeSet::from(["a", "c", "d"]), "{p:?}");
         assert!(spread(&apply(&h, &p)) <= 10.0, "{p:?}");
+    }
+
+    #[test]
+    fn a_host_stuck_over_the_threshold_is_placed_from_scratch() {
+        // Where converge stopped on POLICIES.md's random host r16x32-s1 before this plan: spread 13.4 (68.6 on pCPU
+        // 0, 55.2 on pCPU 12). No move, swap or trade between two pCPUs narrows a gap by 3 points and the shedding
+        // plan finds no balanced placement, but one exists (LPT's sets are within 9.0).
+        let vs: Vec<(&str, u32, f64, bool)> = [
+            ("r008", 0, 35.1), ("r015", 0, 33.5), ("r009", 1, 10.3), ("r022", 1, 51.3), ("r000", 2, 55.0),
+            ("r011", 2, 6.9), ("r005", 3, 35.9), ("r017", 3, 30.0), ("r020", 4, 20.0), ("r023", 4, 18.7),
+            ("r024", 4, 17.1), ("r021", 5, 38.4), ("r026", 5, 17.4), ("r003", 6, 53.8), ("r030", 6, 7.0),
+            ("r016", 7, 18.6), ("r029", 7, 37.5), ("r002", 8, 46.8), ("r013", 8, 11.9), ("r019", 9, 14.6),
+            ("r031", 9, 42.2), ("r018", 10, 11.5), ("r027", 10, 47.4), ("r010", 11, 56.6), ("r006", 12, 55.2),
+            ("r001", 13, 5.9), ("r012", 13, 36.8), ("r025", 13, 13.6), ("r014", 14, 17.1), ("r028", 14, 45.2),
+            ("r004", 15, 33.7), ("r007", 15, 29.1),
+        ]
+        .into_iter()
+        .map(|(d, p, u)| (d, p, u, true))
+        .collect();
+        let h = host(16, &vs);
+        let over = PolicyState { was_over: true, ..Default::default() };
+        let (p, next) = decide(&h, &converge(), &over);
+        assert!(spread(&apply(&h, &p)) <= 10.0 && p.reason.contains("re-partition"), "{p:?}");
+        assert!(next.stalled.is_none() && !p.at_best);
+        // Only in the round that finds the stall: once held at its best, readings within the band move nothing
+        // (a new partition that looks balanced there would be noise, and it moves many vCPUs).
+        let stalled = PolicyState { stalled: Some(13.4), ..over.clone() };
+        let (q, _) = decide(&h, &converge(), &stalled);
+        assert!(q.moves.is_empty() && q.at_best, "{q:?}");
+        // A vCPU cooling down (it might be the way out, once its reading shows it): the round waits.
+        let last_moved = [(("uuid-r009".into(), 0), (7, 2))].into_iter().collect();
+        let cooling = PolicyState { round: 7, last_moved, ..over.clone() };
+        assert!(decide(&h, &converge(), &cooling).0.moves.is_empty());
     }
 
     #[test]

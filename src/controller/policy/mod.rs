@@ -17,6 +17,7 @@
 
 pub mod constraints;
 pub mod converge;
+pub mod partition;
 pub mod tenpercent;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
