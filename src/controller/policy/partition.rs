@@ -50,6 +50,12 @@ pub fn balance(items: &[Item], fixed: &[f64], threshold: f64) -> Option<Vec<usiz
     }
     let mut best: Option<(usize, f64, Vec<usize>)> = None;
     for set in sets {
+        // The assignment only swaps sets between pCPUs of equal fixed load, so it keeps the totals' range: a
+        // partition over the threshold is dropped before its O(n³) assignment (a host that cannot be balanced
+        // would pay it for nothing).
+        if range(&sums(items, fixed, &set)) > threshold + EPS {
+            continue;
+        }
         let Some(mut to) = assign(items, fixed, &set) else { continue };
         let mut sum = sums(items, fixed, &to);
         if range(&sum) > threshold + EPS {
