@@ -20,6 +20,12 @@
 //! what most hosts cost in most rounds, and what the fleet bench's hosts are) and `saturated` (pinned, half the
 //! pCPUs at 99 % with 11 vCPUs each, the rest at 40–50 %: `converge` probes, which the other inputs never make it do,
 //! because their pCPUs are either all saturated or none).
+//!
+//! One more input, for `converge` only: `stuck`, the readings where `converge` stopped on POLICIES.md's random host
+//! r16x32-s1 (16 pCPUs, 32 vCPUs, spread 13.4), eight times over on 128 pCPUs (256 vCPUs). No step, trade or
+//! shedding plan helps there, so it places the whole host from scratch (`policy::partition`), the round's
+//! costliest path; `decide` is timed from the state of a host that was over the threshold the round before (from an
+//! empty state it would hold for a round), beside the same baselines.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
 use vcpu_balancer::controller::policy::{self, PolicyConfig};
@@ -85,6 +91,42 @@ fn samples(pinned: bool, balanced: bool, saturated: bool) -> (HostStats, HostSta
         let name = format!("vm{d:04}");
         prev.push(DomainStats { uuid: uuid.clone(), name: name.clone(), id: d + 1, cpu_time_ns: 0, vcpus: pv });
         cur.push(DomainStats { uuid, name, id: d + 1, cpu_time_ns: 0, vcpus: cv });
+    }
+    let host = |t, domains| HostStats {
+        sample_time_ns: t,
+        npcpus: PCPUS,
+        online_pcpus: (0..PCPUS).collect(),
+        agent_instance: "bench".into(),
+        domains,
+    };
+    (host(ELAPSED_NS, prev), host(2 * ELAPSED_NS, cur))
+}
+
+/// (pCPU, usage %) of the 32 vCPUs of r16x32-s1 where `converge` stopped on it before it could place a host from
+/// scratch (the same readings as `a_host_stuck_over_the_threshold_is_placed_from_scratch` in `converge.rs`).
+const STUCK: [(u32, f64); 32] = [
+    (0, 35.1), (0, 33.5), (1, 10.3), (1, 51.3), (2, 55.0), (2, 6.9), (3, 35.9), (3, 30.0), (4, 20.0), (4, 18.7),
+    (4, 17.1), (5, 38.4), (5, 17.4), (6, 53.8), (6, 7.0), (7, 18.6), (7, 37.5), (8, 46.8), (8, 11.9), (9, 14.6),
+    (9, 42.2), (10, 11.5), (10, 47.4), (11, 56.6), (12, 55.2), (13, 5.9), (13, 36.8), (13, 13.6), (14, 17.1),
+    (14, 45.2), (15, 33.7), (15, 29.1),
+];
+
+/// The `stuck` input: [`STUCK`] on pCPUs 0–15, again on 16–31, and so on up to 127; one pinned vCPU per domain.
+fn stuck_samples() -> (HostStats, HostStats) {
+    let (mut prev, mut cur) = (Vec::new(), Vec::new());
+    for copy in 0..PCPUS / 16 {
+        for (i, &(p, pct)) in STUCK.iter().enumerate() {
+            let k = copy * 32 + u32::try_from(i).expect("32");
+            let pcpu = copy * 16 + p;
+            let t0 = 1_000_000_000_000 + u64::from(k) * 1_000_000;
+            // Tenths of a point, exactly: 35.1 % of a second is 351,000,000 ns.
+            let used = (pct * 10.0).round() as u64 * ELAPSED_NS / 1000;
+            let v = |t| VcpuStats { index: 0, time_ns: t, pcpu, affinity: vec![pcpu] };
+            let uuid = format!("{k:08x}-5a1e-4000-8000-{:012x}", u64::from(k).wrapping_mul(0x9e37_79b9));
+            let name = format!("stuck{k:03}");
+            prev.push(DomainStats { uuid: uuid.clone(), name: name.clone(), id: k + 1, cpu_time_ns: 0, vcpus: vec![v(t0)] });
+            cur.push(DomainStats { uuid, name, id: k + 1, cpu_time_ns: 0, vcpus: vec![v(t0 + used)] });
+        }
     }
     let host = |t, domains| HostStats {
         sample_time_ns: t,
@@ -170,6 +212,18 @@ fn bench(c: &mut Criterion) {
             g.finish();
         }
     }
+
+    let cfg = PolicyConfig { kind: policy::PolicyKind::Converge, ..PolicyConfig::default() };
+    let (prev, cur) = stuck_samples();
+    let u = usage::compute(Some(&prev), &cur).expect("two samples of the same agent, time advanced");
+    let over = policy::PolicyState { was_over: true, ..Default::default() };
+    let (plan, _) = policy::decide(&u, &cfg, &over);
+    assert!(plan.reason.contains("re-partition"), "the stuck input must make converge place it from scratch: {}", plan.reason);
+    let mut g = c.benchmark_group("policy_converge_256vcpus_128pcpus_stuck");
+    g.bench_function("decide", |b| b.iter(|| policy::decide(black_box(&u), black_box(&cfg), black_box(&over))));
+    g.bench_function("baseline_usage_compute", |b| b.iter(|| usage::compute(Some(black_box(&prev)), black_box(&cur))));
+    g.bench_function("baseline_single_pass", |b| b.iter(|| single_pass(black_box(&u))));
+    g.finish();
 }
 
 criterion_group!(benches, bench);
