@@ -384,9 +384,11 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
         && before > threshold
         && spread_of(&load) > threshold + EPS
     {
-        if let Some(to) = repartition(&slots0, &load0, threshold) {
-            let l = loads_after(&slots0, &load0, &to);
-            slots = slots0.clone();
+        // Like every other plan, it has to lower the sum of squared loads: balanced is not always lower.
+        let placed = repartition(&slots0, &load0, threshold)
+            .map(|to| (loads_after(&slots0, &load0, &to), to))
+            .filter(|(l, _)| sum_of_squares(l) < sum_of_squares(&load0));
+        if let Some((l, to)) = placed {
             for (s, t) in slots.iter_mut().zip(&to) {
                 s.pcpu = *t;
             }
@@ -1195,6 +1197,53 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Hosts like the random ones of POLICIES.md, where rounds get stuck: 2 to 8 pCPUs, none saturated, 2 or 3
+        /// pinned vCPUs each of 3 to 45 %. A placement from scratch there balances the planned loads and lowers their
+        /// sum of squares, moves no excluded vCPU, and sends none to a reserved pCPU or to the pCPU it left. Few
+        /// inputs get stuck in a way it can balance (about 1 in 40), hence the cases.
+        #[test]
+        fn a_placement_from_scratch_balances_and_keeps_the_constraints(
+            loads in proptest::collection::vec(proptest::collection::vec(3.0f64..45.0, 2..4), 2..9),
+            reserved in proptest::option::of(0u32..8),
+            left in proptest::option::of((0usize..24, 0u32..8)),
+        ) {
+            let n = u32::try_from(loads.len()).unwrap();
+            let names: Vec<String> = (0..loads.iter().map(Vec::len).sum::<usize>()).map(|i| format!("d{i:02}")).collect();
+            let mut spec = Vec::new();
+            for (p, us) in loads.iter().enumerate() {
+                for &u in us {
+                    spec.push((names[spec.len()].as_str(), u32::try_from(p).unwrap(), u, true));
+                }
+            }
+            let h = host(n, &spec);
+            let mut c = converge();
+            c.constraints.exclude = vec![crate::controller::policy::DomainMatcher::parse("d00")];
+            c.constraints.reserved = reserved.filter(|&r| r < n).into_iter().collect();
+            let mut state = PolicyState { was_over: true, round: 40, ..Default::default() };
+            // One vCPU was moved here from another pCPU 20 rounds ago: it may not go back there yet.
+            let left = left.map(|(i, q)| (i % spec.len(), q % n)).filter(|&(i, q)| q != spec[i].1);
+            if let Some((i, q)) = left {
+                state.last_moved.insert((format!("uuid-{}", spec[i].0).into(), 0), (20, q));
+            }
+            let (p, _) = decide(&h, &c, &state);
+            if p.reason.contains("re-partition") {
+                let after = apply(&h, &p);
+                let reserved = |i: usize| c.constraints.reserved.contains(&u32::try_from(i).unwrap());
+                let allowed: Vec<f64> = after.iter().enumerate().filter(|(i, _)| !reserved(*i)).map(|(_, x)| *x).collect();
+                prop_assert!(spread(&allowed) <= 10.0 + 1e-9, "{:?}", p);
+                let sq = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
+                prop_assert!(sq(&after) < sq(&h.pcpus.iter().map(|p| p.usage).collect::<Vec<_>>()));
+                for m in &p.moves {
+                    prop_assert!(m.domain != "d00" && !c.constraints.reserved.contains(&m.to), "{:?}", m);
+                    prop_assert!(left.is_none_or(|(i, q)| m.domain != spec[i].0 || m.to != q), "{:?} went back", m);
+                }
+            }
+        }
+    }
+
+    proptest! {
         /// A finer search of the band's position finds a plan wherever the coarse one does, and one that moves no
         /// more vCPUs.
         #[test]
@@ -1233,8 +1282,9 @@ mod tests {
         /// A converge round never widens the spread over the planned loads, and lowers the sum of squares when it
         /// moves anything.
         #[test]
-        fn converge_never_widens(h in arb_host()) {
-            let p = decide_once(&h, &converge());
+        fn converge_never_widens(h in arb_host(), was_over in any::<bool>()) {
+            // Over the threshold the round before too: no hold, so stuck rounds try the placement from scratch.
+            let (p, _) = decide(&h, &converge(), &PolicyState { was_over, ..Default::default() });
             if !p.moves.is_empty() {
                 let before: Vec<f64> = h.pcpus.iter().map(|p| p.usage).collect();
                 let after = apply(&h, &p);

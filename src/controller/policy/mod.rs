@@ -991,11 +991,11 @@ pub(crate) mod tests {
         /// Constraints hold for every policy on any input: excluded domains are never pinned, and nothing goes
         /// to a reserved pCPU.
         #[test]
-        fn constraints_hold(h in arb_host(), kind in arb_kind(), reserved in 0u32..8) {
+        fn constraints_hold(h in arb_host(), kind in arb_kind(), reserved in 0u32..8, was_over in any::<bool>()) {
             let mut c = cfg(kind);
             c.constraints.exclude = vec![DomainMatcher::parse("d0*")];
             c.constraints.reserved = vec![reserved];
-            let p = decide_once(&h, &c);
+            let (p, _) = decide(&h, &c, &PolicyState { was_over, ..Default::default() });
             for pin in &p.pins {
                 prop_assert!(!pin.domain.starts_with("uuid-d0"), "{:?}", pin);
                 prop_assert!(pin.pcpus != vec![reserved]);
