@@ -48,7 +48,7 @@ pub fn balance(items: &[Item], fixed: &[f64], threshold: f64) -> Option<Vec<usiz
     }
     // LPT ignores where vCPUs run; its sticky variant keeps a vCPU in place while its pCPU is within half the
     // threshold of the least loaded one, which often balances with fewer moves.
-    let mut sets = vec![lpt(items, fixed), sticky_lpt(items, fixed, threshold / 2.0)];
+    let mut sets = vec![lpt(items, fixed, None), lpt(items, fixed, Some(threshold / 2.0))];
     if items.len().saturating_mul(n) <= KK_BUDGET {
         sets.push(kk(items, fixed));
     }
@@ -97,25 +97,16 @@ fn heaviest_first(items: &[Item]) -> Vec<usize> {
     order
 }
 
-/// LPT: each item, heaviest first, to the pCPU with the least total so far (ties: the lowest index).
-fn lpt(items: &[Item], fixed: &[f64]) -> Vec<usize> {
+/// LPT: each item, heaviest first, to the pCPU with the least total so far (ties: the lowest index). With a
+/// `stick` slack, the sticky variant: an item stays where it runs while that pCPU is within the slack of the least
+/// loaded one.
+fn lpt(items: &[Item], fixed: &[f64], stick: Option<f64>) -> Vec<usize> {
     let mut sum = fixed.to_vec();
     let mut to = vec![0; items.len()];
     for j in heaviest_first(items) {
-        let i = (0..sum.len()).min_by(|&a, &b| sum[a].total_cmp(&sum[b]).then(a.cmp(&b))).expect("n > 0");
-        sum[i] += items[j].usage;
-        to[j] = i;
-    }
-    to
-}
-
-/// LPT that keeps an item where it runs when that pCPU is within `slack` of the least loaded one.
-fn sticky_lpt(items: &[Item], fixed: &[f64], slack: f64) -> Vec<usize> {
-    let mut sum = fixed.to_vec();
-    let mut to = vec![0; items.len()];
-    for j in heaviest_first(items) {
-        let i = (0..sum.len()).min_by(|&a, &b| sum[a].total_cmp(&sum[b]).then(a.cmp(&b))).expect("n > 0");
-        let i = if sum[items[j].at] <= sum[i] + slack { items[j].at } else { i };
+        let least = (0..sum.len()).min_by(|&a, &b| sum[a].total_cmp(&sum[b]).then(a.cmp(&b))).expect("n > 0");
+        let here = items[j].at;
+        let i = if stick.is_some_and(|slack| sum[here] <= sum[least] + slack) { here } else { least };
         sum[i] += items[j].usage;
         to[j] = i;
     }
@@ -366,7 +357,7 @@ mod tests {
     #[test]
     fn a_balanced_host_keeps_its_placement() {
         let it = items(&[(50.0, 2), (50.0, 1), (50.0, 0)]);
-        assert_eq!(lpt(&it, &[0.0; 3]), vec![0, 1, 2]);
+        assert_eq!(lpt(&it, &[0.0; 3], None), vec![0, 1, 2]);
         assert_eq!(balance(&it, &[0.0; 3], 10.0), Some(vec![2, 1, 0]));
     }
 
@@ -393,7 +384,7 @@ mod tests {
     #[test]
     fn kk_balances_where_lpt_does_not() {
         let it = items(&[(8.0, 0), (7.0, 0), (6.0, 0), (5.0, 0), (4.0, 0)]);
-        let l = sums(&it, &[0.0, 0.0], &lpt(&it, &[0.0, 0.0]));
+        let l = sums(&it, &[0.0, 0.0], &lpt(&it, &[0.0, 0.0], None));
         assert_eq!(range(&l), 4.0, "LPT {l:?}");
         let k = sums(&it, &[0.0, 0.0], &kk(&it, &[0.0, 0.0]));
         assert_eq!(range(&k), 2.0, "KK {k:?}");
@@ -491,7 +482,7 @@ mod tests {
         ) {
             let it: Vec<Item> = raw.iter().map(|&(usage, at)| Item { usage, at: at % n, not_to: None }).collect();
             let fixed = vec![0.0; n];
-            let l = lpt(&it, &fixed);
+            let l = lpt(&it, &fixed, None);
             if range(&sums(&it, &fixed, &l)) <= threshold {
                 let to = balance(&it, &fixed, threshold);
                 prop_assert!(to.is_some());
