@@ -375,15 +375,15 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
             }
         }
     }
-    // The round that would record a stall (nothing worth a pin, every vCPU free to move), with no saturated pCPU
-    // whose readings hide demand: the whole host planned from scratch, kept only if it balances. Local steps and
-    // the shedding plan can stop over the threshold where moving many vCPUs at once balances. Not in the rounds
-    // held at its best: there only noise would make a new partition look balanced, and it moves many vCPUs.
+    // A round over the threshold that acts, with every vCPU free to move and nothing being probed: one that finds
+    // nothing worth a pin is this host's best (the stall, at the end).
+    let free_round = !hold && !quiet && off.is_empty() && probed == 0 && !any_cooling && before > threshold;
+    // That round, if no pCPU is saturated (their readings hide demand): the whole host planned from scratch, kept
+    // only if it balances. Local steps and the shedding plan can stop over the threshold where moving many vCPUs
+    // at once balances. Not in the rounds held at its best: there only noise would make a new partition look
+    // balanced, and it moves many vCPUs.
     let mut repartitioned = false;
-    if moves + swaps + exchanges == 0 && !at_best && probed == 0 && off.is_empty() && !hold && !quiet && !any_cooling && sat.is_empty()
-        && before > threshold
-        && spread_of(&load) > threshold + EPS
-    {
+    if free_round && !at_best && moves + swaps + exchanges == 0 && sat.is_empty() && spread_of(&load) > threshold + EPS {
         // Like every other plan, it has to lower the sum of squared loads: balanced is not always lower.
         let placed = repartition(&slots0, &load0, threshold)
             .map(|to| (loads_after(&slots0, &load0, &to), to))
@@ -451,9 +451,7 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
         reason.push_str("; ");
         reason.push_str(&n);
     }
-    // Nothing worth a pin, with every vCPU free to move and nothing being probed: the best this host reaches.
-    let acted_on = !hold && !quiet && !kept_at_best && off.is_empty() && probed == 0;
-    let stalled = (acted_on && planned.is_empty() && !any_cooling && before > threshold).then_some(before);
+    let stalled = (free_round && !kept_at_best && planned.is_empty()).then_some(before);
     Decision { moves: planned, reason, stalled }
 }
 
