@@ -92,6 +92,11 @@ fn samples(pinned: bool, balanced: bool, saturated: bool) -> (HostStats, HostSta
         prev.push(DomainStats { uuid: uuid.clone(), name: name.clone(), id: d + 1, cpu_time_ns: 0, vcpus: pv });
         cur.push(DomainStats { uuid, name, id: d + 1, cpu_time_ns: 0, vcpus: cv });
     }
+    one_second_apart(prev, cur)
+}
+
+/// Two samples of a host of [`PCPUS`] online pCPUs, [`ELAPSED_NS`] apart.
+fn one_second_apart(prev: Vec<DomainStats>, cur: Vec<DomainStats>) -> (HostStats, HostStats) {
     let host = |t, domains| HostStats {
         sample_time_ns: t,
         npcpus: PCPUS,
@@ -128,14 +133,7 @@ fn stuck_samples() -> (HostStats, HostStats) {
             cur.push(DomainStats { uuid, name, id: k + 1, cpu_time_ns: 0, vcpus: vec![v(t0 + used)] });
         }
     }
-    let host = |t, domains| HostStats {
-        sample_time_ns: t,
-        npcpus: PCPUS,
-        online_pcpus: (0..PCPUS).collect(),
-        agent_instance: "bench".into(),
-        domains,
-    };
-    (host(ELAPSED_NS, prev), host(2 * ELAPSED_NS, cur))
+    one_second_apart(prev, cur)
 }
 
 /// The least work any policy needs: per-pCPU sums, then the busiest and freest pCPU.
