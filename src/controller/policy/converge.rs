@@ -56,7 +56,7 @@
 //!
 //! 10. Last resort: in a round where nothing is worth a pin (the round that records a stall, see 7; not the rounds
 //!     held at its best after it), with no vCPU cooling down and no saturated pCPU, the whole host is placed
-//!     from scratch ([`super::partition`]: two number-partitioning heuristics, each set given to the pCPU that
+//!     from scratch ([`super::partition`]: number-partitioning heuristics, each set given to the pCPU that
 //!     runs most of it, moved vCPUs sent back where that keeps the balance). Kept only if it balances the host.
 //!     Steps and the shedding plan change few pCPUs at a time and can stop over the threshold where moving many
 //!     vCPUs at once balances; this can cost many pins, once, on a host that would otherwise stay unbalanced.
