@@ -130,6 +130,10 @@ struct ConstraintArgs {
     /// Move vCPUs that someone else pinned since the controller's last pin (by default they are left alone).
     #[arg(long, env = "VCPU_OVERRIDE_MANUAL")]
     override_manual: bool,
+    /// Move at most this many vCPUs per host and round (at least 1); the moves that even the load most are made
+    /// first, the rest of the plan waits for the next rounds [default: no limit].
+    #[arg(long, env = "VCPU_MAX_MOVES", value_parser = parse_max_moves)]
+    max_moves: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(Debug, Args)]
@@ -278,6 +282,13 @@ fn parse_positive(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_max_moves(s: &str) -> Result<std::num::NonZeroUsize, String> {
+    s.parse::<usize>()
+        .ok()
+        .and_then(std::num::NonZeroUsize::new)
+        .ok_or_else(|| format!("{s:?} is not a whole number greater than zero (to move nothing, use --dry-run)"))
+}
+
 fn parse_threshold(s: &str) -> Result<f64, String> {
     let t: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     config::check_threshold(t)
@@ -311,6 +322,7 @@ fn constraints_of(c: &ConstraintArgs) -> Constraints {
         exclude: c.exclude.iter().map(|e| DomainMatcher::parse(e)).collect(),
         reserved: c.reserve_pcpus.as_ref().map(|l| l.0.clone()).unwrap_or_default(),
         override_manual: c.override_manual,
+        max_moves: c.max_moves,
     }
 }
 
@@ -338,6 +350,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         exclude: a.constraints.exclude.clone(),
         reserve_pcpus: a.constraints.reserve_pcpus.as_ref().map(|l| l.0.clone()),
         override_manual: a.constraints.override_manual,
+        max_moves: a.constraints.max_moves,
         dry_run: a.dry_run,
         http_listen: a.http_listen,
         metrics_listen: a.metrics_listen,

@@ -103,6 +103,8 @@ fn bad_input_is_refused() {
         (vec!["run", "--host", "a:1", "--interval", "0s"], "interval"),
         (vec!["run", "--host", "a:1", "--threshold", "200"], "between 0 and 100"),
         (vec!["run", "--host", "a b"], "invalid address"),
+        (vec!["run", "--host", "a:1", "--max-moves", "0"], "use --dry-run"),
+        (vec!["evaluate", "--max-moves", "two"], "not a whole number greater than zero"),
         (vec!["run"], "--host"),
         (vec!["pin", "--host", "a:1", "--domain", "x", "--vcpu", "0", "--pcpu", "3-1"], "start after end"),
     ] {
@@ -179,8 +181,9 @@ fn cells(row: &str) -> Vec<String> {
     row.trim().trim_matches('|').split('|').map(|c| c.trim().to_string()).collect()
 }
 
-/// POLICIES.md's two tables are what `evaluate` prints today: every row of the suite's table, and the `guarded` and
-/// `converge now` columns of "Beyond the suite" on the hosts `scripts/random-hosts` writes. A policy change that
+/// POLICIES.md's tables are what `evaluate` prints today: every row of the suite's table, the `guarded` and
+/// `converge now` columns of "Beyond the suite" on the hosts `scripts/random-hosts` writes, and `converge` under
+/// `--max-moves`. A policy change that
 /// moves a number fails here until the page says so.
 #[test]
 fn policies_md_tables_are_what_evaluate_prints() {
@@ -213,6 +216,26 @@ fn policies_md_tables_are_what_evaluate_prints() {
     }
     assert_eq!(checked, 48, "24 hosts, two policies");
     std::fs::remove_dir_all(&dir).unwrap();
+
+    // "A limit on moves per round": converge with no limit and under --max-moves 1, 2 and 4.
+    let section = doc.split("## A limit on moves per round").nth(1).expect("the --max-moves section");
+    for (col, limit) in [(1, None), (2, Some("1")), (3, Some("2")), (4, Some("4"))] {
+        let mut args = vec!["evaluate", "--scenarios", &scenarios, "--policy", "converge", "--rounds", "300", "--interval", "2s"];
+        args.extend(limit.iter().flat_map(|n| ["--max-moves", n]));
+        let out = controller(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let mut rows = 0;
+        for row in text(&out.stdout).lines().skip(2) {
+            let c = cells(row);
+            let pins = c[3].parse::<u64>().unwrap() + c[4].parse::<u64>().unwrap();
+            let got = format!("{} / {pins} / {} / {}", c[2], c[6], c[7]);
+            let line = section.lines().find(|l| l.starts_with(&format!("| {} |", c[0])));
+            let want = cells(line.unwrap_or_else(|| panic!("POLICIES.md's --max-moves table has no row for {}", c[0])));
+            assert_eq!(want[col], got, "POLICIES.md, {} under --max-moves {limit:?}", c[0]);
+            rows += 1;
+        }
+        assert_eq!(rows, 12);
+    }
 }
 
 /// `--no-guard` is `--policy seed`: on all-on-one both move exactly one vCPU in the first computed round.

@@ -304,6 +304,7 @@ async fn constraints_are_honoured_over_grpc() {
                 exclude: vec![DomainMatcher::parse("db-*")],
                 reserved: vec![0],
                 override_manual: false,
+                max_moves: None,
             },
         };
         let hv = a.hv.clone();
@@ -341,4 +342,35 @@ async fn constraints_are_honoured_over_grpc() {
             "{kind}: decision log does not say so"
         );
     }
+}
+
+/// `--max-moves` over real gRPC: on a host whose plan moves many vCPUs at once, no round moves more vCPUs than
+/// allowed, neither in the reports nor on the agent (its placements are compared round to round), the decision
+/// log says the plan was cut, and the host is balanced all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_moves_bounds_every_round_over_grpc() {
+    use vcpu_balancer::controller::policy::PolicyKind;
+    // Sixteen VMs on the first four of eight pCPUs: converge's first plans move several vCPUs each.
+    let sc = common::scenario(include_str!("../scenarios/sixteen-on-eight.toml"));
+    let a = SimAgent::start(&sc, SPEED).await;
+    let mut policy = PolicyConfig::with_kind(PolicyKind::Converge);
+    policy.constraints.max_moves = std::num::NonZeroUsize::new(2);
+    let hv = a.hv.clone();
+    let placement = move || -> BTreeMap<String, u32> {
+        hv.with_host(|h, now| h.stats(now)).into_iter().map(|d| (d.name, d.vcpus[0].pcpu)).collect()
+    };
+    let mut before = placement();
+    let mut most_on_agent = 0;
+    let rs = run_with(&a.addr, policy, 30, |_| {
+        let now = placement();
+        most_on_agent = most_on_agent.max(now.iter().filter(|(d, p)| before.get(*d) != Some(p)).count());
+        before = now;
+    })
+    .await;
+    assert!(rs.iter().all(|r| r.action.kind != ActionType::Error), "{rs:#?}");
+    assert!(rs.iter().all(|r| r.moves.len() <= 2), "{rs:#?}");
+    assert!((1..=2).contains(&most_on_agent), "{most_on_agent} vCPUs changed pCPU in one round");
+    assert!(rs.iter().any(|r| r.action.reason.contains("--max-moves 2: the plan has")), "{rs:#?}");
+    // Its balanced placement has a true spread of exactly 10, which readings over real time put a hair either side.
+    assert!(settled_at(&rs, 10.5, 3).is_some(), "never balanced: {rs:#?}");
 }

@@ -382,6 +382,7 @@ async fn excluded_domains_and_reserved_pcpus_on_real_guests() {
             exclude: vec![DomainMatcher::parse("vcbe2e7-ex")],
             reserved: vec![1],
             override_manual: false,
+            max_moves: None,
         };
         let policy = PolicyConfig { kind, constraints, ..PolicyConfig::default() };
         let rs = balance_with(&agent.addr, policy, 7, |_| {}).await;

@@ -17,6 +17,7 @@
 //! exclude = ["db-*"]                # never move these domains (name glob or UUID)
 //! reserve_pcpus = "0-1"             # never a target
 //! override_manual = false           # move vCPUs someone else pinned
+//! max_moves = 8                     # vCPUs moved per host and round at most (default: no limit)
 //! [tls]                             # mutual TLS to the agents: all three or none
 //! cert = "/etc/vcpu-balancer/controller.crt"
 //! key = "/etc/vcpu-balancer/controller.key"
@@ -80,6 +81,7 @@ pub struct ControllerConfig {
     pub exclude: Option<Vec<String>>,
     pub reserve_pcpus: Option<Vec<u32>>,
     pub override_manual: Option<bool>,
+    pub max_moves: Option<std::num::NonZeroUsize>,
     pub http_listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
     pub tls: TlsPaths,
@@ -109,6 +111,7 @@ struct RawPolicy {
     exclude: Option<Vec<Spanned<String>>>,
     reserve_pcpus: Option<Spanned<String>>,
     override_manual: Option<bool>,
+    max_moves: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +235,12 @@ impl ControllerConfig {
                 cfg.reserve_pcpus = Some(parse_cpu_list(r.get_ref()).map_err(|m| invalid(r.span(), "reserve_pcpus", m))?);
             }
             cfg.override_manual = p.override_manual;
+            if let Some(n) = p.max_moves {
+                let v = usize::try_from(*n.get_ref()).ok().and_then(std::num::NonZeroUsize::new);
+                cfg.max_moves = Some(v.ok_or_else(|| {
+                    invalid(n.span(), "max_moves", "must be a whole number greater than zero (to move nothing, use dry_run)".into())
+                })?);
+            }
         }
         if let Some(t) = raw.tls {
             // Checked here so the error names the line; whether all three are given is checked with the flags.
@@ -265,7 +274,7 @@ mod tests {
             "hosts = [\"hv1\", \"hv2:7000\", \"https://hv3\"]\ninterval = \"500ms\"\nrpc_timeout = \"200ms\"\n\
              dry_run = true\nmax_inflight = 32\nstate_dir = \"/var/lib/vcpu-balancer\"\nhttp_listen = \"127.0.0.1:9180\"\nmetrics_listen = \"[::1]:9181\"\n\
              [policy]\nname = \"guarded\"\nthreshold = 12.5\nexclude = [\"db-*\"]\nreserve_pcpus = \"0-1,4\"\n\
-             override_manual = true\n[tls]\nca = {:?}\n",
+             override_manual = true\nmax_moves = 4\n[tls]\nca = {:?}\n",
             ca.display().to_string()
         );
         let c = ControllerConfig::parse(&text, "c.toml").unwrap();
@@ -280,6 +289,7 @@ mod tests {
         assert_eq!(c.exclude, Some(vec!["db-*".to_string()]));
         assert_eq!(c.reserve_pcpus, Some(vec![0, 1, 4]));
         assert_eq!(c.override_manual, Some(true));
+        assert_eq!(c.max_moves, std::num::NonZeroUsize::new(4));
         assert_eq!(c.http_listen, Some("127.0.0.1:9180".parse().unwrap()));
         assert_eq!(c.metrics_listen, Some("[::1]:9181".parse().unwrap()));
         assert_eq!(c.tls.ca, Some(ca));
@@ -304,6 +314,8 @@ mod tests {
             ("[policy]\nname = \"converge\"\nguard = false\n", 3, "contradicts"),
             ("[policy]\nreserve_pcpus = \"3-1\"\n", 2, "reserve_pcpus"),
             ("max_inflight = 0\n", 1, "greater than zero"),
+            ("[policy]\n\nmax_moves = 0\n", 3, "use dry_run"),
+            ("[policy]\nmax_moves = -2\n", 2, "max_moves"),
             ("hosts = [\"a\"]\nstate_dir = \" \"\n", 2, "must name a directory"),
         ] {
             match ControllerConfig::parse(text, "c.toml") {
@@ -335,6 +347,7 @@ pub struct Overrides {
     pub reserve_pcpus: Option<Vec<u32>>,
     /// `--override-manual` can only turn it on.
     pub override_manual: bool,
+    pub max_moves: Option<std::num::NonZeroUsize>,
     /// `--dry-run` can only turn dry-run on.
     pub dry_run: bool,
     pub http_listen: Option<SocketAddr>,
@@ -381,6 +394,7 @@ impl RunSettings {
             exclude: exclude.iter().map(|e| DomainMatcher::parse(e)).collect(),
             reserved: flags.reserve_pcpus.clone().or_else(|| file.reserve_pcpus.clone()).unwrap_or_default(),
             override_manual: flags.override_manual || file.override_manual.unwrap_or(false),
+            max_moves: flags.max_moves.or(file.max_moves),
         };
         let tls = match (
             flags.tls.cert.clone().or_else(|| file.tls.cert.clone()),
@@ -521,6 +535,16 @@ mod merge_tests {
         assert_eq!(RunSettings::resolve(&Overrides::default(), &file).unwrap().policy.kind, PolicyKind::Guarded);
         let flags = Overrides { policy: Some(PolicyKind::Converge), ..Default::default() };
         assert_eq!(RunSettings::resolve(&flags, &file).unwrap().policy.kind, PolicyKind::Converge);
+        // --max-moves over the file's, which is over no limit.
+        assert_eq!(RunSettings::resolve(&flags, &file).unwrap().policy.constraints.max_moves, None);
+        let file = ControllerConfig::parse("hosts = [\"a\"]\n[policy]\nmax_moves = 3\n", "c").unwrap();
+        let three = std::num::NonZeroUsize::new(3);
+        assert_eq!(RunSettings::resolve(&Overrides::default(), &file).unwrap().policy.constraints.max_moves, three);
+        let flags = Overrides { max_moves: std::num::NonZeroUsize::new(1), ..Default::default() };
+        assert_eq!(
+            RunSettings::resolve(&flags, &file).unwrap().policy.constraints.max_moves,
+            std::num::NonZeroUsize::new(1)
+        );
     }
 
     #[test]

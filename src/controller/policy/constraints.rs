@@ -1,5 +1,6 @@
 //! What operators keep the balancer away from: excluded domains (`--exclude`, a name glob or a UUID), reserved
-//! pCPUs (`--reserve-pcpus`), and whether vCPUs pinned by hand may be taken back (`--override-manual`).
+//! pCPUs (`--reserve-pcpus`), whether vCPUs pinned by hand may be taken back (`--override-manual`), and how many
+//! vCPUs a round may move (`--max-moves`, see [`super::cap`]).
 //! Pure data and matching; [`super::decide`] applies them for every policy.
 
 use crate::model::PcpuId;
@@ -67,6 +68,8 @@ pub struct Constraints {
     pub reserved: Vec<PcpuId>,
     /// Take back vCPUs pinned by hand instead of leaving them where the operator put them.
     pub override_manual: bool,
+    /// At most this many vCPUs moved to another pCPU per host and round (`--max-moves`); `None`: no limit.
+    pub max_moves: Option<std::num::NonZeroUsize>,
 }
 
 impl Constraints {

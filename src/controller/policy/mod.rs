@@ -15,6 +15,7 @@
 //! target and are not counted in the spread; vCPUs found on a reserved pCPU are moved off when possible.
 //! Only pins that change something are produced: a vCPU already pinned to exactly its target is left alone.
 
+pub mod cap;
 pub mod constraints;
 pub mod converge;
 pub mod partition;
@@ -466,6 +467,7 @@ fn decide_into(
         PolicyKind::Guarded => tenpercent::decide(&view, cfg.threshold, true),
         PolicyKind::Converge => converge::decide(&view, cfg.threshold, state, &saturated),
     };
+    let d = limit_moves(d, &view, state, c.max_moves);
     let settled = if !d.moves.is_empty() { false } else { state.settled || spread <= cfg.threshold };
     let stalled = if !d.moves.is_empty() || spread <= cfg.threshold { None } else { d.stalled.or(state.stalled) };
     let round = state.round + 1;
@@ -521,6 +523,60 @@ fn decide_into(
     remember_seen(u, &is_held, &remembered, &pins, next);
     let at_best = next.stalled.is_some();
     Plan { spread, busiest: Some(busiest), freest: Some(freest), moves, reason, held, newly_manual, pins, at_best }
+}
+
+/// `--max-moves`: the part of the plan to carry out this round (see [`cap`]). Before anything is recorded, so the
+/// moves left out are not cooling down and the state reads as if the policy had planned only those kept.
+fn limit_moves(mut d: Decision, view: &View, state: &PolicyState, max: Option<std::num::NonZeroUsize>) -> Decision {
+    let planned = d.moves.len();
+    let Some(max) = max.filter(|m| planned > m.get()) else { return d };
+    let step = |&(i, to): &(usize, PcpuId)| {
+        let v = view.vcpu(i);
+        cap::Step { from: v.pcpu, to, usage: v.usage.unwrap_or(0.0) }
+    };
+    let steps: Vec<cap::Step> = d.moves.iter().map(step).collect();
+    let kept = cap::limit(&view.load, &view.allowed, &steps, max.get());
+    let what = if kept.is_empty() {
+        // No part of the plan that fits helps on its own (a plan of swaps under `--max-moves 1`, say), and
+        // planning it again next round would find the same: one move of the policy's own kind instead, a vCPU to
+        // the freest pCPU, the one that helps most, under converge's rules (not one just moved, nor back).
+        let this_round = state.round + 1;
+        let freest = view.extremes().map(|(_, f)| f);
+        let load_of = |p: PcpuId| view.load.binary_search_by_key(&p, |&(id, _)| id).ok().map(|k| view.load[k].1);
+        let single: Vec<(usize, PcpuId)> = view
+            .movable
+            .iter()
+            .filter_map(|&i| {
+                let v = view.vcpu(i);
+                let (to, lo) = freest.filter(|(f, _)| *f != v.pcpu && view.allowed.contains(&v.pcpu))?;
+                // Converge's rule for a step: it narrows the gap between the two pCPUs by MIN_STEP_GAIN at least.
+                let (gap, u) = (load_of(v.pcpu)? - lo, v.usage.unwrap_or(0.0));
+                if gap - (gap - 2.0 * u).abs() < converge::MIN_STEP_GAIN {
+                    return None;
+                }
+                let last = state.last_moved.get(&(v.uuid.clone(), v.vcpu));
+                let barred = last.is_some_and(|&(r, from)| {
+                    this_round - r <= converge::COOLDOWN_ROUNDS
+                        || (from == to && this_round - r <= converge::NO_RETURN_ROUNDS)
+                });
+                (!barred).then_some((i, to))
+            })
+            .collect();
+        let one = cap::limit(&view.load, &view.allowed, &single.iter().map(step).collect::<Vec<_>>(), 1);
+        d.moves = one.iter().map(|&k| single[k]).collect();
+        match d.moves.first() {
+            Some(&(i, to)) => {
+                let v = view.vcpu(i);
+                format!("none of them helps on its own, so one vCPU instead: {} vCPU {} to pCPU {to}", v.domain, v.vcpu)
+            }
+            None => "none of them, as no part that fits helps on its own".to_string(),
+        }
+    } else {
+        d.moves = kept.iter().map(|&k| d.moves[k]).collect();
+        format!("{} of them, those that lower the imbalance most", kept.len())
+    };
+    d.reason.push_str(&format!("; --max-moves {max}: the plan has {planned} moves, this round makes {what}"));
+    d
 }
 
 /// Remembers the affinity of every vCPU this round leaves as it is, so that a later change this controller did not
@@ -916,6 +972,67 @@ pub(crate) mod tests {
         }
     }
 
+    /// 8 vCPUs of 10 % on pCPU 0 of 4 idle ones: converge spreads them in one round, 6 moves.
+    fn all_on_one() -> HostUsage {
+        let names: Vec<String> = (0..8).map(|i| format!("v{i}")).collect();
+        let spec: Vec<(&str, u32, f64, bool)> = names.iter().map(|n| (n.as_str(), 0, 10.0, true)).collect();
+        host(4, &spec)
+    }
+
+    #[test]
+    fn max_moves_bounds_the_moves_of_a_round_and_keeps_those_that_help_most() {
+        let h = all_on_one();
+        let unlimited = decide_once(&h, &cfg(PolicyKind::Converge));
+        assert!(unlimited.moves.len() > 2, "{unlimited:?}");
+        let mut c = cfg(PolicyKind::Converge);
+        c.constraints.max_moves = std::num::NonZeroUsize::new(2);
+        let (p, next) = decide(&h, &c, &PolicyState::default());
+        assert_eq!(p.moves.len(), 2, "{p:?}");
+        assert_eq!(p.pins.len(), 2, "only the moves made are pinned: {p:?}");
+        // To two different idle pCPUs: both to one would help less.
+        assert_ne!(p.moves[0].to, p.moves[1].to, "{p:?}");
+        assert!(p.moves.iter().all(|m| m.from == 0 && m.to != 0), "{p:?}");
+        assert!(p.reason.contains(&format!("--max-moves 2: the plan has {} moves", unlimited.moves.len())), "{}", p.reason);
+        assert_eq!(next.last_moved.len(), 2);
+        // The next rounds go on, two moves at most each, until the host is balanced.
+        let (mut cur, mut state) = (h, next);
+        let mut plan = p;
+        for _ in 0..10 {
+            for m in &plan.moves {
+                let v = cur.vcpus.iter_mut().find(|v| *v.domain == *m.domain).unwrap();
+                v.pcpu = m.to;
+                v.affinity = [m.to].into();
+            }
+            for pin in &plan.pins {
+                state.record_applied(pin);
+            }
+            cur = with_loads(4, cur.vcpus);
+            (plan, state) = decide(&cur, &c, &state);
+            assert!(plan.moves.len() <= 2, "{plan:?}");
+        }
+        assert!(plan.spread <= 10.0, "{plan:?}");
+    }
+
+    #[test]
+    fn max_moves_below_a_swap_makes_the_single_move_that_helps_most() {
+        // pCPU 0 runs 50 + 20 + 4, pCPU 1 runs 40 + 12: converge swaps 50 and 40 (gap 22 to 2). Neither half of
+        // the swap helps alone, so under --max-moves 1 the best single move to pCPU 1 is made instead: the 4.
+        let h = host(2, &[("a", 0, 50.0, true), ("b", 0, 20.0, true), ("c", 0, 4.0, true), ("d", 1, 40.0, true), ("e", 1, 12.0, true)]);
+        let unlimited = decide_once(&h, &cfg(PolicyKind::Converge));
+        let mut moved: Vec<&str> = unlimited.moves.iter().map(|m| m.domain.as_str()).collect();
+        moved.sort_unstable();
+        assert_eq!(moved, ["a", "d"], "{unlimited:?}");
+        let mut c = cfg(PolicyKind::Converge);
+        c.constraints.max_moves = std::num::NonZeroUsize::new(1);
+        let p = decide_once(&h, &c);
+        assert_eq!(p.moves.len(), 1, "{p:?}");
+        assert_eq!((p.moves[0].domain.as_str(), p.moves[0].to), ("c", 1), "{p:?}");
+        assert!(p.reason.contains("none of them helps on its own, so one vCPU instead: c vCPU 0 to pCPU 1"), "{}", p.reason);
+        // With two allowed, the swap itself.
+        c.constraints.max_moves = std::num::NonZeroUsize::new(2);
+        assert_eq!(decide_once(&h, &c).moves, unlimited.moves);
+    }
+
     proptest! {
         /// The bitmap answers as an ordered set of the same ids does, for ids inside and beyond its words.
         #[test]
@@ -991,15 +1108,27 @@ pub(crate) mod tests {
         /// Constraints hold for every policy on any input: excluded domains are never pinned, and nothing goes
         /// to a reserved pCPU.
         #[test]
-        fn constraints_hold(h in arb_host(), kind in arb_kind(), reserved in 0u32..8, was_over in any::<bool>()) {
+        fn constraints_hold(
+            h in arb_host(),
+            kind in arb_kind(),
+            reserved in 0u32..8,
+            was_over in any::<bool>(),
+            max_moves in proptest::option::of(1usize..4),
+        ) {
             let mut c = cfg(kind);
             c.constraints.exclude = vec![DomainMatcher::parse("d0*")];
             c.constraints.reserved = vec![reserved];
-            let (p, _) = decide(&h, &c, &PolicyState { was_over, ..Default::default() });
+            c.constraints.max_moves = max_moves.and_then(std::num::NonZeroUsize::new);
+            let (p, next) = decide(&h, &c, &PolicyState { was_over, ..Default::default() });
             for pin in &p.pins {
                 prop_assert!(!pin.domain.starts_with("uuid-d0"), "{:?}", pin);
                 prop_assert!(pin.pcpus != vec![reserved]);
             }
+            if let Some(max) = max_moves {
+                prop_assert!(p.moves.len() <= max, "{} moves over --max-moves {max}: {:?}", p.moves.len(), p.moves);
+            }
+            // Only the moves made are remembered as moved (the cooldown and the no-return rule).
+            prop_assert_eq!(next.last_moved.len(), p.moves.len());
         }
 
         /// Same input, same plan.
