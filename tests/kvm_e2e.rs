@@ -467,3 +467,39 @@ async fn a_restarted_controller_knows_its_pins_on_real_guests() {
     assert!(!held(&without), "without the directory the pin is not known as manual: {without:#?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// 10. `--max-moves 1` on real guests: four light guests on pCPU 0, which `converge` spreads with two moves in one
+///     round, are spread one move per round instead. Every round's report moves at most one vCPU, virsh shows at
+///     most one guest changing pCPU between two reports, the decision log says the plan was cut, and the host ends
+///     balanced and left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_moves_bounds_every_round_on_real_guests() {
+    use vcpu_balancer::controller::policy::PolicyKind;
+    let _s = SERIAL.lock().await;
+    // 80 | 0, nothing saturated: two 20 % guests have to go to pCPU 1.
+    let guests = ["a", "b", "c", "d"];
+    let tb = Testbed::up("vcbe2e10", &["a:20:0", "b:20:0", "c:20:0", "d:20:0"]);
+    let agent = Agent::start();
+    let mut policy = PolicyConfig::with_kind(PolicyKind::Converge);
+    policy.constraints.max_moves = std::num::NonZeroUsize::new(1);
+    let pins = || guests.iter().map(|g| virsh_vcpupin(&tb.dom(g))).collect::<Vec<_>>();
+    let mut before = pins();
+    let mut most = 0;
+    let rs = balance_with(&agent.addr, policy, 10, |_| {
+        let now = pins();
+        // A guest's affinity changes from both pCPUs to one when first pinned where it runs: only a change from
+        // one pCPU to another is a move.
+        let moved = now.iter().zip(&before).filter(|(n, b)| b.len() == 1 && n != b).count();
+        most = most.max(moved);
+        before = now;
+    })
+    .await;
+    assert!(rs.iter().all(|r| r.action.kind != ActionType::Error), "{rs:#?}");
+    assert!(rs.iter().all(|r| r.moves.len() <= 1), "{rs:#?}");
+    assert!(most <= 1, "{most} guests changed pCPU between two reports: {rs:#?}");
+    assert!(rs.iter().any(|r| r.action.reason.contains("--max-moves 1: the plan has 2 moves")), "{rs:#?}");
+    assert_eq!(rs.iter().map(|r| r.moves.len()).sum::<usize>(), 2, "two guests moved in all: {rs:#?}");
+    assert!(settled_at(&rs, 4).is_some(), "never balanced: {rs:#?}");
+    let on1 = guests.iter().filter(|g| virsh_vcpupin(&tb.dom(g)) == vec![vec![1]]).count();
+    assert_eq!(on1, 2, "two guests on pCPU 1");
+}
