@@ -117,6 +117,7 @@ pub struct ControllerMetrics {
     host_up: Family<HostLabels, Gauge>,
     rounds: Family<RoundLabels, Counter>,
     moves: Family<HostLabels, Counter>,
+    deferred_moves: Family<HostLabels, Counter>,
     pins_applied: Family<HostLabels, Counter>,
     pins_failed: Family<HostLabels, Counter>,
     round_duration: LatencyFamily<HostLabels>,
@@ -135,6 +136,7 @@ impl ControllerMetrics {
             host_up: Family::default(),
             rounds: Family::default(),
             moves: Family::default(),
+            deferred_moves: Family::default(),
             pins_applied: Family::default(),
             pins_failed: Family::default(),
             round_duration: Family::new_with_constructor(LatencyBuckets),
@@ -161,6 +163,11 @@ impl ControllerMetrics {
         registry.register("host_up", "1 if the host's last round reached its agent, 0 if it failed", m.host_up.clone());
         registry.register("rounds", "Rounds done, by host and action (baseline, none, move, error)", m.rounds.clone());
         registry.register("moves", "vCPU moves decided by the policy", m.moves.clone());
+        registry.register(
+            "deferred_moves",
+            "vCPU moves of the policy's plans that --max-moves left for later rounds",
+            m.deferred_moves.clone(),
+        );
         registry.register("pins_applied", "Pins the agents applied", m.pins_applied.clone());
         registry.register("pins_failed", "Pins the agents refused", m.pins_failed.clone());
         registry.register(
@@ -203,8 +210,12 @@ impl ControllerMetrics {
         for p in &r.pcpus {
             self.pcpu_usage.get_or_create(&PcpuLabels { host: r.host.clone(), pcpu: p.id.to_string() }).set(p.usage);
         }
-        if r.action.kind == ActionType::Move {
-            self.moves.get_or_create(&host).inc();
+        // Per vCPU: `converge` moves several in a round.
+        if !r.moves.is_empty() {
+            self.moves.get_or_create(&host).inc_by(r.moves.len() as u64);
+        }
+        if r.deferred_moves > 0 {
+            self.deferred_moves.get_or_create(&host).inc_by(r.deferred_moves as u64);
         }
         self.pins_applied.get_or_create(&host).inc_by(r.pins_applied as u64);
         self.pins_failed.get_or_create(&host).inc_by(r.pins_failed.len() as u64);
@@ -363,6 +374,9 @@ mod tests {
         r.pcpus = vec![PcpuUsage { id: 3, usage: 42.5 }];
         r.spread = Some(17.0);
         r.at_best = true;
+        let mv = |vcpu, to| crate::controller::policy::Move { domain: "vm".into(), uuid: "u".into(), vcpu, from: 0, to, usage: 20.0 };
+        r.moves = vec![mv(0, 1), mv(1, 2)];
+        r.deferred_moves = 3;
         r.pins_applied = 2;
         r.duration = Some(Duration::from_millis(3));
         m.observe_round(&r);
@@ -374,7 +388,8 @@ mod tests {
             r#"vcpu_balancer_host_at_best{host="hv1:1"} 1"#,
             r#"vcpu_balancer_host_up{host="hv1:1"} 1"#,
             r#"vcpu_balancer_rounds_total{host="hv1:1",action="move"} 1"#,
-            r#"vcpu_balancer_moves_total{host="hv1:1"} 1"#,
+            r#"vcpu_balancer_moves_total{host="hv1:1"} 2"#,
+            r#"vcpu_balancer_deferred_moves_total{host="hv1:1"} 3"#,
             r#"vcpu_balancer_pins_applied_total{host="hv1:1"} 2"#,
             r#"vcpu_balancer_round_duration_seconds_count{host="hv1:1"} 1"#,
             r#"vcpu_balancer_controller_rpc_errors_total{host="hv1:1",method="GetStats",code="UNAVAILABLE"} 1"#,

@@ -371,6 +371,7 @@ async fn max_moves_bounds_every_round_over_grpc() {
     assert!(rs.iter().all(|r| r.moves.len() <= 2), "{rs:#?}");
     assert!((1..=2).contains(&most_on_agent), "{most_on_agent} vCPUs changed pCPU in one round");
     assert!(rs.iter().any(|r| r.action.reason.contains("--max-moves 2: the plan has")), "{rs:#?}");
+    assert!(rs.iter().any(|r| r.deferred_moves > 0), "no report counts the moves left for later: {rs:#?}");
     // Its balanced placement has a true spread of exactly 10, which readings over real time put a hair either side.
     assert!(settled_at(&rs, 10.5, 3).is_some(), "never balanced: {rs:#?}");
 }

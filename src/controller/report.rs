@@ -69,6 +69,8 @@ pub struct RoundReport {
     pub skipped_ticks: u64,
     /// The policy holds this host over the threshold at the best it found (see [`Plan::at_best`]).
     pub at_best: bool,
+    /// Moves of the plan that `--max-moves` left for later rounds (see [`Plan::deferred`]).
+    pub deferred_moves: usize,
 }
 
 impl RoundReport {
@@ -104,6 +106,7 @@ impl RoundReport {
             duration: None,
             skipped_ticks: 0,
             at_best: plan.at_best,
+            deferred_moves: plan.deferred,
         }
     }
 
@@ -124,6 +127,7 @@ impl RoundReport {
             duration: None,
             skipped_ticks: 0,
             at_best: false,
+            deferred_moves: 0,
         }
     }
 

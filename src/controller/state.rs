@@ -150,9 +150,8 @@ impl StateStore {
         h.action = r.action.clone();
         h.updated_ms = now;
         h.pins_applied_total += r.pins_applied as u64;
-        if r.action.kind == ActionType::Move {
-            h.moves_total += 1;
-        }
+        // Per vCPU, as the `moves_total` metric: `converge` moves several in a round.
+        h.moves_total += r.moves.len() as u64;
         if up {
             h.down_since_ms = None;
         } else if h.up || h.down_since_ms.is_none() {
@@ -213,6 +212,18 @@ mod tests {
         if spread.is_some() {
             r.pcpus = vec![PcpuUsage { id: 0, usage: 50.0 }, PcpuUsage { id: 1, usage: 10.0 }];
         }
+        if kind == ActionType::Move {
+            // Two vCPUs moved, as `converge` may do in one round.
+            let mv = |vcpu| crate::controller::policy::Move {
+                domain: "vm".into(),
+                uuid: "u".into(),
+                vcpu,
+                from: 0,
+                to: 1,
+                usage: 20.0,
+            };
+            r.moves = vec![mv(0), mv(1)];
+        }
         r
     }
 
@@ -248,7 +259,7 @@ mod tests {
         let snap = s.snapshot();
         assert_eq!(snap.decisions.len(), MAX_DECISIONS);
         assert_eq!(snap.decisions[0].round, MAX_DECISIONS as u64 + 9);
-        assert_eq!(snap.hosts[0].moves_total, MAX_DECISIONS as u64 + 10);
+        assert_eq!(snap.hosts[0].moves_total, 2 * (MAX_DECISIONS as u64 + 10));
         assert_eq!(s.remove_host("a"), vec![0, 1]);
         assert!(s.snapshot().hosts.is_empty());
         assert!(s.snapshot().spread_history.is_empty());

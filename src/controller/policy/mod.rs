@@ -228,6 +228,8 @@ pub struct Plan {
     /// Whether the policy holds the host over the threshold at the best it found ([`PolicyState::stalled`]):
     /// nothing it can do balances the host, so more imbalance there needs capacity or a hand, not more rounds.
     pub at_best: bool,
+    /// Moves of the policy's plan that `--max-moves` left for later rounds.
+    pub deferred: usize,
 }
 
 impl Plan {
@@ -455,6 +457,7 @@ fn decide_into(
             newly_manual,
             pins: vec![],
             at_best: false,
+            deferred: 0,
         };
         next.round = old.unwrap_or(&*next).round + 1;
         return plan;
@@ -467,7 +470,7 @@ fn decide_into(
         PolicyKind::Guarded => tenpercent::decide(&view, cfg.threshold, true),
         PolicyKind::Converge => converge::decide(&view, cfg.threshold, state, &saturated),
     };
-    let d = limit_moves(d, &view, state, c.max_moves);
+    let (d, deferred) = limit_moves(d, &view, state, c.max_moves);
     let settled = if !d.moves.is_empty() { false } else { state.settled || spread <= cfg.threshold };
     let stalled = if !d.moves.is_empty() || spread <= cfg.threshold { None } else { d.stalled.or(state.stalled) };
     let round = state.round + 1;
@@ -522,20 +525,38 @@ fn decide_into(
         .collect();
     remember_seen(u, &is_held, &remembered, &pins, next);
     let at_best = next.stalled.is_some();
-    Plan { spread, busiest: Some(busiest), freest: Some(freest), moves, reason, held, newly_manual, pins, at_best }
+    Plan {
+        spread,
+        busiest: Some(busiest),
+        freest: Some(freest),
+        moves,
+        reason,
+        held,
+        newly_manual,
+        pins,
+        at_best,
+        deferred,
+    }
 }
 
 /// `--max-moves`: the part of the plan to carry out this round (see [`cap`]). Before anything is recorded, so the
-/// moves left out are not cooling down and the state reads as if the policy had planned only those kept.
-fn limit_moves(mut d: Decision, view: &View, state: &PolicyState, max: Option<std::num::NonZeroUsize>) -> Decision {
+/// moves left out are not cooling down and the state reads as if the policy had planned only those kept. Also
+/// returns how many of the plan's moves were left out.
+fn limit_moves(
+    mut d: Decision,
+    view: &View,
+    state: &PolicyState,
+    max: Option<std::num::NonZeroUsize>,
+) -> (Decision, usize) {
     let planned = d.moves.len();
-    let Some(max) = max.filter(|m| planned > m.get()) else { return d };
+    let Some(max) = max.filter(|m| planned > m.get()) else { return (d, 0) };
     let step = |&(i, to): &(usize, PcpuId)| {
         let v = view.vcpu(i);
         cap::Step { from: v.pcpu, to, usage: v.usage.unwrap_or(0.0) }
     };
     let steps: Vec<cap::Step> = d.moves.iter().map(step).collect();
     let kept = cap::limit(&view.load, &view.allowed, &steps, max.get());
+    let deferred = planned - kept.len();
     let what = if kept.is_empty() {
         // No part of the plan that fits helps on its own (a plan of swaps under `--max-moves 1`, say), and
         // planning it again next round would find the same: one move of the policy's own kind instead, a vCPU to
@@ -576,7 +597,7 @@ fn limit_moves(mut d: Decision, view: &View, state: &PolicyState, max: Option<st
         format!("{} of them, those that lower the imbalance most", kept.len())
     };
     d.reason.push_str(&format!("; --max-moves {max}: the plan has {planned} moves, this round makes {what}"));
-    d
+    (d, deferred)
 }
 
 /// Remembers the affinity of every vCPU this round leaves as it is, so that a later change this controller did not
@@ -994,6 +1015,8 @@ pub(crate) mod tests {
         assert!(p.moves.iter().all(|m| m.from == 0 && m.to != 0), "{p:?}");
         assert!(p.reason.contains(&format!("--max-moves 2: the plan has {} moves", unlimited.moves.len())), "{}", p.reason);
         assert_eq!(next.last_moved.len(), 2);
+        assert_eq!(p.deferred, unlimited.moves.len() - 2);
+        assert_eq!(unlimited.deferred, 0);
         // The next rounds go on, two moves at most each, until the host is balanced.
         let (mut cur, mut state) = (h, next);
         let mut plan = p;
@@ -1028,6 +1051,7 @@ pub(crate) mod tests {
         assert_eq!(p.moves.len(), 1, "{p:?}");
         assert_eq!((p.moves[0].domain.as_str(), p.moves[0].to), ("c", 1), "{p:?}");
         assert!(p.reason.contains("none of them helps on its own, so one vCPU instead: c vCPU 0 to pCPU 1"), "{}", p.reason);
+        assert_eq!(p.deferred, 2, "neither move of the plan was made");
         // With two allowed, the swap itself.
         c.constraints.max_moves = std::num::NonZeroUsize::new(2);
         assert_eq!(decide_once(&h, &c).moves, unlimited.moves);
