@@ -41,6 +41,15 @@ fn every_metric_the_dashboard_queries_is_exported() {
     r.pins_applied = 1;
     r.pins_failed = vec!["refused".into()];
     r.duration = Some(Duration::from_millis(1));
+    r.moves = vec![vcpu_balancer::controller::policy::Move {
+        domain: "vm".into(),
+        uuid: "u".into(),
+        vcpu: 0,
+        from: 0,
+        to: 1,
+        usage: 1.0,
+    }];
+    r.deferred_moves = 1;
     c.observe_round(&r);
     c.observe_rpc("h", "GetStats", Duration::from_millis(1), Some(tonic::Code::Unavailable));
     c.set_hosts_configured(1);
