@@ -231,8 +231,9 @@ async fn the_agent_survives_a_daemon_restart() {
 }
 
 /// (c) libvirtd hangs without dying under a running agent (SIGSTOP: it still holds its socket, it just never answers):
-/// every call answers UNAVAILABLE at the agent's `--libvirt-timeout`, not whenever the daemon comes back, and the
-/// agent serves again by itself once it does (SIGCONT).
+/// a call answers UNAVAILABLE at the agent's `--libvirt-timeout`, not whenever the daemon comes back; the calls after
+/// it, while it still waits, are not sent to libvirt and answer UNAVAILABLE at once; and the agent serves again by
+/// itself once the daemon does (SIGCONT).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_daemon_costs_a_deadline_not_a_hung_agent() {
     let daemon = PrivateDaemon::start("hung");
@@ -247,12 +248,16 @@ async fn a_hung_daemon_costs_a_deadline_not_a_hung_agent() {
         .expect_err("GetStats with libvirtd hung");
     assert_eq!(hung.code(), Code::Unavailable, "{hung}");
     assert!(hung.message().contains("did not answer a stats sample within 1s"), "{hung}");
+    // That sample still waits for libvirt on a blocking thread: later calls are not sent at all (each would hold
+    // one more thread for as long as the hang lasts), and answer at once.
     let pin_hung = tokio::time::timeout(CLIENT_WAIT, c.pin_vcpu(pin("test", 0, &[0])))
         .await
         .expect("the agent answers while libvirtd hangs")
         .expect_err("PinVcpu with libvirtd hung");
     assert_eq!(pin_hung.code(), Code::Unavailable, "{pin_hung}");
-    assert!(pin_hung.message().contains("did not answer"), "{pin_hung}");
+    assert!(pin_hung.message().contains("no new call is sent until libvirt answers it"), "{pin_hung}");
+    let again = c.get_stats(pb::GetStatsRequest {}).await.expect_err("GetStats with libvirtd still hung");
+    assert!(again.message().contains("no new call is sent until libvirt answers it"), "{again}");
 
     daemon.signal("CONT");
     serves_again(&mut c, &before).await;

@@ -13,7 +13,9 @@
 //! no timeout of its own. So every call is bounded by a deadline ([`LIBVIRT_CALL_DEADLINE`], `--libvirt-timeout`)
 //! and answers UNAVAILABLE when it passes, and only one thread at a time opens a connection: while that open hangs,
 //! the other calls wait for it no longer than the deadline and then give their blocking thread back, instead of
-//! queuing behind it for as long as the hang lasts.
+//! queuing behind it for as long as the hang lasts. A call past its deadline still holds its thread until libvirt
+//! answers (or its keepalive gives up on the connection); while one does, new calls are not sent at all and answer
+//! UNAVAILABLE at once, so a hung daemon holds one blocking thread, not one more per round and RPC.
 //!
 //! Pins are applied live (`VIR_DOMAIN_AFFECT_LIVE`, plus `CONFIG` when asked to persist and the domain is
 //! persistent). Drivers that only accept `flags = 0` (the test driver) fall back to `virDomainPinVcpu`.
@@ -63,6 +65,42 @@ async fn with_deadline<T>(
     tokio::time::timeout(deadline, fut).await.unwrap_or_else(|_| {
         Err(AgentError::Unavailable(format!("libvirt did not answer {what} within {deadline:?}")))
     })
+}
+
+/// Where one call's blocking work stands, for [`Inner::overdue`].
+const RUNNING: u8 = 0;
+const OVERDUE: u8 = 1;
+const DONE: u8 = 2;
+
+/// One call's blocking work, held by every thread that does part of it: the last one to finish (or unwind) drops it,
+/// which ends the call. A call that passed its deadline first stops counting as overdue then.
+#[derive(Debug)]
+struct Running {
+    inner: Arc<Inner>,
+    state: Arc<std::sync::atomic::AtomicU8>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.state.swap(DONE, Ordering::AcqRel) == OVERDUE {
+            self.inner.overdue.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// [`with_deadline`] for a call started with [`Inner::start_call`]: past the deadline, the call counts as overdue
+/// until its blocking work ends.
+async fn bounded<T>(
+    inner: &Inner,
+    state: &std::sync::atomic::AtomicU8,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, AgentError>>,
+) -> Result<T, AgentError> {
+    let r = with_deadline(inner.deadline, what, fut).await;
+    if r.is_err() && state.compare_exchange(RUNNING, OVERDUE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        inner.overdue.fetch_add(1, Ordering::AcqRel);
+    }
+    r
 }
 
 /// How a [`LibvirtHypervisor`] reads and waits.
@@ -123,6 +161,7 @@ impl LibvirtHypervisor {
                 down: AtomicBool::new(false),
                 parallel_reads: options.parallel_reads.max(1),
                 deadline: options.call_deadline.max(MIN_LIBVIRT_CALL_DEADLINE),
+                overdue: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -151,19 +190,26 @@ impl LibvirtHypervisor {
         T: Send + 'static,
         F: FnOnce(&Inner) -> Result<T, AgentError> + Send + 'static,
     {
+        let running = Inner::start_call(&self.inner)?;
+        let state = Arc::clone(&running.state);
         let inner = Arc::clone(&self.inner);
-        let deadline = inner.deadline;
-        with_deadline(deadline, "a call", async move {
-            tokio::task::spawn_blocking(move || f(&inner)).await.map_err(join_error)?
+        bounded(&self.inner, &state, "a call", async move {
+            tokio::task::spawn_blocking(move || {
+                let _running = running;
+                f(&inner)
+            })
+            .await
+            .map_err(join_error)?
         })
         .await
     }
 
-    async fn sample(&self) -> Result<HostStats, AgentError> {
+    async fn sample(&self, running: Running) -> Result<HostStats, AgentError> {
         // The thread that lists the domains reads the first chunk itself and hands only the others to more blocking
         // tasks: every hand-over between threads costs a wake-up, which on an idle host is a large part of a small
         // sample (one hop fewer per sample; a host with one domain reads it all on one thread).
         let inner = Arc::clone(&self.inner);
+        let running = Arc::new(running);
         let (node, listed_ns, first, rest) = tokio::task::spawn_blocking(move || {
             let (conn, node, domains) = inner.running_domains()?;
             let listed_ns = monotonic_ns();
@@ -172,7 +218,11 @@ impl LibvirtHypervisor {
             let rest: Vec<_> = chunks
                 .map(|chunk| {
                     let (inner, conn, node) = (Arc::clone(&inner), Arc::clone(&conn), node.clone());
-                    tokio::task::spawn_blocking(move || read_chunk(&inner, &conn, &chunk, &node))
+                    let running = Arc::clone(&running);
+                    tokio::task::spawn_blocking(move || {
+                        let _running = running;
+                        read_chunk(&inner, &conn, &chunk, &node)
+                    })
                 })
                 .collect();
             let first = read_chunk(&inner, &conn, &first, &node);
@@ -280,7 +330,9 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn stats(&self) -> Result<HostStats, AgentError> {
-        with_deadline(self.inner.deadline, "a stats sample", self.sample()).await
+        let running = Inner::start_call(&self.inner)?;
+        let state = Arc::clone(&running.state);
+        bounded(&self.inner, &state, "a stats sample", self.sample(running)).await
     }
 
     async fn placement(&self, domain: &str) -> Result<DomainPlacement, AgentError> {
@@ -312,6 +364,8 @@ struct Inner {
     parallel_reads: usize,
     /// Deadline of every call; also how long a call waits for another thread's open.
     deadline: Duration,
+    /// Calls past their deadline whose blocking work has not ended: while there is one, no new call is sent.
+    overdue: std::sync::atomic::AtomicUsize,
 }
 
 /// The connection cache. Tasks hold their own `Arc`, so dropping the cache never closes a connection under a running
@@ -346,6 +400,20 @@ struct PinTarget {
 }
 
 impl Inner {
+    /// Starts a call, or refuses it while an earlier one is past its deadline and still waiting for libvirt: libvirt
+    /// cannot interrupt a call, so each call sent to a daemon that hangs holds a blocking thread for as long as the
+    /// hang lasts, and one every round of every controller would pile up.
+    fn start_call(inner: &Arc<Inner>) -> Result<Running, AgentError> {
+        if inner.overdue.load(Ordering::Acquire) > 0 {
+            return Err(AgentError::Unavailable(format!(
+                "libvirt at {} did not answer an earlier call within {:?} and it is still waiting: no new call is sent \
+                 until libvirt answers it",
+                inner.uri, inner.deadline
+            )));
+        }
+        Ok(Running { inner: Arc::clone(inner), state: Arc::new(std::sync::atomic::AtomicU8::new(RUNNING)) })
+    }
+
     /// The live cached connection, or a new one.
     ///
     /// One thread opens at a time. Others wait for its result, but no longer than the deadline: an open to a daemon
@@ -964,6 +1032,16 @@ mod tests {
         assert!(err.to_string().contains("did not answer a stats sample within 300ms"), "{err}");
         assert!(hv.inner.conn.lock().unwrap().opening, "the first open still hangs");
 
+        // While that call still holds its thread, no new call is sent: each would hold one more thread for as long
+        // as the daemon hangs. They answer UNAVAILABLE at once and say why.
+        assert_eq!(hv.inner.overdue.load(Ordering::Acquire), 1);
+        for err in [hv.stats().await.map(|_| ()), hv.placement("x").await.map(|_| ()), hv.list_domains().await.map(|_| ())] {
+            let err = err.expect_err("no call while an earlier one hangs");
+            assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+            assert!(err.to_string().contains("no new call is sent until libvirt answers it"), "{err}");
+        }
+        assert_eq!(hv.inner.overdue.load(Ordering::Acquire), 1, "refused calls are not overdue calls");
+
         // A second caller does not queue behind the hung open for as long as it lasts: it gives up at the deadline and
         // says why. (Without the bound this blocking call would never return; the outer timeout turns that into a
         // failure instead of a hung test.)
@@ -981,7 +1059,10 @@ mod tests {
         let mut last = String::new();
         for _ in 0..100 {
             match hv.stats().await {
-                Err(e) if e.to_string().contains("cannot connect to libvirt") => return,
+                Err(e) if e.to_string().contains("cannot connect to libvirt") => {
+                    assert_eq!(hv.inner.overdue.load(Ordering::Acquire), 0, "the hung call ended");
+                    return;
+                }
                 Err(e) => last = e.to_string(),
                 Ok(_) => panic!("a closed port gave a sample"),
             }
