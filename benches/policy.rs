@@ -26,6 +26,9 @@
 //! shedding plan helps there, so it places the whole host from scratch (`policy::partition`), the round's
 //! costliest path; `decide` is timed from the state of a host that was over the threshold the round before (from an
 //! empty state it would hold for a round), beside the same baselines.
+//!
+//! And `pinned_max_moves`: `converge`'s `pinned` round under `--max-moves 8` and `64` (`policy::cap` choosing the
+//! part of the plan to make), beside the same round with no limit.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
 use vcpu_balancer::controller::policy::{self, PolicyConfig};
@@ -221,6 +224,24 @@ fn bench(c: &mut Criterion) {
     g.bench_function("decide", |b| b.iter(|| policy::decide(black_box(&u), black_box(&cfg), black_box(&over))));
     g.bench_function("baseline_usage_compute", |b| b.iter(|| usage::compute(Some(black_box(&prev)), black_box(&cur))));
     g.bench_function("baseline_single_pass", |b| b.iter(|| single_pass(black_box(&u))));
+    g.finish();
+
+    // `--max-moves`: the `pinned` round of `converge`, its plan cut to 8 and to 64 moves, beside the same round
+    // uncut (the baseline: `decide` of `policy_converge_1000vcpus_128pcpus_pinned`, timed again in this group).
+    let (prev, cur) = samples(true, false, false);
+    let u = usage::compute(Some(&prev), &cur).expect("two samples of the same agent, time advanced");
+    let free = PolicyConfig { kind: policy::PolicyKind::Converge, ..PolicyConfig::default() };
+    let planned = policy::decide_once(&u, &free).moves.len();
+    eprintln!("converge plans {planned} moves on the pinned input");
+    let mut g = c.benchmark_group("policy_converge_1000vcpus_128pcpus_pinned_max_moves");
+    g.bench_function("decide_no_limit", |b| b.iter(|| policy::decide_once(black_box(&u), black_box(&free))));
+    for max in [8, 64] {
+        let mut cfg = free.clone();
+        cfg.constraints.max_moves = std::num::NonZeroUsize::new(max);
+        let plan = policy::decide_once(&u, &cfg);
+        assert!(planned > max && plan.moves.len() <= max, "the plan ({planned} moves) must be cut to {max}: {}", plan.reason);
+        g.bench_function(format!("decide_max_{max}"), |b| b.iter(|| policy::decide_once(black_box(&u), black_box(&cfg))));
+    }
     g.finish();
 }
 
