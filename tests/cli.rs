@@ -182,8 +182,8 @@ fn cells(row: &str) -> Vec<String> {
 }
 
 /// POLICIES.md's tables are what `evaluate` prints today: every row of the suite's table, the `guarded` and
-/// `converge now` columns of "Beyond the suite" on the hosts `scripts/random-hosts` writes, and `converge` under
-/// `--max-moves`. A policy change that
+/// `converge now` columns of "Beyond the suite" on the hosts `scripts/random-hosts` writes, both policies on those
+/// of `scripts/random-mixed-hosts`, and `converge` under `--max-moves`. A policy change that
 /// moves a number fails here until the page says so.
 #[test]
 fn policies_md_tables_are_what_evaluate_prints() {
@@ -215,6 +215,29 @@ fn policies_md_tables_are_what_evaluate_prints() {
         checked += 1;
     }
     assert_eq!(checked, 48, "24 hosts, two policies");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // "Multi-vCPU domains": the 12 hosts of scripts/random-mixed-hosts, `guarded` and `converge`.
+    let dir = std::env::temp_dir().join(format!("vcpub-mixed-hosts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let gen = Command::new(format!("{root}/scripts/random-mixed-hosts")).arg(&dir).output().expect("run the script");
+    assert!(gen.status.success(), "{}", text(&gen.stderr));
+    let out = controller(&[
+        "evaluate", "--scenarios", dir.to_str().unwrap(), "--policy", "guarded,converge", "--rounds", "300", "--interval", "2s",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut checked = 0;
+    for row in text(&out.stdout).lines().skip(2) {
+        let c = cells(row);
+        let pins = c[3].parse::<u64>().unwrap() + c[4].parse::<u64>().unwrap();
+        let got = format!("{} / {pins} / {} / {}", c[2], c[6], c[7]);
+        let line = doc.lines().find(|l| l.starts_with(&format!("| {} |", c[0])));
+        let want = cells(line.unwrap_or_else(|| panic!("POLICIES.md has no row for {}", c[0])));
+        let col = if c[1] == "guarded" { 1 } else { 2 };
+        assert_eq!(want[col], got, "POLICIES.md, {} with {}", c[0], c[1]);
+        checked += 1;
+    }
+    assert_eq!(checked, 24, "12 hosts, two policies");
     std::fs::remove_dir_all(&dir).unwrap();
 
     // "A limit on moves per round": converge with no limit and under --max-moves 1, 2 and 4.
