@@ -94,6 +94,39 @@ fn run_json_output() {
     assert_eq!(r["pins_applied"], 3);
     // The human lines go to stderr, one per host per round.
     assert!(text(&out.stderr).matches(" round ").count() >= 3, "{}", text(&out.stderr));
+    assert_eq!(r["deferred_moves"], 0, "{r}");
+}
+
+/// `--max-moves` reaches the policy from the flag, from its environment variable and from the config file (flag
+/// over file): the same round that moves 3 vCPUs above moves 1 or 2, and says how many it left for later.
+#[test]
+fn max_moves_from_the_flag_the_env_and_the_file() {
+    let dir = std::env::temp_dir().join(format!("vcpu-cli-max-moves-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("controller.toml");
+    std::fs::write(&file, "[policy]\nmax_moves = 2\n").unwrap();
+    let file = file.to_str().unwrap();
+    for (args, env, want) in [
+        (vec!["--max-moves", "1"], None, 1),
+        (vec![], Some("1"), 1),
+        (vec!["--config", file], None, 2),
+        (vec!["--config", file, "--max-moves", "1"], None, 1),
+    ] {
+        let agent = Agent::start("all-on-one");
+        let mut cmd = Command::new(CONTROLLER);
+        cmd.args(["run", "--host", &agent.addr, "--rounds", "2", "--interval", "200ms", "--json"]).args(&args);
+        if let Some(v) = env {
+            cmd.env("VCPU_MAX_MOVES", v);
+        }
+        let out = cmd.output().expect("run vcpu-controller");
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        let last: serde_json::Value = serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+        assert_eq!(last["moves"].as_array().unwrap().len(), want, "{args:?} {env:?}: {last}");
+        assert_eq!(last["deferred_moves"], 3 - want, "{args:?} {env:?}: {last}");
+        let reason = last["action"]["reason"].as_str().unwrap();
+        assert!(reason.contains(&format!("--max-moves {want}: the plan has 3 moves")), "{reason}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Malformed flags and files are refused with a clear message before anything runs.
