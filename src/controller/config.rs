@@ -300,6 +300,24 @@ mod tests {
         assert_eq!(ControllerConfig::parse("[policy]\nguard = true\n", "c").unwrap().policy, None);
     }
 
+    /// The packaged config file parses, and so does every key it shows commented out, once uncommented (the TLS
+    /// table aside: its paths must name files that exist).
+    #[test]
+    fn the_packaged_file_and_its_commented_keys_parse() {
+        let text = include_str!("../../packaging/controller.toml");
+        let c = ControllerConfig::parse(text, "packaging/controller.toml").unwrap();
+        assert_eq!(c.policy, Some(PolicyKind::Converge));
+        let body = text.split("# Mutual TLS").next().unwrap();
+        let key = |l: &str| l.strip_prefix("# ").filter(|r| r.split(' ').nth(1) == Some("=")).map(str::to_string);
+        let uncommented: Vec<String> = body.lines().map(|l| key(l).unwrap_or_else(|| l.to_string())).collect();
+        let shown = body.lines().filter_map(key).count();
+        assert!(shown >= 7, "{shown} commented keys");
+        let c = ControllerConfig::parse(&uncommented.join("\n"), "uncommented").unwrap();
+        assert_eq!(c.max_moves, std::num::NonZeroUsize::new(8));
+        assert_eq!(c.reserve_pcpus, Some(vec![0, 1]));
+        assert_eq!(c.max_inflight, Some(256));
+    }
+
     #[test]
     fn errors_name_the_line() {
         for (text, line, needle) in [
