@@ -123,6 +123,11 @@ fn at(load: &[(PcpuId, f64)], p: PcpuId) -> Option<usize> {
     load.binary_search_by_key(&p, |&(id, _)| id).ok()
 }
 
+/// The usage of pCPU `p` in `load` (every online pCPU's usage in id order), if it is online.
+pub fn load_of(load: &[(PcpuId, f64)], p: PcpuId) -> Option<f64> {
+    at(load, p).map(|i| load[i].1)
+}
+
 fn apply(load: &mut [(PcpuId, f64)], s: &Step) {
     if let Some(i) = at(load, s.from) {
         load[i].1 -= s.usage;
@@ -143,7 +148,7 @@ fn gain<'a>(load: &[(PcpuId, f64)], allowed: &PcpuSet, steps: impl Iterator<Item
             match touched.iter_mut().find(|t| t.0 == p) {
                 Some(t) => t.2 += d,
                 None => {
-                    let l = at(load, p).map_or(0.0, |i| load[i].1);
+                    let l = load_of(load, p).unwrap_or(0.0);
                     touched.push((p, l, l + d));
                 }
             }

@@ -223,23 +223,21 @@ fn balanced(v: &View<'_>, threshold: f64) -> Option<Decision> {
         })
 }
 
+/// What a vCPU's last move forbids in the round after `state`: whether it still cools down (it stays put), and the
+/// pCPU it left, if it may not go back there yet.
+pub fn last_move_rules(state: &PolicyState, x: &VcpuUsage) -> (bool, Option<PcpuId>) {
+    let this_round = state.round + 1;
+    match state.last_moved.get(&(x.uuid.clone(), x.vcpu)) {
+        Some(&(r, from)) => (this_round - r <= COOLDOWN_ROUNDS, (this_round - r <= NO_RETURN_ROUNDS).then_some(from)),
+        None => (false, None),
+    }
+}
+
 /// [`decide`] for a host that is not [`balanced`].
 fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<PcpuId>) -> Decision {
-    let this_round = state.round + 1;
-    let cooling = |i: usize| {
-        let x = v.vcpu(i);
-        state.last_moved.get(&(x.uuid.clone(), x.vcpu)).is_some_and(|&(r, _)| this_round - r <= COOLDOWN_ROUNDS)
-    };
-    // Where each vCPU may not go back to this round.
-    let left: Vec<Option<PcpuId>> = v
-        .u
-        .vcpus
-        .iter()
-        .map(|x| match state.last_moved.get(&(x.uuid.clone(), x.vcpu)) {
-            Some(&(r, from)) if this_round - r <= NO_RETURN_ROUNDS => Some(from),
-            _ => None,
-        })
-        .collect();
+    // Per vCPU: whether it cools down, and where it may not go back to this round.
+    let rules: Vec<(bool, Option<PcpuId>)> = v.u.vcpus.iter().map(|x| last_move_rules(state, x)).collect();
+    let cooling = |i: usize| rules[i].0;
     let mut load: BTreeMap<PcpuId, f64> =
         v.load.iter().filter(|(id, _)| v.allowed.contains(id)).copied().collect();
     let stranded = v.stranded();
@@ -253,7 +251,7 @@ fn plan(v: &View<'_>, threshold: f64, state: &PolicyState, saturated: &BTreeSet<
             idx: i,
             pcpu: v.vcpu(i).pcpu,
             usage: v.vcpu(i).usage.unwrap_or(0.0),
-            not_to: left[i],
+            not_to: rules[i].1,
             capped: false,
         })
         .collect();

@@ -561,9 +561,7 @@ fn limit_moves(
         // No part of the plan that fits helps on its own (a plan of swaps under `--max-moves 1`, say), and
         // planning it again next round would find the same: one move of the policy's own kind instead, a vCPU to
         // the freest pCPU, the one that helps most, under converge's rules (not one just moved, nor back).
-        let this_round = state.round + 1;
         let freest = view.extremes().map(|(_, f)| f);
-        let load_of = |p: PcpuId| view.load.binary_search_by_key(&p, |&(id, _)| id).ok().map(|k| view.load[k].1);
         let single: Vec<(usize, PcpuId)> = view
             .movable
             .iter()
@@ -571,16 +569,12 @@ fn limit_moves(
                 let v = view.vcpu(i);
                 let (to, lo) = freest.filter(|(f, _)| *f != v.pcpu && view.allowed.contains(&v.pcpu))?;
                 // Converge's rule for a step: it narrows the gap between the two pCPUs by MIN_STEP_GAIN at least.
-                let (gap, u) = (load_of(v.pcpu)? - lo, v.usage.unwrap_or(0.0));
+                let (gap, u) = (cap::load_of(&view.load, v.pcpu)? - lo, v.usage.unwrap_or(0.0));
                 if gap - (gap - 2.0 * u).abs() < converge::MIN_STEP_GAIN {
                     return None;
                 }
-                let last = state.last_moved.get(&(v.uuid.clone(), v.vcpu));
-                let barred = last.is_some_and(|&(r, from)| {
-                    this_round - r <= converge::COOLDOWN_ROUNDS
-                        || (from == to && this_round - r <= converge::NO_RETURN_ROUNDS)
-                });
-                (!barred).then_some((i, to))
+                let (cooling, not_to) = converge::last_move_rules(state, v);
+                (!cooling && not_to != Some(to)).then_some((i, to))
             })
             .collect();
         let one = cap::limit(&view.load, &view.allowed, &single.iter().map(step).collect::<Vec<_>>(), 1);
