@@ -88,21 +88,6 @@ impl Drop for Running {
     }
 }
 
-/// [`with_deadline`] for a call started with [`Inner::start_call`]: past the deadline, the call counts as overdue
-/// until its blocking work ends.
-async fn bounded<T>(
-    inner: &Inner,
-    state: &std::sync::atomic::AtomicU8,
-    what: &str,
-    fut: impl std::future::Future<Output = Result<T, AgentError>>,
-) -> Result<T, AgentError> {
-    let r = with_deadline(inner.deadline, what, fut).await;
-    if r.is_err() && state.compare_exchange(RUNNING, OVERDUE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-        inner.overdue.fetch_add(1, Ordering::AcqRel);
-    }
-    r
-}
-
 /// How a [`LibvirtHypervisor`] reads and waits.
 #[derive(Debug, Clone, Copy)]
 pub struct LibvirtOptions {
@@ -190,10 +175,8 @@ impl LibvirtHypervisor {
         T: Send + 'static,
         F: FnOnce(&Inner) -> Result<T, AgentError> + Send + 'static,
     {
-        let running = Inner::start_call(&self.inner)?;
-        let state = Arc::clone(&running.state);
         let inner = Arc::clone(&self.inner);
-        bounded(&self.inner, &state, "a call", async move {
+        self.call("a call", |running| async move {
             tokio::task::spawn_blocking(move || {
                 let _running = running;
                 f(&inner)
@@ -202,6 +185,22 @@ impl LibvirtHypervisor {
             .map_err(join_error)?
         })
         .await
+    }
+
+    /// One call under the deadline: refused at once while an earlier call is overdue ([`Inner::start_call`]);
+    /// `work` gets the call's [`Running`], for every blocking thread that does part of it to hold. Past the
+    /// deadline the call counts as overdue until its blocking work ends.
+    async fn call<T, Fut>(&self, what: &str, work: impl FnOnce(Running) -> Fut) -> Result<T, AgentError>
+    where
+        Fut: std::future::Future<Output = Result<T, AgentError>>,
+    {
+        let running = Inner::start_call(&self.inner)?;
+        let state = Arc::clone(&running.state);
+        let r = with_deadline(self.inner.deadline, what, work(running)).await;
+        if r.is_err() && state.compare_exchange(RUNNING, OVERDUE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.inner.overdue.fetch_add(1, Ordering::AcqRel);
+        }
+        r
     }
 
     async fn sample(&self, running: Running) -> Result<HostStats, AgentError> {
@@ -330,9 +329,7 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn stats(&self) -> Result<HostStats, AgentError> {
-        let running = Inner::start_call(&self.inner)?;
-        let state = Arc::clone(&running.state);
-        bounded(&self.inner, &state, "a stats sample", self.sample(running)).await
+        self.call("a stats sample", |running| self.sample(running)).await
     }
 
     async fn placement(&self, domain: &str) -> Result<DomainPlacement, AgentError> {
