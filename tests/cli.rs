@@ -229,47 +229,20 @@ fn policies_md_tables_are_what_evaluate_prints() {
         assert!(doc.lines().any(|l| l == row), "POLICIES.md lacks the suite row {row}");
     }
 
-    let dir = std::env::temp_dir().join(format!("vcpub-random-hosts-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let gen = Command::new(format!("{root}/scripts/random-hosts")).arg(&dir).output().expect("run the script");
-    assert!(gen.status.success(), "{}", text(&gen.stderr));
+    // "Beyond the suite": the `guarded` and `converge now` columns, cells with the pin changes until balance.
+    let dir = generated_hosts(root, "random-hosts");
     let d = dir.to_str().unwrap();
-    let out =
-        controller(&["evaluate", "--scenarios", d, "--policy", "guarded,converge", "--rounds", "300", "--interval", "2s"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut checked = 0;
-    for row in text(&out.stdout).lines().skip(2) {
-        let c = cells(row);
-        let got = format!("{} / {} / {} / {}", c[2], c[3], c[6], c[7]);
-        let line = doc.lines().find(|l| l.starts_with(&format!("| {} |", c[0])));
-        let want = cells(line.unwrap_or_else(|| panic!("POLICIES.md has no row for {}", c[0])));
-        let col = if c[1] == "guarded" { 2 } else { 5 };
-        assert_eq!(want[col], got, "POLICIES.md, {} with {}", c[0], c[1]);
-        checked += 1;
-    }
+    let until = |c: &[String]| format!("{} / {} / {} / {}", c[2], c[3], c[6], c[7]);
+    let evaluate = ["evaluate", "--scenarios", d, "--policy", "guarded,converge", "--rounds", "300", "--interval", "2s"];
+    let checked = rows_match(&doc, &evaluate, until, |c| if c[1] == "guarded" { 2 } else { 5 });
     assert_eq!(checked, 48, "24 hosts, two policies");
     std::fs::remove_dir_all(&dir).unwrap();
 
     // "Multi-vCPU domains": the 12 hosts of scripts/random-mixed-hosts, `guarded` and `converge`.
-    let dir = std::env::temp_dir().join(format!("vcpub-mixed-hosts-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let gen = Command::new(format!("{root}/scripts/random-mixed-hosts")).arg(&dir).output().expect("run the script");
-    assert!(gen.status.success(), "{}", text(&gen.stderr));
-    let out = controller(&[
-        "evaluate", "--scenarios", dir.to_str().unwrap(), "--policy", "guarded,converge", "--rounds", "300", "--interval", "2s",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut checked = 0;
-    for row in text(&out.stdout).lines().skip(2) {
-        let c = cells(row);
-        let pins = c[3].parse::<u64>().unwrap() + c[4].parse::<u64>().unwrap();
-        let got = format!("{} / {pins} / {} / {}", c[2], c[6], c[7]);
-        let line = doc.lines().find(|l| l.starts_with(&format!("| {} |", c[0])));
-        let want = cells(line.unwrap_or_else(|| panic!("POLICIES.md has no row for {}", c[0])));
-        let col = if c[1] == "guarded" { 1 } else { 2 };
-        assert_eq!(want[col], got, "POLICIES.md, {} with {}", c[0], c[1]);
-        checked += 1;
-    }
+    let dir = generated_hosts(root, "random-mixed-hosts");
+    let d = dir.to_str().unwrap();
+    let evaluate = ["evaluate", "--scenarios", d, "--policy", "guarded,converge", "--rounds", "300", "--interval", "2s"];
+    let checked = rows_match(&doc, &evaluate, all_pins, |c| if c[1] == "guarded" { 1 } else { 2 });
     assert_eq!(checked, 24, "12 hosts, two policies");
     std::fs::remove_dir_all(&dir).unwrap();
 
@@ -278,20 +251,39 @@ fn policies_md_tables_are_what_evaluate_prints() {
     for (col, limit) in [(1, None), (2, Some("1")), (3, Some("2")), (4, Some("4"))] {
         let mut args = vec!["evaluate", "--scenarios", &scenarios, "--policy", "converge", "--rounds", "300", "--interval", "2s"];
         args.extend(limit.iter().flat_map(|n| ["--max-moves", n]));
-        let out = controller(&args);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let mut rows = 0;
-        for row in text(&out.stdout).lines().skip(2) {
-            let c = cells(row);
-            let pins = c[3].parse::<u64>().unwrap() + c[4].parse::<u64>().unwrap();
-            let got = format!("{} / {pins} / {} / {}", c[2], c[6], c[7]);
-            let line = section.lines().find(|l| l.starts_with(&format!("| {} |", c[0])));
-            let want = cells(line.unwrap_or_else(|| panic!("POLICIES.md's --max-moves table has no row for {}", c[0])));
-            assert_eq!(want[col], got, "POLICIES.md, {} under --max-moves {limit:?}", c[0]);
-            rows += 1;
-        }
-        assert_eq!(rows, 12);
+        assert_eq!(rows_match(section, &args, all_pins, |_| col), 12, "--max-moves {limit:?}");
     }
+}
+
+/// A table cell *balanced at round / pin changes in all / back-and-forth / final spread* from a row of `evaluate`.
+fn all_pins(c: &[String]) -> String {
+    let pins = c[3].parse::<u64>().unwrap() + c[4].parse::<u64>().unwrap();
+    format!("{} / {pins} / {} / {}", c[2], c[6], c[7])
+}
+
+/// The hosts `scripts/NAME` writes, in a fresh temporary directory.
+fn generated_hosts(root: &str, name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vcpub-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let gen = Command::new(format!("{root}/scripts/{name}")).arg(&dir).output().expect("run the script");
+    assert!(gen.status.success(), "{}", text(&gen.stderr));
+    dir
+}
+
+/// Runs the controller with `args` (an `evaluate`) and checks every row it prints against the row of `doc` that
+/// starts with the same scenario: its column `col(row)` must read `cell(row)`. Returns the rows checked.
+fn rows_match(doc: &str, args: &[&str], cell: impl Fn(&[String]) -> String, col: impl Fn(&[String]) -> usize) -> usize {
+    let out = controller(args);
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    let mut checked = 0;
+    for row in text(&out.stdout).lines().skip(2) {
+        let c = cells(row);
+        let line = doc.lines().find(|l| l.starts_with(&format!("| {} |", c[0])));
+        let want = cells(line.unwrap_or_else(|| panic!("POLICIES.md has no row for {} ({args:?})", c[0])));
+        assert_eq!(want[col(&c)], cell(&c), "POLICIES.md, {} with {} ({args:?})", c[0], c[1]);
+        checked += 1;
+    }
+    checked
 }
 
 /// `--no-guard` is `--policy seed`: on all-on-one both move exactly one vCPU in the first computed round.
