@@ -27,6 +27,8 @@ const NS_PER_SEC: f64 = 1e9;
 #[derive(Debug, Clone)]
 struct SimVcpu {
     affinity: Vec<PcpuId>,
+    /// The affinity in the domain's config: what a restart brings back (pins with `persist` change it).
+    config: Vec<PcpuId>,
     pcpu: PcpuId,
     time_ns: f64,
     /// What samples report (equals `time_ns` without noise).
@@ -162,7 +164,7 @@ impl SimHost {
         for _ in 0..spec.vcpus {
             // Place one at a time so that a domain's own vCPUs spread too.
             let pcpu = self.least_crowded_with(&affinity, &dom);
-            dom.vcpus.push(SimVcpu { affinity: affinity.clone(), pcpu, time_ns: 0.0, reported_ns: 0.0, sampled_ns: 0.0 });
+            dom.vcpus.push(SimVcpu { affinity: affinity.clone(), config: affinity.clone(), pcpu, time_ns: 0.0, reported_ns: 0.0, sampled_ns: 0.0 });
         }
         self.domains.push(dom);
         Ok(())
@@ -187,7 +189,8 @@ impl SimHost {
         Ok(())
     }
 
-    /// Restarts a domain: new id, vCPU times back to 0, pinning kept.
+    /// Restarts a domain (as a reboot would): new id, vCPU times back to 0, affinity back to the config (the
+    /// scenario's, or the last pin made with `persist`).
     pub fn restart_domain(&mut self, name: &str, now_ns: u64) -> Result<(), AgentError> {
         self.advance_to(now_ns);
         let id = self.next_id;
@@ -200,10 +203,22 @@ impl SimHost {
         self.next_id += 1;
         d.id = id;
         d.started_ns = now;
-        for v in &mut d.vcpus {
+        // Like libvirt, a restart starts from the config: live-only pins are gone.
+        let mut moved = Vec::new();
+        for (i, v) in d.vcpus.iter_mut().enumerate() {
             v.time_ns = 0.0;
             v.reported_ns = 0.0;
             v.sampled_ns = 0.0;
+            v.affinity.clone_from(&v.config);
+            if !v.affinity.contains(&v.pcpu) {
+                moved.push(i);
+            }
+        }
+        let di = self.domains.iter().position(|d| d.name == name).expect("found above");
+        for i in moved {
+            let aff = self.domains[di].vcpus[i].affinity.clone();
+            let pcpu = self.least_crowded(&aff);
+            self.domains[di].vcpus[i].pcpu = pcpu;
         }
         Ok(())
     }
@@ -388,6 +403,9 @@ impl SimHost {
             if let Ok(di) = c {
                 let v = &mut self.domains[*di].vcpus[p.vcpu as usize];
                 v.affinity.clone_from(&p.pcpus);
+                if p.persist {
+                    v.config.clone_from(&p.pcpus);
+                }
                 if !v.affinity.contains(&v.pcpu) {
                     v.pcpu = v.affinity[0];
                     if v.affinity.len() > 1 {
@@ -494,6 +512,18 @@ mod tests {
         assert_ne!(before.id, after.id);
         assert!(after.vcpus[0].time_ns < before.vcpus[0].time_ns);
         assert_eq!(before.uuid, h.placement(&before.uuid).unwrap().uuid);
+    }
+
+    #[test]
+    fn restart_brings_back_the_config_affinity_and_keeps_persisted_pins() {
+        let mut h = host("pcpus = 4\n[[domain]]\nname=\"a\"\nvcpus=2\naffinity=[0]\nload=50\n");
+        let pin = |vcpu, pcpu, persist| PinRequest { domain: "a".into(), vcpu, pcpus: vec![pcpu], persist };
+        h.apply_pins(&[pin(0, 2, false), pin(1, 3, true)], S).unwrap();
+        h.restart_domain("a", 2 * S).unwrap();
+        let p = h.placement("a").unwrap();
+        // The live-only pin is gone, as on libvirt; the persisted one is the config now.
+        assert_eq!((p.vcpus[0].pcpu, p.vcpus[0].affinity.clone()), (0, vec![0]));
+        assert_eq!((p.vcpus[1].pcpu, p.vcpus[1].affinity.clone()), (3, vec![3]));
     }
 
     #[test]
