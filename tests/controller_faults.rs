@@ -170,6 +170,69 @@ async fn an_agent_restarted_between_rounds_gets_a_fresh_baseline() {
     );
     sane_usage(&rs);
     assert!(settled(&rs, 3), "{:#?}", rs.last());
+    // The new process's domains started over from their config affinity: the controller's old pins are not an
+    // operator's, so nothing is held.
+    let back = rs.iter().position(|r| std::ptr::eq(r, next)).unwrap();
+    assert!(rs[back..].iter().all(|r| r.held.is_empty()), "{:#?}", rs[back..].iter().find(|r| !r.held.is_empty()));
+}
+
+/// Domains rebooted while their host was unreachable come back with their config affinity, not the controller's
+/// pins. That is not an operator's doing: once the host answers again nothing is held as a manual pin, and the host
+/// is balanced again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domains_rebooted_during_an_outage_are_not_taken_for_manual_pins() {
+    let a = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let (mut rx, ctl) = start(vec![a.addr.clone()], 40);
+    let mut rs = Vec::new();
+    while let Some(r) = rx.recv().await {
+        if r.round == 12 {
+            assert!(settled(&rs, 2), "balanced before the outage: {rs:#?}");
+            a.hv.set_unavailable(true);
+            let names: Vec<String> = a.hv.with_host(|h, _| h.list().into_iter().map(|d| d.name).collect());
+            for n in names {
+                a.hv.with_host(|h, now| h.restart_domain(&n, now)).unwrap();
+            }
+        }
+        if r.round == 16 {
+            a.hv.set_unavailable(false);
+        }
+        rs.push(r);
+    }
+    ctl.await.unwrap();
+    recovered(&rs);
+    assert!(rs.iter().all(|r| r.held.is_empty()), "{:#?}", rs.iter().find(|r| !r.held.is_empty()));
+    assert!(settled(&rs, 3), "balanced again: {:#?}", rs.last());
+}
+
+/// The other side of the same rule: a domain that kept running through the outage keeps the controller's pins, so a
+/// pin an operator made meanwhile is still seen as theirs and left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_pin_made_during_an_outage_is_still_held() {
+    let a = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let (mut rx, ctl) = start(vec![a.addr.clone()], 30);
+    let mut rs = Vec::new();
+    let mut operator_put = None;
+    while let Some(r) = rx.recv().await {
+        if r.round == 12 {
+            assert!(settled(&rs, 2), "balanced before the outage: {rs:#?}");
+            a.hv.set_unavailable(true);
+            let now = a.hv.with_host(|h, _| h.placement("vm1").unwrap().vcpus[0].pcpu);
+            let to = (now + 1) % 4;
+            let pin = PinRequest { domain: "vm1".into(), vcpu: 0, pcpus: vec![to], persist: false };
+            a.hv.with_host(|h, now| h.apply_pins(&[pin], now)).unwrap().remove(0).unwrap();
+            operator_put = Some(to);
+        }
+        if r.round == 16 {
+            a.hv.set_unavailable(false);
+        }
+        rs.push(r);
+    }
+    ctl.await.unwrap();
+    recovered(&rs);
+    let held = |r: &RoundReport| r.held.iter().any(|h| h.domain == "vm1" && h.vcpu == 0 && h.why == HeldWhy::Manual);
+    assert!(rs.iter().any(held), "the operator's pin was not seen: {:#?}", rs.last());
+    let p = a.hv.with_host(|h, _| h.placement("vm1").unwrap());
+    assert_eq!(Some(p.vcpus[0].pcpu), operator_put, "the operator's pin was undone");
 }
 
 /// A domain restarted (its vCPU times go back to 0) and a domain replaced by another with the same name (new UUID,
