@@ -49,6 +49,10 @@ pub struct HostUsage {
     pub fresh: Vec<(String, &'static str)>,
 }
 
+/// The reason in [`HostUsage::fresh`] of a domain that runs on (same id, times going on) with vCPUs plugged or
+/// unplugged: unlike a restart, the affinities of its other vCPUs are what they were.
+pub const VCPU_COUNT_CHANGED: &str = "vCPU count changed";
+
 /// Why no usage could be computed this round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum BaselineReason {
@@ -105,7 +109,7 @@ fn rebuild(prev: &HostStats, cur: &HostStats, elapsed_ns: u64, last: Option<&Hos
         let why: Option<&'static str> = match p {
             None => Some("new domain"),
             Some(p) if p.id != d.id => Some("domain restarted (new id)"),
-            Some(p) if p.vcpus.len() != d.vcpus.len() => Some("vCPU count changed"),
+            Some(p) if p.vcpus.len() != d.vcpus.len() => Some(VCPU_COUNT_CHANGED),
             Some(p) if p.vcpus.iter().zip(&d.vcpus).any(|(a, b)| b.time_ns < a.time_ns || a.index != b.index) => {
                 Some("vCPU time went backwards")
             }

@@ -29,7 +29,7 @@ use serde::Serialize;
 
 pub use constraints::{Constraints, DomainMatcher};
 
-use crate::controller::usage::{HostUsage, VcpuUsage};
+use crate::controller::usage::{self, HostUsage, VcpuUsage};
 use crate::model::{PcpuId, PinRequest};
 
 /// Default threshold on the spread, in percentage points of one pCPU.
@@ -635,10 +635,14 @@ fn prune(u: &HostUsage, state: &PolicyState) -> PolicyState {
     }
     let seen = u.vcpus.iter().map(|v| (v.uuid.clone(), v.vcpu)).collect();
     let fresh: HashSet<&str> = u.fresh.iter().map(|(name, _)| name.as_str()).collect();
+    // A domain with vCPUs plugged or unplugged did not restart: its other vCPUs keep their pins, and an operator's
+    // pin among them is still the operator's.
+    let restarted: HashSet<&str> =
+        u.fresh.iter().filter(|(_, why)| *why != usage::VCPU_COUNT_CHANGED).map(|(name, _)| name.as_str()).collect();
     // Hashed, not ordered: this runs for every host every round, and sorting a thousand keys showed up in the
     // controller's profile (BENCHMARKS.md).
     let present: HashSet<(&str, u32)> =
-        u.vcpus.iter().filter(|v| !fresh.contains(&*v.domain)).map(|v| (&*v.uuid, v.vcpu)).collect();
+        u.vcpus.iter().filter(|v| !restarted.contains(&*v.domain)).map(|v| (&*v.uuid, v.vcpu)).collect();
     let keep = |k: &VcpuKey| present.contains(&(&*k.0, k.1));
     // A domain that came, restarted or went changes what a good placement is: moves made for the old set of
     // domains no longer say anything about where a vCPU should not go back to, so cooldowns start over.
@@ -942,6 +946,32 @@ pub(crate) mod tests {
         let (p, next) = decide(&h, &cfg(PolicyKind::Guarded), &state);
         assert!(p.held.is_empty(), "{p:?}");
         assert_ne!(next.last_pins.get(&("uuid-a".into(), 0)), Some(&[1].into()), "the old pin is forgotten");
+    }
+
+    #[test]
+    fn a_vcpu_hot_plug_keeps_the_other_vcpus_pins_and_manual_pins() {
+        // The controller pinned a/0 to pCPU 0; an operator then widened it to 0-1, and a second vCPU was plugged in.
+        let mut state = PolicyState::default();
+        state.record_applied(&PinRequest { domain: "uuid-a".into(), vcpu: 0, pcpus: vec![0], persist: false });
+        state.record_applied(&PinRequest { domain: "uuid-b".into(), vcpu: 0, pcpus: vec![1], persist: false });
+        let mut h = host(2, &[("a", 0, 40.0, false), ("b", 1, 40.0, true)]);
+        let mut plugged = h.vcpus[0].clone();
+        plugged.vcpu = 1;
+        h.vcpus.insert(1, plugged);
+        h.vcpus[0].affinity = [0, 1].into();
+        h.vcpus[0].usage = None;
+        h.vcpus[1].usage = None;
+        h.fresh = vec![("a".into(), usage::VCPU_COUNT_CHANGED)];
+        for k in PolicyKind::ALL {
+            let (p, next) = decide(&h, &cfg(k), &state);
+            assert!(p.held.iter().any(|x| x.domain == "a" && x.vcpu == 0 && x.why == HeldWhy::Manual), "{k}: {p:?}");
+            assert!(p.pins.iter().all(|x| !(x.domain == "uuid-a" && x.vcpu == 0)), "{k}: the operator's pin stays: {p:?}");
+            assert_eq!(next.last_pins.get(&("uuid-a".into(), 0)), Some(&[0].into()), "{k}");
+        }
+        // A restart, by contrast, forgets them (a_restarted_domain_forgets_the_controller_pins).
+        h.fresh = vec![("a".into(), "domain restarted (new id)")];
+        let (p, _) = decide(&h, &cfg(PolicyKind::Guarded), &state);
+        assert!(p.held.is_empty(), "{p:?}");
     }
 
     #[test]
