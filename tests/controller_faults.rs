@@ -525,3 +525,81 @@ async fn a_restarted_controller_knows_its_pins_with_a_state_dir() {
     assert!(!dry.exists() || std::fs::read_dir(&dry).unwrap().next().is_none(), "a dry run wrote a pins file");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A host whose `ApplyPins` takes a while, and says when one has started.
+struct SlowPins {
+    sim: Arc<SimHypervisor>,
+    started: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for SlowPins {
+    async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        self.sim.host_info().await
+    }
+    async fn list_domains(&self) -> Result<Vec<DomainSummary>, AgentError> {
+        self.sim.list_domains().await
+    }
+    async fn stats(&self) -> Result<HostStats, AgentError> {
+        self.sim.stats().await
+    }
+    async fn placement(&self, domain: &str) -> Result<DomainPlacement, AgentError> {
+        self.sim.placement(domain).await
+    }
+    async fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError> {
+        self.started.notify_one();
+        tokio::time::sleep(RPC_TIMEOUT / 2).await;
+        self.sim.apply_pins(pins).await
+    }
+}
+
+/// A stop (SIGINT/SIGTERM, or a host removed on reload) that comes while an `ApplyPins` is in flight waits for its
+/// answer: the pins it made are reported and saved in `--state-dir`, so a controller started later knows them for
+/// its own instead of holding them as an operator's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_apply_pins_still_records_the_pins() {
+    let clock: Arc<dyn vcpu_balancer::hypervisor::sim::Clock> = Arc::new(ScaledClock::new(SPEED));
+    let sim = Arc::new(SimHypervisor::new(&common::builtin("all-on-one"), "sim-slow-pins", clock));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let hv = Arc::new(SlowPins { sim: Arc::clone(&sim), started: Arc::clone(&started) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let stop_agent = CancellationToken::new();
+    let server = tokio::spawn(vcpu_balancer::agent::serve_with(
+        hv,
+        listener,
+        vcpu_balancer::agent::ServeOptions::default(),
+        stop_agent.clone().cancelled_owned(),
+    ));
+    let dir = std::env::temp_dir().join(format!("vcpub-stop-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (tx, mut rx) = controller::report_channel(1);
+    let stop = CancellationToken::new();
+    let cfg = LoopConfig { state_dir: Some(dir.clone()), ..cfg(1000) };
+    let ctl = tokio::spawn({
+        let (addr, stop) = (addr.clone(), stop.clone());
+        async move { controller::run(vec![addr], RPC_TIMEOUT, cfg, tx, stop).await.unwrap() }
+    });
+    started.notified().await;
+    stop.cancel();
+    let mut rs = Vec::new();
+    while let Some(r) = rx.recv().await {
+        rs.push(r);
+    }
+    ctl.await.unwrap();
+    stop_agent.cancel();
+    server.await.unwrap().unwrap();
+    let last = rs.last().expect("reports");
+    assert!(last.pins_applied > 0, "the round whose pins were in flight is reported: {rs:#?}");
+    let file = vcpu_balancer::controller::pins_file::load(&vcpu_balancer::controller::pins_file::path_for(&dir, &addr), &addr)
+        .unwrap()
+        .expect("a pins file");
+    // Every vCPU's affinity on the host now, the moved ones included, is in the file as the controller's.
+    for d in sim.list_domains().await.unwrap() {
+        let p = sim.placement(&d.name).await.unwrap();
+        let saved = file.domains.iter().find(|x| x.uuid == p.uuid).unwrap_or_else(|| panic!("{} not saved: {file:?}", d.name));
+        let now: Vec<(u32, Vec<u32>)> = p.vcpus.iter().map(|v| (v.index, v.affinity.clone())).collect();
+        assert_eq!(saved.vcpus, now, "{}", d.name);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -165,7 +165,10 @@ impl HostWorker {
 
     /// Samples the host, decides and applies; the previous sample stays in this worker for the next round.
     pub async fn round(&mut self, round: u64) -> RoundReport {
-        one_round(&mut self.client, &self.cfg, &self.inflight, &mut self.st, round).await
+        let never = CancellationToken::new();
+        one_round(&mut self.client, &self.cfg, &self.inflight, &mut self.st, round, &never)
+            .await
+            .expect("a round that is never stopped always reports")
     }
 }
 
@@ -208,11 +211,10 @@ pub async fn run_host(
                 cfg.dry_run,
             )
         } else {
-            let mut r = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                r = one_round(&mut client, &cfg, &inflight, &mut st, round) => r,
-            };
+            // A stop cuts a round short only before its pins are sent: an ApplyPins in flight is waited for (its
+            // deadline bounds the wait), so that the pins it made are recorded, and saved with `--state-dir`, and
+            // are not taken for an operator's by the next controller.
+            let Some(mut r) = one_round(&mut client, &cfg, &inflight, &mut st, round, &shutdown).await else { break };
             r.duration = Some(started.elapsed());
             r
         };
@@ -242,15 +244,20 @@ async fn one_round(
     inflight: &Semaphore,
     st: &mut HostState,
     round: u64,
-) -> RoundReport {
+    shutdown: &CancellationToken,
+) -> Option<RoundReport> {
     let host = client.host().to_string();
-    let stats = {
-        let _permit = inflight.acquire().await.expect("the semaphore is never closed");
-        client.get_stats_into(st.spare.take()).await
+    let stats = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => return None,
+        s = async {
+            let _permit = inflight.acquire().await.expect("the semaphore is never closed");
+            client.get_stats_into(st.spare.take()).await
+        } => s,
     };
     let cur = match stats {
         Ok(s) => s,
-        Err(e) => return failed(st, cfg, &host, round, e.to_string()),
+        Err(e) => return Some(failed(st, cfg, &host, round, e.to_string())),
     };
     if std::mem::take(&mut st.was_down) {
         tracing::info!(host = %host, "host is back; taking a fresh baseline");
@@ -278,7 +285,12 @@ async fn one_round(
     let mut u = match computed {
         Ok(u) => u,
         Err(why) => {
-            return RoundReport::bare(&host, round, ActionReport::simple(ActionType::Baseline, why.as_str()), cfg.dry_run)
+            return Some(RoundReport::bare(
+                &host,
+                round,
+                ActionReport::simple(ActionType::Baseline, why.as_str()),
+                cfg.dry_run,
+            ))
         }
     };
     for (domain, why) in &u.fresh {
@@ -297,12 +309,19 @@ async fn one_round(
     let mut report = RoundReport::from_plan(&host, round, &u, &plan, cfg.dry_run);
     st.last_usage = Some(u);
     if cfg.dry_run || plan.pins.is_empty() {
-        return report;
+        return Some(report);
     }
-    let applied = {
-        let _permit = inflight.acquire().await.expect("the semaphore is never closed");
-        client.apply_pins(&plan.pins).await
+    // Stopping: no new pins are sent (the waiting for a permit is cut too), only those already sent are waited for.
+    let permit = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => None,
+        p = inflight.acquire() => Some(p.expect("the semaphore is never closed")),
     };
+    let Some(_permit) = permit else {
+        report.action.reason.push_str(" (not applied: the controller is stopping)");
+        return Some(report);
+    };
+    let applied = client.apply_pins(&plan.pins).await;
     match applied {
         Ok(results) => {
             for (pin, r) in plan.pins.iter().zip(results) {
@@ -331,7 +350,7 @@ async fn one_round(
             report.action = ActionReport::simple(ActionType::Error, format!("ApplyPins failed: {e}"));
         }
     }
-    report
+    Some(report)
 }
 
 fn failed(st: &mut HostState, cfg: &LoopConfig, host: &str, round: u64, err: String) -> RoundReport {
