@@ -42,7 +42,11 @@ async fn collect_until(
     done: impl Fn(&BTreeMap<String, Vec<RoundReport>>) -> bool,
 ) {
     while !done(by_host) {
-        let r = rx.recv().await.expect("controller still running");
+        // A guard against hanging on a host that stopped reporting, not a measure: a round is 100 ms.
+        let r = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no report for 60 s; so far: {:?}", by_host.iter().map(|(h, r)| (h, r.len())).collect::<Vec<_>>()))
+            .expect("controller still running");
         by_host.entry(r.host.clone()).or_default().push(r);
     }
 }
@@ -64,8 +68,9 @@ async fn reload_starts_added_hosts_stops_removed_ones_and_keeps_baselines() {
     let (reload_tx, reload_rx) = mpsc::channel(1);
     let (tx, mut rx) = controller::report_channel(3);
     let stop = CancellationToken::new();
+    // a is given twice, written two ways: one agent, one task.
     let ctl = tokio::spawn(controller::run_dynamic(
-        vec![ha.clone(), hb.clone()],
+        vec![ha.clone(), hb.clone(), format!("http://{ha}/")],
         controller::ClientSettings::plaintext(RPC_TIMEOUT),
         cfg,
         obs,
@@ -81,8 +86,8 @@ async fn reload_starts_added_hosts_stops_removed_ones_and_keeps_baselines() {
     let (a0, b0) = (count(&seen, &ha), count(&seen, &hb));
     collect_until(&mut rx, &mut seen, |m| count(m, &ha) >= a0 + 3 && count(m, &hb) >= b0 + 3).await;
 
-    // b leaves, c joins.
-    reload_tx.send(vec![ha.clone(), hc.clone()]).await.unwrap();
+    // b leaves, c joins; a, written another way now, is the same agent and keeps running.
+    reload_tx.send(vec![format!(" http://{ha}"), hc.clone(), format!("{hc} ")]).await.unwrap();
     collect_until(&mut rx, &mut seen, |m| count(m, &hc) >= 3).await;
     let b_after = count(&seen, &hb);
     let a_now = count(&seen, &ha);
@@ -105,6 +110,7 @@ async fn reload_starts_added_hosts_stops_removed_ones_and_keeps_baselines() {
         seen.entry(r.host.clone()).or_default().push(r);
     }
     // a ran through both reloads without a new baseline: its rounds go on 1, 2, 3, ... with one baseline.
+    assert_eq!(seen.keys().collect::<Vec<_>>(), [&ha, &hb, &hc].into_iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>(), "one task per agent, named as first given");
     let ra = &seen[&ha];
     assert!(ra.iter().enumerate().all(|(i, r)| r.round == i as u64 + 1), "a restarted: {ra:#?}");
     let baselines = ra.iter().filter(|r| r.action.kind == ActionType::Baseline).count();

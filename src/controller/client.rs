@@ -100,6 +100,14 @@ pub fn normalize_address_for(host: &str, tls: bool) -> Result<String, ClientErro
     Ok(uri)
 }
 
+/// What tells agents apart in a host list: `hv1`, ` hv1`, `hv1:50151` and `http://hv1:50151/` are one agent (the
+/// scheme follows the TLS flags anyway). An address that does not parse is its own key; it is refused elsewhere.
+pub fn address_key(host: &str) -> String {
+    let h = host.trim();
+    let rest = h.split_once("://").map_or(h, |(_, r)| r);
+    normalize_address(rest).unwrap_or_else(|_| h.to_string())
+}
+
 /// The gRPC path of `GetStats`, which [`AgentClient::get_stats`] calls without the generated client.
 const GET_STATS_PATH: &str = "/vcpu.v1.Agent/GetStats";
 
@@ -195,7 +203,8 @@ impl AgentClient {
         let channel = H2Channel::new(&authority, tls, CONNECT_TIMEOUT.min(timeout)).map_err(|e| bad(&e))?;
         let grpc = tonic::client::Grpc::with_origin(channel.clone(), uri.clone()).max_decoding_message_size(MAX_REPLY_SIZE);
         let inner = PbClient::with_origin(channel.clone(), uri).max_decoding_message_size(MAX_REPLY_SIZE);
-        Ok(AgentClient { host: host.to_string(), inner, grpc, channel, timeout, metrics: None })
+        // Spaces around a name (`VCPU_HOSTS="hv1, hv2"`) are not part of it: not in reports, metrics or the pins file.
+        Ok(AgentClient { host: host.trim().to_string(), inner, grpc, channel, timeout, metrics: None })
     }
 
     /// Times every call and counts its errors in `metrics`.
@@ -332,6 +341,11 @@ mod tests {
     #[test]
     fn addresses() {
         assert_eq!(normalize_address("10.0.0.1").unwrap(), "http://10.0.0.1:50151");
+        for same in ["hv1", " hv1", "hv1:50151", "http://hv1:50151/", "https://hv1"] {
+            assert_eq!(address_key(same), address_key("hv1"), "{same:?}");
+        }
+        assert_ne!(address_key("hv1:50152"), address_key("hv1"));
+        assert_ne!(address_key("hv2"), address_key("hv1"));
         assert_eq!(normalize_address("host-a:7000").unwrap(), "http://host-a:7000");
         assert_eq!(normalize_address("http://h:1/").unwrap(), "http://h:1");
         assert_eq!(normalize_address("[::1]:9").unwrap(), "http://[::1]:9");

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use crate::security::ClientTls;
 
-use crate::controller::client::{AgentClient, ClientError};
+use crate::controller::client::{address_key, AgentClient, ClientError};
 use crate::controller::host::{self, LoopConfig};
 use crate::controller::report::RoundReport;
 use crate::controller::{state, REPORT_BUFFER_PER_HOST};
@@ -124,10 +124,17 @@ pub(crate) async fn supervise(
             .id();
         running.insert(host, Running { stop, id });
     };
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashMap::new();
     for client in initial {
-        if seen.insert(client.host().to_string()) {
-            start(client, &mut tasks, &mut running);
+        match seen.entry(address_key(client.host())) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(client.host().to_string());
+                start(client, &mut tasks, &mut running);
+            }
+            std::collections::hash_map::Entry::Occupied(e) => {
+                // Two tasks on one agent would each take the other's pins for an operator's.
+                tracing::warn!(host = %client.host(), same_as = %e.get(), "host given twice: balanced once");
+            }
         }
     }
     let mut reload_open = true;
@@ -167,9 +174,12 @@ pub(crate) async fn supervise(
                     continue;
                 };
                 let new = dedup(new);
+                // A host written another way (`hv1` then `hv1:50151`) is the same agent: its task keeps running.
+                let new_keys: std::collections::HashSet<String> = new.iter().map(|h| address_key(h)).collect();
+                let running_keys: std::collections::HashSet<String> = running.keys().map(|h| address_key(h)).collect();
                 // Clients for the added hosts are made before anything changes: one bad address refuses the list.
                 let added: Result<Vec<AgentClient>, ClientError> =
-                    new.iter().filter(|h| !running.contains_key(*h)).map(|h| factory.client(h)).collect();
+                    new.iter().filter(|h| !running_keys.contains(&address_key(h))).map(|h| factory.client(h)).collect();
                 let added = match added {
                     Ok(a) => a,
                     Err(bad) => {
@@ -177,7 +187,7 @@ pub(crate) async fn supervise(
                         continue;
                     }
                 };
-                let gone: Vec<String> = running.keys().filter(|h| !new.contains(h)).cloned().collect();
+                let gone: Vec<String> = running.keys().filter(|h| !new_keys.contains(&address_key(h))).cloned().collect();
                 for h in gone {
                     if let Some(r) = running.remove(&h) {
                         tracing::info!(host = %h, "host removed from the host list; stopping it");
@@ -197,10 +207,11 @@ pub(crate) async fn supervise(
     let _ = recorder.await;
 }
 
-/// The host list without repeats, in the given order.
+/// The host list without repeats (the same agent written two ways is a repeat, see [`address_key`]), in the given
+/// order, names trimmed.
 fn dedup(hosts: Vec<String>) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
-    hosts.into_iter().filter(|h| seen.insert(h.clone())).collect()
+    hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| seen.insert(address_key(h))).collect()
 }
 
 /// Records every report in the state and the metrics, then passes it on to `out`.
