@@ -113,7 +113,7 @@ struct PolicyArgs {
     threshold: f64,
     /// Same as --policy seed (kept for compatibility): the literal 10% rule, which can move the same load back
     /// and forth forever (see README).
-    #[arg(long, env = "VCPU_NO_GUARD")]
+    #[arg(long, env = "VCPU_NO_GUARD", conflicts_with = "policy")]
     no_guard: bool,
     #[command(flatten)]
     constraints: ConstraintArgs,
@@ -180,7 +180,7 @@ struct RunArgs {
     threshold: Option<f64>,
     /// Same as --policy seed (kept for compatibility): the literal 10% rule, which can move the same load back
     /// and forth forever (see README).
-    #[arg(long, env = "VCPU_NO_GUARD")]
+    #[arg(long, env = "VCPU_NO_GUARD", conflicts_with = "policy")]
     no_guard: bool,
     #[command(flatten)]
     constraints: ConstraintArgs,

@@ -139,12 +139,20 @@ fn bad_input_is_refused() {
         (vec!["run", "--host", "a:1", "--max-moves", "0"], "use --dry-run"),
         (vec!["evaluate", "--max-moves", "two"], "not a whole number greater than zero"),
         (vec!["run"], "--host"),
+        // --no-guard means --policy seed: with another policy, which one was meant is unknown.
+        (vec!["run", "--host", "a:1", "--no-guard", "--policy", "converge"], "cannot be used with"),
+        (vec!["demo", "--no-guard", "--policy", "guarded"], "cannot be used with"),
         (vec!["pin", "--host", "a:1", "--domain", "x", "--vcpu", "0", "--pcpu", "3-1"], "start after end"),
     ] {
         let out = controller(&args);
         assert!(!out.status.success(), "{args:?} accepted");
         assert!(text(&out.stderr).contains(needle), "{args:?}: {}", text(&out.stderr));
     }
+
+    // The same through the environment.
+    let out = Command::new(CONTROLLER).args(["run", "--host", "a:1", "--policy", "converge"]).env("VCPU_NO_GUARD", "true").output().unwrap();
+    assert!(!out.status.success(), "VCPU_NO_GUARD with --policy converge accepted");
+    assert!(text(&out.stderr).contains("cannot be used with"), "{}", text(&out.stderr));
 
     let dir = std::env::temp_dir().join(format!("vcpu-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
