@@ -13,6 +13,17 @@ use crate::metrics::AgentMetrics;
 /// Path prefix of the service whose calls are measured (health checks and reflection are not).
 const AGENT_PATH_PREFIX: &str = "/vcpu.v1.Agent/";
 
+/// The service's RPCs (checked against `proto/` by a test). Only these get a label of their own: a label taken from
+/// any path a client sends would let it grow `/metrics` without bound.
+const AGENT_METHODS: [&str; 6] = ["GetHostInfo", "ListDomains", "GetStats", "GetVcpuPlacement", "PinVcpu", "ApplyPins"];
+
+/// The `method` label of a request to `path`: the RPC's name, `unknown` for any other method of the service, none
+/// for other services (health, reflection).
+fn method_label(path: &str) -> Option<&'static str> {
+    let m = path.strip_prefix(AGENT_PATH_PREFIX)?;
+    Some(AGENT_METHODS.iter().copied().find(|k| *k == m).unwrap_or("unknown"))
+}
+
 /// Measures calls when it holds metrics; passes them through untouched otherwise.
 #[derive(Clone, Default)]
 pub struct MetricsLayer {
@@ -64,7 +75,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req.uri().path().strip_prefix(AGENT_PATH_PREFIX).map(str::to_string);
+        let method = method_label(req.uri().path());
         let metrics = self.metrics.clone();
         let start = Instant::now();
         let fut = self.inner.call(req);
@@ -75,9 +86,32 @@ where
                     Ok(resp) => code_of(resp),
                     Err(_) => tonic::Code::Internal,
                 };
-                m.observe_rpc(&method, start.elapsed(), (code != tonic::Code::Ok).then_some(code));
+                m.observe_rpc(method, start.elapsed(), (code != tonic::Code::Ok).then_some(code));
             }
             r
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_the_protos_rpcs_and_nothing_else() {
+        let proto = include_str!("../../proto/vcpu/v1/agent.proto");
+        let rpcs: Vec<&str> = proto
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .map(|l| l.split('(').next().unwrap_or("").trim())
+            .collect();
+        assert_eq!(rpcs, AGENT_METHODS, "AGENT_METHODS must list the service's RPCs");
+        for m in AGENT_METHODS {
+            assert_eq!(method_label(&format!("{AGENT_PATH_PREFIX}{m}")), Some(m));
+        }
+        for junk in ["Nope", "GetStats2", "", "a/b", "GetStats/"] {
+            assert_eq!(method_label(&format!("{AGENT_PATH_PREFIX}{junk}")), Some("unknown"), "{junk:?}");
+        }
+        assert_eq!(method_label("/grpc.health.v1.Health/Check"), None);
     }
 }
