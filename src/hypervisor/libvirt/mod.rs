@@ -831,8 +831,9 @@ fn check_domain_key(key: &str) -> Result<(), AgentError> {
 fn lookup(conn: &Connect, key: &str) -> Result<Domain, VirtError> {
     if looks_like_uuid(key) {
         match conn.lookup_domain_by_uuid_string(key) {
-            // A domain may be named like a UUID.
-            Err(e) if e.code().is(ErrorNumber::NoDomain) => {}
+            // A domain may be named like a UUID. libvirt refuses some keys that look like one here (dashes out of
+            // place) as an invalid argument: those are names too, or unknown domains.
+            Err(e) if e.code().is(ErrorNumber::NoDomain) || e.code().is(ErrorNumber::InvalidArg) => {}
             found => return found,
         }
     }
