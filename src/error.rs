@@ -25,6 +25,8 @@ pub enum AgentError {
     DomainNotRunning { domain: String, state: String },
     #[error("domain {domain:?}: vCPU {vcpu} does not exist (the domain has {nvcpus} vCPUs)")]
     VcpuOutOfRange { domain: String, vcpu: u32, nvcpus: u32 },
+    #[error("domain {domain:?}: vCPU {vcpu} is not online (its online vCPUs are {})", list(online))]
+    VcpuNotOnline { domain: String, vcpu: u32, online: Vec<u32> },
     #[error("domain {domain:?} vCPU {vcpu}: pCPU {pcpu} does not exist (the host has {npcpus} pCPUs)")]
     PcpuOutOfRange { domain: String, vcpu: u32, pcpu: PcpuId, npcpus: u32 },
     #[error("domain {domain:?} vCPU {vcpu}: pCPU {pcpu} is offline")]
@@ -48,6 +50,7 @@ impl AgentError {
             AgentError::DomainNotFound { .. } => ErrorKind::NotFound,
             AgentError::DomainNotRunning { .. } => ErrorKind::FailedPrecondition,
             AgentError::VcpuOutOfRange { .. }
+            | AgentError::VcpuNotOnline { .. }
             | AgentError::PcpuOutOfRange { .. }
             | AgentError::PcpuOffline { .. }
             | AgentError::EmptyPcpuList { .. }
@@ -57,4 +60,9 @@ impl AgentError {
             AgentError::Internal(_) => ErrorKind::Internal,
         }
     }
+}
+
+/// `0, 3`: a list of numbers as an operator reads it.
+fn list(v: &[u32]) -> String {
+    v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
 }

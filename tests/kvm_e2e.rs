@@ -503,3 +503,38 @@ async fn max_moves_bounds_every_round_on_real_guests() {
     let on1 = guests.iter().filter(|g| virsh_vcpupin(&tb.dom(g)) == vec![vec![1]]).count();
     assert_eq!(on1, 2, "two guests on pCPU 1");
 }
+
+/// 11. A guest with vCPUs 0 and 3 of 4 online (as after hot-unplugging 1 and 2): libvirt numbers its running vCPUs
+///     with gaps. The agent reports 0 and 3, pins vCPU 3, refuses 1 (not online) and 4 (no such vCPU) without
+///     changing anything, and the controller balances the host, whose every batch holds vCPU 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vcpus_numbered_with_gaps_after_a_hot_unplug() {
+    let _s = SERIAL.lock().await;
+    let tb = Testbed::up("vcbe2e11", &["g:40:0:4@0,3", "h:40:0"]);
+    let (g, h) = (tb.dom("g"), tb.dom("h"));
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let stats = c.get_stats(pb::GetStatsRequest {}).await.unwrap().into_inner();
+    let d = stats.domains.iter().find(|d| d.name == g).expect("g in GetStats");
+    assert_eq!(d.vcpus.iter().map(|v| v.index).collect::<Vec<_>>(), vec![0, 3]);
+
+    c.pin_vcpu(pb::PinVcpuRequest { domain: g.clone(), vcpu: 3, pcpus: vec![1], persist: false }).await.unwrap();
+    assert_eq!(virsh_vcpupin(&g)[3], vec![1], "vCPU 3 pinned");
+    let before = virsh_vcpupin(&g);
+    for (vcpu, needle) in [(1, "not online"), (4, "not online")] {
+        let err = c.pin_vcpu(pb::PinVcpuRequest { domain: g.clone(), vcpu, pcpus: vec![1], persist: false }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "vCPU {vcpu}: {err:?}");
+        assert!(err.message().contains(needle) && err.message().contains("0, 3"), "vCPU {vcpu}: {}", err.message());
+    }
+    assert_eq!(virsh_vcpupin(&g), before, "refused pins changed nothing");
+
+    // 80 | 0 on pCPUs 0 | 1 (vCPU 3 idle). vCPU 3 may run on either pCPU, so the controller's first action pins it
+    // where it runs, in the same batch as the move: before the agent knew gaps, that batch was refused whole.
+    c.pin_vcpu(pb::PinVcpuRequest { domain: g.clone(), vcpu: 3, pcpus: vec![0, 1], persist: false }).await.unwrap();
+    let rs = balance(&agent.addr, 8, |_| {}).await;
+    assert!(rs.iter().all(|r| r.action.kind != ActionType::Error && r.pins_failed.is_empty()), "{rs:#?}");
+    assert!(rs.iter().any(|r| r.pins_applied > 0), "{rs:#?}");
+    assert!(settled_at(&rs, 3).is_some(), "never balanced: {rs:#?}");
+    let (pg, ph) = (virsh_vcpupin(&g)[0].clone(), virsh_vcpupin(&h)[0].clone());
+    assert!(pg.len() == 1 && ph.len() == 1 && pg != ph, "the two loaded vCPUs on different pCPUs: {pg:?} {ph:?}");
+}

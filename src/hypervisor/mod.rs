@@ -51,19 +51,40 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError>;
 }
 
-/// Checks one pin against the host's pCPUs and the domain's vCPU count: the rules both backends enforce.
+/// The vCPU numbers a pin may name in one domain.
+#[derive(Debug, Clone, Copy)]
+pub enum VcpuNumbers<'a> {
+    /// `0..n`.
+    Count(u32),
+    /// The running vCPUs' numbers, in order. After a vCPU hot-unplug (or with `<vcpus>` enabling some), libvirt
+    /// numbers them with gaps: 0 and 3 of 4, say.
+    Online(&'a [u32]),
+}
+
+/// Checks one pin against the host's pCPUs and the domain's vCPUs: the rules both backends enforce.
 pub fn validate_pin(
     pin: &PinRequest,
     domain_name: &str,
-    nvcpus: u32,
+    vcpus: VcpuNumbers<'_>,
     npcpus: u32,
     online: &[PcpuId],
 ) -> Result<(), AgentError> {
     if pin.pcpus.is_empty() {
         return Err(AgentError::EmptyPcpuList { domain: domain_name.to_string(), vcpu: pin.vcpu });
     }
-    if pin.vcpu >= nvcpus {
-        return Err(AgentError::VcpuOutOfRange { domain: domain_name.to_string(), vcpu: pin.vcpu, nvcpus });
+    match vcpus {
+        VcpuNumbers::Count(nvcpus) if pin.vcpu >= nvcpus => {
+            return Err(AgentError::VcpuOutOfRange { domain: domain_name.to_string(), vcpu: pin.vcpu, nvcpus });
+        }
+        VcpuNumbers::Online(list) if !list.contains(&pin.vcpu) => {
+            let dense = list.iter().enumerate().all(|(i, &v)| v as usize == i);
+            return Err(if dense {
+                AgentError::VcpuOutOfRange { domain: domain_name.to_string(), vcpu: pin.vcpu, nvcpus: list.len() as u32 }
+            } else {
+                AgentError::VcpuNotOnline { domain: domain_name.to_string(), vcpu: pin.vcpu, online: list.to_vec() }
+            });
+        }
+        _ => {}
     }
     for &pcpu in &pin.pcpus {
         if pcpu >= npcpus {
@@ -105,11 +126,22 @@ mod tests {
     #[test]
     fn validation_rules() {
         let online = [0, 1, 3];
-        assert!(validate_pin(&pin(0, &[1]), "d", 2, 4, &online).is_ok());
-        assert!(matches!(validate_pin(&pin(2, &[1]), "d", 2, 4, &online), Err(AgentError::VcpuOutOfRange { .. })));
-        assert!(matches!(validate_pin(&pin(0, &[4]), "d", 2, 4, &online), Err(AgentError::PcpuOutOfRange { .. })));
-        assert!(matches!(validate_pin(&pin(0, &[2]), "d", 2, 4, &online), Err(AgentError::PcpuOffline { .. })));
-        assert!(matches!(validate_pin(&pin(0, &[]), "d", 2, 4, &online), Err(AgentError::EmptyPcpuList { .. })));
+        assert!(validate_pin(&pin(0, &[1]), "d", VcpuNumbers::Count(2), 4, &online).is_ok());
+        assert!(matches!(validate_pin(&pin(2, &[1]), "d", VcpuNumbers::Count(2), 4, &online), Err(AgentError::VcpuOutOfRange { .. })));
+        assert!(matches!(validate_pin(&pin(0, &[4]), "d", VcpuNumbers::Count(2), 4, &online), Err(AgentError::PcpuOutOfRange { .. })));
+        assert!(matches!(validate_pin(&pin(0, &[2]), "d", VcpuNumbers::Count(2), 4, &online), Err(AgentError::PcpuOffline { .. })));
+        assert!(matches!(validate_pin(&pin(0, &[]), "d", VcpuNumbers::Count(2), 4, &online), Err(AgentError::EmptyPcpuList { .. })));
+        // vCPUs 0 and 3 online of 4: 3 may be pinned, 1 is not online, 4 does not exist.
+        let gaps = VcpuNumbers::Online(&[0, 3]);
+        assert!(validate_pin(&pin(3, &[1]), "d", gaps, 4, &online).is_ok());
+        assert!(matches!(validate_pin(&pin(1, &[1]), "d", gaps, 4, &online), Err(AgentError::VcpuNotOnline { .. })));
+        assert!(matches!(validate_pin(&pin(4, &[1]), "d", gaps, 4, &online), Err(AgentError::VcpuNotOnline { .. })));
+        let e = validate_pin(&pin(2, &[1]), "d", VcpuNumbers::Online(&[0, 1]), 4, &online).unwrap_err();
+        assert!(matches!(e, AgentError::VcpuOutOfRange { nvcpus: 2, .. }), "{e:?}");
+        assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument);
+        let e = validate_pin(&pin(1, &[1]), "d", gaps, 4, &online).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("0, 3"), "{e}");
     }
 
     #[test]

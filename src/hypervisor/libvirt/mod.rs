@@ -39,7 +39,7 @@ use crate::error::{AgentError, ErrorKind};
 // The deadline is this backend's; its default lives beside the trait so that the agent's flag also builds without
 // libvirt.
 pub use crate::hypervisor::{LIBVIRT_CALL_DEADLINE, MIN_LIBVIRT_CALL_DEADLINE};
-use crate::hypervisor::{batch_verdict, validate_pin, Hypervisor, PinResults};
+use crate::hypervisor::{batch_verdict, validate_pin, Hypervisor, PinResults, VcpuNumbers};
 use crate::model::{
     format_cpu_list, DomainPlacement, DomainStats, DomainSummary, HostInfo, HostStats, PcpuId, PinRequest,
     VcpuPlacement, VcpuStats,
@@ -393,7 +393,8 @@ impl Drop for OpenGuard<'_> {
 /// A domain resolved for pinning.
 struct PinTarget {
     dom: Domain,
-    nvcpus: u32,
+    /// The running vCPUs' numbers, as `virDomainGetVcpus` gives them (with gaps after a hot-unplug).
+    vcpus: Vec<u32>,
 }
 
 impl Inner {
@@ -662,7 +663,7 @@ impl Inner {
     }
 
     /// Looks a pin's domain up and checks that it runs.
-    fn resolve(&self, conn: &Arc<OwnedConnect>, key: &str) -> Result<PinTarget, AgentError> {
+    fn resolve(&self, conn: &Arc<OwnedConnect>, key: &str, npcpus: u32) -> Result<PinTarget, AgentError> {
         check_domain_key(key)?;
         let call = |c| Call { name: c, domain: Some(key), vcpu: None };
         let dom = lookup(conn, key).map_err(|e| self.fail(conn, None, call("virDomainLookup"), e))?;
@@ -670,7 +671,14 @@ impl Inner {
             return Err(not_running(key, &dom));
         }
         let info = dom.info().map_err(|e| self.fail(conn, Some(&dom), call("virDomainGetInfo"), e))?;
-        Ok(PinTarget { dom, nvcpus: info.nr_virt_cpu })
+        // `nr_virt_cpu` counts the online vCPUs, not the highest number: with 0 and 3 online it is 2, and vCPU 3,
+        // which GetStats reports, must still be pinnable.
+        let vcpus = ffi::domain_vcpus(&dom, info.nr_virt_cpu, npcpus)
+            .map_err(|e| self.fail(conn, Some(&dom), call("virDomainGetVcpus"), e))?
+            .iter()
+            .map(|v| v.number)
+            .collect();
+        Ok(PinTarget { dom, vcpus })
     }
 
     fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError> {
@@ -682,7 +690,7 @@ impl Inner {
         let mut targets: HashMap<&str, Result<PinTarget, AgentError>> = HashMap::new();
         for pin in pins {
             if !targets.contains_key(pin.domain.as_str()) {
-                let target = self.resolve(&conn, &pin.domain);
+                let target = self.resolve(&conn, &pin.domain, node.npcpus);
                 if let Err(e) = &target {
                     // Without libvirt nothing can be validated, let alone applied.
                     if e.kind() == ErrorKind::Unavailable {
@@ -695,7 +703,7 @@ impl Inner {
         let checks: Vec<Result<(), AgentError>> = pins
             .iter()
             .map(|pin| match &targets[pin.domain.as_str()] {
-                Ok(t) => validate_pin(pin, &pin.domain, t.nvcpus, node.npcpus, &node.online),
+                Ok(t) => validate_pin(pin, &pin.domain, VcpuNumbers::Online(&t.vcpus), node.npcpus, &node.online),
                 Err(e) => Err(e.clone()),
             })
             .collect();

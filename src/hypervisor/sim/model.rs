@@ -19,7 +19,7 @@
 use crate::error::AgentError;
 use crate::hypervisor::sim::rng::SplitMix64;
 use crate::hypervisor::sim::scenario::{DomainSpec, LoadProfile, Scenario};
-use crate::hypervisor::validate_pin;
+use crate::hypervisor::{validate_pin, VcpuNumbers};
 use crate::model::{DomainPlacement, DomainStats, DomainSummary, PcpuId, PinRequest, VcpuPlacement, VcpuStats};
 
 const NS_PER_SEC: f64 = 1e9;
@@ -392,7 +392,7 @@ impl SimHost {
             .map(|p| {
                 let di = self.find(&p.domain)?;
                 let d = &self.domains[di];
-                validate_pin(p, &d.name, d.vcpus.len() as u32, self.npcpus, &online)?;
+                validate_pin(p, &d.name, VcpuNumbers::Count(d.vcpus.len() as u32), self.npcpus, &online)?;
                 Ok(di)
             })
             .collect();
