@@ -136,16 +136,39 @@ pub fn node_cpu_map(conn: &Connect) -> Result<NodeCpuMap, VirtError> {
     let online_cpus = if buf.0.is_null() {
         Vec::new()
     } else {
-        // SAFETY: on success libvirt returns a map of VIR_CPU_MAPLEN(n) bytes for n CPUs; it stays allocated until
-        // `buf` is dropped below, after the slice's last use.
-        let bytes = unsafe { std::slice::from_raw_parts(buf.0, cpumap_len(npcpus)) };
-        decode_cpumap(bytes, npcpus)
+        // The buffer's length is not returned. Through the remote driver it is VIR_CPU_MAPLEN(n), but a driver in
+        // this process (qemu:///embed, test:///) sizes it to the byte of the last online CPU (virBitmapToData),
+        // shorter when the last CPUs are offline. `online` is the count of bits set in that same bitmap, so reading
+        // stops once that many are seen: never past the byte of the last set bit.
+        let bytes = read_online_map(online, cpumap_len(npcpus), |i| {
+            // SAFETY: `read_online_map` asks for byte i only while fewer than `online` set bits lie in bytes 0..i,
+            // so the last set bit is in byte i or later, and every driver's buffer reaches that byte (see above);
+            // `buf` stays allocated until it is dropped below.
+            unsafe { *buf.0.add(i) }
+        });
+        decode_cpumap(&bytes, npcpus)
     };
     drop(buf);
     if online_cpus.len() != online as usize {
         tracing::debug!(npcpus, online, decoded = online_cpus.len(), "online pCPU count differs from the online map");
     }
     Ok(NodeCpuMap { npcpus, online: online_cpus })
+}
+
+/// The bytes of a CPU map with `online` bits set, at most `maxlen` of them, read with `byte(i)` up to the byte of
+/// the last set bit and no further.
+fn read_online_map(online: u32, maxlen: usize, byte: impl Fn(usize) -> u8) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(maxlen);
+    let mut seen = 0u32;
+    for i in 0..maxlen {
+        if seen >= online {
+            break;
+        }
+        let b = byte(i);
+        seen += b.count_ones();
+        bytes.push(b);
+    }
+    bytes
 }
 
 /// One vCPU as `virDomainGetVcpus` reports it.
@@ -330,6 +353,19 @@ mod tests {
         assert_eq!(cpumap_len(9), 2);
         assert_eq!(cpumap_len(16), 2);
         assert_eq!(cpumap_len(17), 3);
+    }
+
+    #[test]
+    fn an_online_map_is_read_only_up_to_its_last_set_bit() {
+        // 16 CPUs, 8-15 offline: an in-process driver's buffer is 1 byte long. Reading byte 1 would overrun it.
+        let short = [0xffu8];
+        let read = read_online_map(8, cpumap_len(16), |i| *short.get(i).unwrap_or_else(|| panic!("read byte {i}")));
+        assert_eq!(decode_cpumap(&read, 16), (0..8).collect::<Vec<_>>());
+        // CPUs 0 and 9 online: both bytes are needed, and read.
+        let gap = [0x01u8, 0x02];
+        assert_eq!(decode_cpumap(&read_online_map(2, 2, |i| gap[i]), 16), vec![0, 9]);
+        // None online: nothing is read.
+        assert!(read_online_map(0, 2, |i| panic!("read byte {i}")).is_empty());
     }
 
     #[test]
