@@ -15,7 +15,7 @@ use vcpu_balancer::certs;
 use vcpu_balancer::controller::config::{self, ControllerConfig, Overrides, RunSettings, TlsPaths};
 use vcpu_balancer::controller::policy::{Constraints, DomainMatcher, PolicyKind};
 use vcpu_balancer::controller::state::{ConfigView, StateStore};
-use vcpu_balancer::controller::{self, demo, evaluate, policy, show, AgentClient, ClientSettings, LoopConfig, Observers};
+use vcpu_balancer::controller::{self, demo, evaluate, pins_file, policy, show, AgentClient, ClientSettings, LoopConfig, Observers};
 use vcpu_balancer::metrics::ControllerMetrics;
 use vcpu_balancer::security::TlsFiles;
 use vcpu_balancer::model::{parse_cpu_list, PinRequest};
@@ -369,9 +369,14 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         tracing::warn!(rpc_timeout = ?set.rpc_timeout, interval = ?set.interval,
             "two RPC deadlines do not fit in one interval; slow hosts will skip ticks");
     }
-    if let Some(dir) = &set.state_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("state directory {}: cannot create it", dir.display()))?;
-    }
+    let _state_lock = match &set.state_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("state directory {}: cannot create it", dir.display()))?;
+            // A dry run writes nothing there, so it may run beside the controller that does.
+            (!set.dry_run).then(|| pins_file::lock_dir(dir)).transpose()?
+        }
+        None => None,
+    };
     let cfg = LoopConfig {
         interval: set.interval,
         policy: set.policy.clone(),

@@ -114,7 +114,7 @@ async fn client_loop(addr: String, me: usize, stop_at: Instant) -> ClientOutcome
         let vcpu = (i % VCPUS as u64) as u32;
         let pcpu = ((i * 7 + me as u64) % PCPUS as u64) as u32;
         let mut pins = vec![pb::PinVcpuRequest { domain: domain.clone(), vcpu, pcpus: vec![pcpu], persist: false }];
-        let bad = i % BAD_EVERY == 0;
+        let bad = i.is_multiple_of(BAD_EVERY);
         if bad {
             pins.push(pb::PinVcpuRequest { domain: format!("gone-{me}"), vcpu: 0, pcpus: vec![0], persist: false });
         }

@@ -371,3 +371,33 @@ fn certs_then_mutual_tls_end_to_end() {
     assert_ne!(rounds[1]["action"]["type"], "error", "{}", text(&r.stdout));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Two controllers on one `--state-dir` would each take the other's pins for an operator's: the second is refused
+/// while the first runs (a dry run, which writes nothing there, is not), and the directory is free once it stops.
+#[test]
+fn a_state_dir_is_used_by_one_controller_at_a_time() {
+    let dir = std::env::temp_dir().join(format!("vcpu-cli-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let base = ["run", "--host", "127.0.0.1:1", "--interval", "1s", "--rpc-timeout", "200ms", "--state-dir", d];
+    let mut first = Command::new(CONTROLLER).args(base).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let refused = |extra: &[&str]| {
+        let out = controller(&[&base[..], &["--rounds", "1"], extra].concat());
+        text(&out.stderr).contains("another controller uses this state directory")
+    };
+    // The first takes the lock at start; until it has, a second run may get it (and stops after its one round).
+    let mut held = false;
+    for _ in 0..200 {
+        if refused(&[]) {
+            held = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(held, "a second controller was never refused");
+    assert!(!refused(&["--dry-run"]), "a dry run is refused");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(!refused(&[]), "the directory stayed locked after the first controller stopped");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -55,6 +55,8 @@ pub enum PinsFileError {
     Version { path: String, found: u32 },
     #[error("{path}: holds the pins of host {found:?}, not of {expected:?}")]
     OtherHost { path: String, found: String, expected: String },
+    #[error("{path}: another controller uses this state directory (two would each take the other's pins for an operator's)")]
+    Locked { path: String },
 }
 
 /// The file of `host` in `dir`. Every byte outside `[A-Za-z0-9.-]` is written as `_xx` (hex), so two hosts never
@@ -109,8 +111,35 @@ pub fn save(path: &Path, file: &PinsFile) -> Result<(), PinsFileError> {
     }
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec(file).expect("a pins file always serializes");
-    std::fs::write(&tmp, text).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    // On disk before the rename, and the rename on disk before returning: after a power loss the file is the old
+    // one or the new one, not an empty one.
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    std::io::Write::write_all(&mut f, &text).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// A state directory held by one controller for as long as this lives (an advisory lock on `.lock` in it).
+#[derive(Debug)]
+pub struct StateDirLock {
+    _file: std::fs::File,
+}
+
+/// Takes `dir` for this controller, or fails if another one (any process) holds it.
+pub fn lock_dir(dir: &Path) -> Result<StateDirLock, PinsFileError> {
+    let path = dir.join(".lock");
+    let io = |source| PinsFileError::Io { path: path.display().to_string(), source };
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(StateDirLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(PinsFileError::Locked { path: dir.display().to_string() }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
 }
 
 impl PinsFile {
@@ -184,6 +213,18 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn a_state_dir_is_held_by_one_controller_at_a_time() {
+        let dir = tmpdir("lock");
+        let first = lock_dir(&dir).unwrap();
+        let second = lock_dir(&dir).unwrap_err();
+        assert!(matches!(second, PinsFileError::Locked { .. }), "{second:?}");
+        assert!(second.to_string().contains("another controller"), "{second}");
+        drop(first);
+        lock_dir(&dir).expect("free again once the first is gone");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
