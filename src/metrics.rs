@@ -124,6 +124,9 @@ pub struct ControllerMetrics {
     rpc_duration: LatencyFamily<ClientRpcLabels>,
     rpc_errors: Family<ClientRpcErrorLabels, Counter>,
     hosts_configured: Gauge,
+    /// The pCPUs each host has a `pcpu_usage` gauge for: those of a pCPU gone offline, or of a host removed, are
+    /// dropped, which the metrics alone cannot do (a family does not list its labels).
+    pcpus_shown: std::sync::Mutex<std::collections::HashMap<String, Vec<u32>>>,
 }
 
 impl ControllerMetrics {
@@ -143,6 +146,7 @@ impl ControllerMetrics {
             rpc_duration: Family::new_with_constructor(LatencyBuckets),
             rpc_errors: Family::default(),
             hosts_configured: Gauge::default(),
+            pcpus_shown: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -210,6 +214,17 @@ impl ControllerMetrics {
         for p in &r.pcpus {
             self.pcpu_usage.get_or_create(&PcpuLabels { host: r.host.clone(), pcpu: p.id.to_string() }).set(p.usage);
         }
+        if !r.pcpus.is_empty() {
+            let mut shown = self.pcpus_shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let was = shown.entry(r.host.clone()).or_default();
+            // Usually the same pCPUs as last round: one comparison, nothing to drop.
+            if !was.iter().copied().eq(r.pcpus.iter().map(|p| p.id)) {
+                for gone in was.iter().filter(|id| !r.pcpus.iter().any(|p| p.id == **id)) {
+                    self.pcpu_usage.remove(&PcpuLabels { host: r.host.clone(), pcpu: gone.to_string() });
+                }
+                *was = r.pcpus.iter().map(|p| p.id).collect();
+            }
+        }
         // Per vCPU: `converge` moves several in a round.
         if !r.moves.is_empty() {
             self.moves.get_or_create(&host).inc_by(r.moves.len() as u64);
@@ -244,12 +259,13 @@ impl ControllerMetrics {
 
     /// Drops the gauges of a host that left the host list, so dashboards do not show its last values forever.
     /// Counters stay: they are cumulative and Prometheus handles series that stop.
-    pub fn forget_host(&self, host: &str, pcpus: &[u32]) {
+    pub fn forget_host(&self, host: &str) {
         let h = HostLabels { host: host.to_string() };
         self.spread.remove(&h);
         self.at_best.remove(&h);
         self.host_up.remove(&h);
-        for p in pcpus {
+        let pcpus = self.pcpus_shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(host);
+        for p in pcpus.unwrap_or_default() {
             self.pcpu_usage.remove(&PcpuLabels { host: host.to_string(), pcpu: p.to_string() });
         }
     }
@@ -396,7 +412,16 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
-        m.forget_host("hv1:1", &[3]);
+        // A pCPU that goes offline loses its gauge; the others keep theirs.
+        r.pcpus = vec![PcpuUsage { id: 2, usage: 10.0 }];
+        m.observe_round(&r);
+        let text = m.encode();
+        assert!(text.contains(r#"vcpu_balancer_pcpu_usage_percent{host="hv1:1",pcpu="2"} 10.0"#), "{text}");
+        assert!(!text.contains(r#"pcpu="3""#), "the offline pCPU's gauge stayed: {text}");
+        // A round with no usage (a baseline, an error) says nothing about pCPUs: the gauges stay.
+        m.observe_round(&RoundReport::bare("hv1:1", 3, ActionReport::simple(ActionType::Error, "down"), false));
+        assert!(m.encode().contains(r#"pcpu="2""#));
+        m.forget_host("hv1:1");
         let text = m.encode();
         assert!(!text.contains("vcpu_balancer_pcpu_usage_percent{"), "{text}");
         assert!(!text.contains("vcpu_balancer_host_up{"), "{text}");

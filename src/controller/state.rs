@@ -120,11 +120,11 @@ impl StateStore {
         });
     }
 
-    /// Forgets a host that left the host list; returns its pCPU ids (to drop its metrics too).
-    pub fn remove_host(&self, host: &str) -> Vec<u32> {
+    /// Forgets a host that left the host list.
+    pub fn remove_host(&self, host: &str) {
         let mut g = self.write();
         g.history.remove(host);
-        g.hosts.remove(host).map(|h| h.pcpus.iter().map(|p| p.id).collect()).unwrap_or_default()
+        g.hosts.remove(host);
     }
 
     /// Accounts one round.
@@ -260,7 +260,7 @@ mod tests {
         assert_eq!(snap.decisions.len(), MAX_DECISIONS);
         assert_eq!(snap.decisions[0].round, MAX_DECISIONS as u64 + 9);
         assert_eq!(snap.hosts[0].moves_total, 2 * (MAX_DECISIONS as u64 + 10));
-        assert_eq!(s.remove_host("a"), vec![0, 1]);
+        s.remove_host("a");
         assert!(s.snapshot().hosts.is_empty());
         assert!(s.snapshot().spread_history.is_empty());
     }

@@ -229,9 +229,12 @@ async fn record(mut rx: mpsc::Receiver<Msg>, obs: Observers, out: mpsc::Sender<R
                 let _ = out.send(*r).await;
             }
             Msg::Removed(host) => {
-                let pcpus = obs.state.as_ref().map(|s| s.remove_host(&host)).unwrap_or_default();
+                if let Some(s) = &obs.state {
+                    s.remove_host(&host);
+                }
+                // Also without a status page (`--metrics-listen` alone): the metrics know their own pCPU gauges.
                 if let Some(m) = &obs.metrics {
-                    m.forget_host(&host, &pcpus);
+                    m.forget_host(&host);
                 }
             }
         }
