@@ -385,16 +385,29 @@ fn a_state_dir_is_used_by_one_controller_at_a_time() {
         let out = controller(&[&base[..], &["--rounds", "1"], extra].concat());
         text(&out.stderr).contains("another controller uses this state directory")
     };
-    // The first takes the lock at start; until it has, a second run may get it (and stops after its one round).
+    // Wait until the first holds the lock, as /proc/locks shows it: probing by locking from here, or starting a
+    // second controller too early, could take the lock first and make the first one exit.
+    let first_pid = first.id().to_string();
+    let held_by_first = || {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(ino) = std::fs::metadata(dir.join(".lock")).map(|m| m.ino()) else { return false };
+        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        locks.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 5 && f[1] == "FLOCK" && f[4] == first_pid && f[5].rsplit(':').next() == Some(&ino.to_string())
+        })
+    };
     let mut held = false;
-    for _ in 0..200 {
-        if refused(&[]) {
+    for _ in 0..600 {
+        if held_by_first() {
             held = true;
             break;
         }
+        assert!(first.try_wait().unwrap().is_none(), "the first controller exited");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert!(held, "a second controller was never refused");
+    assert!(held, "the first controller never took the lock");
+    assert!(refused(&[]), "a second controller was not refused");
     assert!(!refused(&["--dry-run"]), "a dry run is refused");
     first.kill().unwrap();
     first.wait().unwrap();
