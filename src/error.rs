@@ -23,6 +23,8 @@ pub enum AgentError {
     DomainNotFound { domain: String },
     #[error("domain {domain:?} is not running (state: {state})")]
     DomainNotRunning { domain: String, state: String },
+    #[error("domain {domain:?} is transient: it has no config to persist a pin in (pin without persist)")]
+    NotPersistent { domain: String },
     #[error("domain {domain:?}: vCPU {vcpu} does not exist (the domain has {nvcpus} vCPUs)")]
     VcpuOutOfRange { domain: String, vcpu: u32, nvcpus: u32 },
     #[error("domain {domain:?}: vCPU {vcpu} is not online (its online vCPUs are {})", list(online))]
@@ -48,7 +50,7 @@ impl AgentError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             AgentError::DomainNotFound { .. } => ErrorKind::NotFound,
-            AgentError::DomainNotRunning { .. } => ErrorKind::FailedPrecondition,
+            AgentError::DomainNotRunning { .. } | AgentError::NotPersistent { .. } => ErrorKind::FailedPrecondition,
             AgentError::VcpuOutOfRange { .. }
             | AgentError::VcpuNotOnline { .. }
             | AgentError::PcpuOutOfRange { .. }

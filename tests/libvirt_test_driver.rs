@@ -223,6 +223,25 @@ async fn persist_pins_a_persistent_domain() {
     assert_eq!(placement(&backend, &dom.name).await.vcpus[0].affinity, vec![a]);
 }
 
+/// A transient domain has no config: a pin asked to persist there is refused (FAILED_PRECONDITION) and not made
+/// live either, while the other pins of the batch are applied.
+#[tokio::test]
+async fn persist_on_a_transient_domain_is_refused_and_changes_nothing() {
+    let backend = backend();
+    let (a, b) = two_online_pcpus(&backend).await;
+    let transient = TestDomain::new(&backend, "transient", 1, Kind::Transient);
+    let other = TestDomain::new(&backend, "other", 1, Kind::Transient);
+    let before = placement(&backend, &transient.name).await;
+    let mut request = pin(&transient.name, 0, &[if before.vcpus[0].affinity == vec![a] { b } else { a }]);
+    request.persist = true;
+    let results = backend.apply_pins(&[request, pin(&other.name, 0, &[a])]).await.expect("per-pin errors only");
+    assert_eq!(results[0], Err(AgentError::NotPersistent { domain: transient.name.clone() }));
+    assert_eq!(results[0].as_ref().unwrap_err().kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(results[1], Ok(()));
+    assert_eq!(placement(&backend, &transient.name).await, before, "the refused pin changed nothing");
+    assert_eq!(placement(&backend, &other.name).await.vcpus[0].affinity, vec![a]);
+}
+
 #[tokio::test]
 async fn out_of_range_pins_are_refused_and_change_nothing() {
     let backend = backend();

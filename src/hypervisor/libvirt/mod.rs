@@ -395,6 +395,8 @@ struct PinTarget {
     dom: Domain,
     /// The running vCPUs' numbers, as `virDomainGetVcpus` gives them (with gaps after a hot-unplug).
     vcpus: Vec<u32>,
+    /// Whether it has a config a pin can be persisted in (asked only when a pin wants it).
+    persistent: bool,
 }
 
 impl Inner {
@@ -663,7 +665,7 @@ impl Inner {
     }
 
     /// Looks a pin's domain up and checks that it runs.
-    fn resolve(&self, conn: &Arc<OwnedConnect>, key: &str, npcpus: u32) -> Result<PinTarget, AgentError> {
+    fn resolve(&self, conn: &Arc<OwnedConnect>, key: &str, npcpus: u32, persist: bool) -> Result<PinTarget, AgentError> {
         check_domain_key(key)?;
         let call = |c| Call { name: c, domain: Some(key), vcpu: None };
         let dom = lookup(conn, key).map_err(|e| self.fail(conn, None, call("virDomainLookup"), e))?;
@@ -678,7 +680,9 @@ impl Inner {
             .iter()
             .map(|v| v.number)
             .collect();
-        Ok(PinTarget { dom, vcpus })
+        let persistent =
+            persist && dom.is_persistent().map_err(|e| self.fail(conn, Some(&dom), call("virDomainIsPersistent"), e))?;
+        Ok(PinTarget { dom, vcpus, persistent })
     }
 
     fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError> {
@@ -690,7 +694,8 @@ impl Inner {
         let mut targets: HashMap<&str, Result<PinTarget, AgentError>> = HashMap::new();
         for pin in pins {
             if !targets.contains_key(pin.domain.as_str()) {
-                let target = self.resolve(&conn, &pin.domain, node.npcpus);
+                let persist = pins.iter().any(|p| p.persist && p.domain == pin.domain);
+                let target = self.resolve(&conn, &pin.domain, node.npcpus, persist);
                 if let Err(e) = &target {
                     // Without libvirt nothing can be validated, let alone applied.
                     if e.kind() == ErrorKind::Unavailable {
@@ -703,6 +708,8 @@ impl Inner {
         let checks: Vec<Result<(), AgentError>> = pins
             .iter()
             .map(|pin| match &targets[pin.domain.as_str()] {
+                // Checked before anything changes: a pin asked to outlive a reboot that cannot is not made live.
+                Ok(t) if pin.persist && !t.persistent => Err(AgentError::NotPersistent { domain: pin.domain.clone() }),
                 Ok(t) => validate_pin(pin, &pin.domain, VcpuNumbers::Online(&t.vcpus), node.npcpus, &node.online),
                 Err(e) => Err(e.clone()),
             })
@@ -742,9 +749,8 @@ impl Inner {
         let dom = &target.dom;
         let call = |c| Call { name: c, domain: Some(&pin.domain), vcpu: Some(pin.vcpu) };
         let map = ffi::encode_cpumap(&pin.pcpus, maplen);
-        // CONFIG on a transient domain is an error; persisting only makes sense for a persistent one.
-        let persist = pin.persist
-            && dom.is_persistent().map_err(|e| self.fail(conn, Some(dom), call("virDomainIsPersistent"), e))?;
+        // A transient domain with `persist` was refused before the batch started.
+        let persist = pin.persist && target.persistent;
         let flags = sys::VIR_DOMAIN_AFFECT_LIVE | if persist { sys::VIR_DOMAIN_AFFECT_CONFIG } else { 0 };
         let pcpus = format_cpu_list(&pin.pcpus);
         match dom.pin_vcpu_flags(pin.vcpu, &map, flags) {
