@@ -505,8 +505,10 @@ async fn a_restarted_controller_knows_its_pins_with_a_state_dir() {
         rs.iter().any(|r| r.held.iter().any(|h| h.domain == "vm1" && h.vcpu == 0 && h.why == HeldWhy::Manual))
     };
 
-    let second = run_rounds(&agent.addr, 6, Some(&dir)).await;
+    // The restarted controller is given the same agent written another way: one agent, one pins file.
+    let second = run_rounds(&format!("http://{}/", agent.addr), 6, Some(&dir)).await;
     assert!(manual(&second), "the restarted controller held the operator's pin: {:#?}", second.last());
+    assert!(std::fs::read_dir(&dir).unwrap().count() == 1, "still one pins file for the one host");
     assert_eq!(agent.hv.placement("vm1").await.unwrap().vcpus[0].affinity, vec![elsewhere], "left where it was put");
 
     let without = run_rounds(&agent.addr, 6, None).await;

@@ -108,6 +108,13 @@ impl HostState {
     /// (it is overwritten with the next pins): losing the controller's memory of its pins must not stop a host.
     fn with_pins_file(dir: &std::path::Path, host: &str) -> Self {
         let path = pins_file::path_for(dir, host);
+        // A file an earlier version wrote under the host as written moves to the address's name.
+        let legacy = pins_file::legacy_path_for(dir, host);
+        if legacy != path && !path.exists() && legacy.exists() {
+            if let Err(e) = std::fs::rename(&legacy, &path) {
+                tracing::warn!(host = %host, error = %e, from = %legacy.display(), "cannot rename the old pins file");
+            }
+        }
         let restored = match pins_file::load(&path, host) {
             Ok(Some(f)) => {
                 tracing::info!(host = %host, path = %path.display(), domains = f.domains.len(), "read the controller's pins of this host");
@@ -378,6 +385,20 @@ fn failed(st: &mut HostState, cfg: &LoopConfig, host: &str, round: u64, err: Str
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_pins_file_under_the_old_name_is_moved_and_read() {
+        let dir = std::env::temp_dir().join(format!("vcpub-legacy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (old, new) = (pins_file::legacy_path_for(&dir, "hv1"), pins_file::path_for(&dir, "hv1"));
+        assert_ne!(old, new);
+        let file = pins_file::PinsFile { version: pins_file::PINS_FILE_VERSION, host: "hv1".into(), domains: vec![] };
+        pins_file::save(&old, &file).unwrap();
+        let st = HostState::with_pins_file(&dir, "hv1");
+        assert_eq!(st.restored, Some(file));
+        assert!(new.exists() && !old.exists(), "moved to {}", new.display());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

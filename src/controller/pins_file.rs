@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::controller::client::address_key;
 use crate::controller::policy::VcpuMap;
 use crate::model::{HostStats, PcpuId};
 
@@ -59,9 +60,21 @@ pub enum PinsFileError {
     Locked { path: String },
 }
 
-/// The file of `host` in `dir`. Every byte outside `[A-Za-z0-9.-]` is written as `_xx` (hex), so two hosts never
-/// share a file (`hv1:50151` and `hv1_50151` differ) and no host name can reach outside `dir`.
+/// The file of `host` in `dir`, named by the agent's address: `hv1`, `hv1:50151` and `http://hv1/` are one agent
+/// and share one file, so a host list that changes how it writes a host keeps its pins. Every byte outside
+/// `[A-Za-z0-9.-]` is written as `_xx` (hex), so two hosts never share a file (`hv1:50151` and `hv1_50151` differ)
+/// and no host name can reach outside `dir`.
 pub fn path_for(dir: &Path, host: &str) -> PathBuf {
+    let key = address_key(host);
+    file_in(dir, key.split_once("://").map_or(key.as_str(), |(_, rest)| rest))
+}
+
+/// Where versions before the address key kept the file of `host`: named by the host as written.
+pub fn legacy_path_for(dir: &Path, host: &str) -> PathBuf {
+    file_in(dir, host)
+}
+
+fn file_in(dir: &Path, host: &str) -> PathBuf {
     let mut name = String::with_capacity(host.len() + 16);
     for b in host.bytes() {
         if b.is_ascii_alphanumeric() || b == b'.' || b == b'-' {
@@ -95,7 +108,7 @@ pub fn load(path: &Path, host: &str) -> Result<Option<PinsFile>, PinsFileError> 
         return Err(PinsFileError::Version { path: p, found: u32::try_from(found).unwrap_or(u32::MAX) });
     }
     let file: PinsFile = serde_json::from_value(value).map_err(parse)?;
-    if file.host != host {
+    if address_key(&file.host) != address_key(host) {
         return Err(PinsFileError::OtherHost { path: p, found: file.host, expected: host.to_string() });
     }
     Ok(Some(file))
@@ -272,5 +285,20 @@ mod tests {
         assert_ne!(path_for(dir, "hv1:50151"), path_for(dir, "hv1_50151"));
         assert_eq!(path_for(dir, "../etc/passwd"), Path::new("/state/_.._2fetc_2fpasswd.pins.json"));
         assert_eq!(path_for(dir, "[::1]:50151").parent(), Some(dir));
+        // One agent, one file, however the host is written; the name for an explicit port is the old one.
+        for same in ["hv1", " hv1", "http://hv1:50151/", "https://hv1"] {
+            assert_eq!(path_for(dir, same), path_for(dir, "hv1:50151"), "{same:?}");
+        }
+        assert_eq!(path_for(dir, "hv1:50151"), legacy_path_for(dir, "hv1:50151"));
+        assert_ne!(path_for(dir, "hv1:50152"), path_for(dir, "hv1:50151"));
+    }
+
+    #[test]
+    fn a_file_is_read_back_for_the_same_agent_written_another_way() {
+        let dir = tmpdir("spelling");
+        let path = path_for(&dir, "hv1");
+        save(&path, &PinsFile { version: PINS_FILE_VERSION, host: "hv1".into(), domains: vec![] }).unwrap();
+        assert!(load(&path_for(&dir, "http://hv1:50151"), "http://hv1:50151").unwrap().is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
