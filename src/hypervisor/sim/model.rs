@@ -193,34 +193,41 @@ impl SimHost {
     /// scenario's, or the last pin made with `persist`).
     pub fn restart_domain(&mut self, name: &str, now_ns: u64) -> Result<(), AgentError> {
         self.advance_to(now_ns);
-        let id = self.next_id;
-        let now = self.now_ns;
-        let d = self
+        let di = self
             .domains
-            .iter_mut()
-            .find(|d| d.name == name)
+            .iter()
+            .position(|d| d.name == name)
             .ok_or_else(|| AgentError::DomainNotFound { domain: name.to_string() })?;
+        let d = &mut self.domains[di];
+        d.id = self.next_id;
+        d.started_ns = self.now_ns;
         self.next_id += 1;
-        d.id = id;
-        d.started_ns = now;
-        // Like libvirt, a restart starts from the config: live-only pins are gone.
-        let mut moved = Vec::new();
-        for (i, v) in d.vcpus.iter_mut().enumerate() {
+        for v in &mut d.vcpus {
             v.time_ns = 0.0;
             v.reported_ns = 0.0;
             v.sampled_ns = 0.0;
-            v.affinity.clone_from(&v.config);
-            if !v.affinity.contains(&v.pcpu) {
-                moved.push(i);
-            }
         }
-        let di = self.domains.iter().position(|d| d.name == name).expect("found above");
-        for i in moved {
-            let aff = self.domains[di].vcpus[i].affinity.clone();
-            let pcpu = self.least_crowded(&aff);
-            self.domains[di].vcpus[i].pcpu = pcpu;
+        // Like libvirt, a restart starts from the config: live-only pins are gone.
+        for vi in 0..self.domains[di].vcpus.len() {
+            let config = self.domains[di].vcpus[vi].config.clone();
+            self.set_affinity(di, vi, config);
         }
         Ok(())
+    }
+
+    /// Gives vCPU `vi` of domain `di` a new affinity; if it runs outside it, it moves to its first pCPU, or with
+    /// several targets to the one the model's placement rule picks among them.
+    fn set_affinity(&mut self, di: usize, vi: usize, affinity: Vec<PcpuId>) {
+        let v = &mut self.domains[di].vcpus[vi];
+        v.affinity = affinity;
+        if !v.affinity.contains(&v.pcpu) {
+            v.pcpu = v.affinity[0];
+            if v.affinity.len() > 1 {
+                let aff = v.affinity.clone();
+                let pcpu = self.least_crowded(&aff);
+                self.domains[di].vcpus[vi].pcpu = pcpu;
+            }
+        }
     }
 
     /// Changes a domain's load from now on.
@@ -401,20 +408,10 @@ impl SimHost {
         self.advance_to(now_ns);
         for (p, c) in pins.iter().zip(&checks) {
             if let Ok(di) = c {
-                let v = &mut self.domains[*di].vcpus[p.vcpu as usize];
-                v.affinity.clone_from(&p.pcpus);
                 if p.persist {
-                    v.config.clone_from(&p.pcpus);
+                    self.domains[*di].vcpus[p.vcpu as usize].config.clone_from(&p.pcpus);
                 }
-                if !v.affinity.contains(&v.pcpu) {
-                    v.pcpu = v.affinity[0];
-                    if v.affinity.len() > 1 {
-                        // Several targets: the model's placement rule picks among them.
-                        let aff = v.affinity.clone();
-                        let pcpu = self.least_crowded(&aff);
-                        self.domains[*di].vcpus[p.vcpu as usize].pcpu = pcpu;
-                    }
-                }
+                self.set_affinity(*di, p.vcpu as usize, p.pcpus.clone());
             }
         }
         Ok(verdicts)
