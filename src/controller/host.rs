@@ -271,10 +271,8 @@ async fn one_round(
     }
     // A sample that cannot be compared with the last one (an agent restarted, as on a host reboot) may show domains
     // that restarted too, with their config affinity: the pins kept for them are checked as after an outage.
-    if st.restored.is_none() {
-        if let Some(prev) = st.prev.as_ref().filter(|p| p.agent_instance != cur.agent_instance) {
-            st.restored = Some(pins_file::PinsFile::from_pins(&host, &st.policy.last_pins, prev));
-        }
+    if let Some(prev) = st.prev.as_ref().filter(|p| p.agent_instance != cur.agent_instance) {
+        st.restored.get_or_insert_with(|| pins_file::PinsFile::from_pins(&host, &st.policy.last_pins, prev));
     }
     if let Some(file) = st.restored.take() {
         // Before any decision: the first one must already know which affinities are the controller's.
@@ -364,11 +362,9 @@ fn failed(st: &mut HostState, cfg: &LoopConfig, host: &str, round: u64, err: Str
     // Whatever happened in between is unknown: start over from a fresh baseline when the host is back. Domains may
     // have rebooted meanwhile (back on their config affinity, which is no operator's pin), and the fresh baseline
     // cannot see that: the pins are kept with what identifies each domain, and checked against the first sample
-    // after the gap, like a pins file after a restart of the controller.
+    // after the gap, like a pins file after a restart of the controller (one still waiting is that check already).
     if let Some(prev) = st.prev.take() {
-        if st.restored.is_none() {
-            st.restored = Some(pins_file::PinsFile::from_pins(host, &st.policy.last_pins, &prev));
-        }
+        st.restored.get_or_insert_with(|| pins_file::PinsFile::from_pins(host, &st.policy.last_pins, &prev));
     }
     st.last_usage = None;
     st.failures += 1;
