@@ -22,7 +22,7 @@
 
 mod ffi;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
@@ -692,9 +692,11 @@ impl Inner {
 
         // Validate the whole batch before touching anything; each domain is looked up once.
         let mut targets: HashMap<&str, Result<PinTarget, AgentError>> = HashMap::new();
+        // Usually empty (the controller pins live only): whether a domain can persist is asked only for these.
+        let persisting: HashSet<&str> = pins.iter().filter(|p| p.persist).map(|p| p.domain.as_str()).collect();
         for pin in pins {
             if !targets.contains_key(pin.domain.as_str()) {
-                let persist = pins.iter().any(|p| p.persist && p.domain == pin.domain);
+                let persist = persisting.contains(pin.domain.as_str());
                 let target = self.resolve(&conn, &pin.domain, node.npcpus, persist);
                 if let Err(e) = &target {
                     // Without libvirt nothing can be validated, let alone applied.
