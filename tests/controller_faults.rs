@@ -392,16 +392,19 @@ async fn a_reply_that_does_not_decode_fails_only_its_own_host() {
     healthy(&by[&live.addr], rounds);
 }
 
-/// A host whose pins take effect but whose answer to `ApplyPins` can come too late: the controller's deadline passes
-/// after the hypervisor applied the batch. libvirt's agent does the same when a batch outlives `--rpc-timeout` or
-/// its own `--libvirt-timeout`: the blocking work finishes in the background.
-struct LateAnswers {
+/// A simulated host whose `ApplyPins` can be slow. `before` delays the pins themselves. While `late` is set, the pins
+/// take effect but the answer comes after the controller's deadline: libvirt's agent does the same when a batch
+/// outlives `--rpc-timeout` or its own `--libvirt-timeout` (the blocking work finishes in the background). `started`
+/// is notified when a batch arrives.
+struct SlowPins {
     sim: Arc<SimHypervisor>,
+    before: Duration,
     late: std::sync::atomic::AtomicBool,
+    started: tokio::sync::Notify,
 }
 
 #[async_trait::async_trait]
-impl Hypervisor for LateAnswers {
+impl Hypervisor for SlowPins {
     async fn host_info(&self) -> Result<HostInfo, AgentError> {
         self.sim.host_info().await
     }
@@ -415,6 +418,10 @@ impl Hypervisor for LateAnswers {
         self.sim.placement(domain).await
     }
     async fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError> {
+        self.started.notify_one();
+        if !self.before.is_zero() {
+            tokio::time::sleep(self.before).await;
+        }
         let applied = self.sim.apply_pins(pins).await;
         if self.late.load(std::sync::atomic::Ordering::SeqCst) {
             tokio::time::sleep(RPC_TIMEOUT * 3).await;
@@ -423,13 +430,15 @@ impl Hypervisor for LateAnswers {
     }
 }
 
-/// Pins applied after the controller gave up on the answer are still the controller's own: they are not mistaken for
-/// an operator's manual pins (which would be left alone from then on), and the host is balanced.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pins_whose_answer_came_too_late_are_not_taken_for_manual_pins() {
+/// An agent on 127.0.0.1:0 for a [`SlowPins`] host simulating `scenario`, pins delayed by `before`: the host, its
+/// address, the token that stops it and the server task.
+async fn serve_slow_pins(
+    scenario: &str,
+    before: Duration,
+) -> (Arc<SlowPins>, String, CancellationToken, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
     let clock: Arc<dyn vcpu_balancer::hypervisor::sim::Clock> = Arc::new(ScaledClock::new(SPEED));
-    let sim = Arc::new(SimHypervisor::new(&common::builtin("all-on-one"), "sim-late", clock));
-    let hv = Arc::new(LateAnswers { sim: Arc::clone(&sim), late: false.into() });
+    let sim = Arc::new(SimHypervisor::new(&common::builtin(scenario), "sim-slow-pins", clock));
+    let hv = Arc::new(SlowPins { sim, before, late: false.into(), started: tokio::sync::Notify::new() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();
@@ -439,6 +448,14 @@ async fn pins_whose_answer_came_too_late_are_not_taken_for_manual_pins() {
         vcpu_balancer::agent::ServeOptions::default(),
         stop.clone().cancelled_owned(),
     ));
+    (hv, addr, stop, server)
+}
+
+/// Pins applied after the controller gave up on the answer are still the controller's own: they are not mistaken for
+/// an operator's manual pins (which would be left alone from then on), and the host is balanced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_whose_answer_came_too_late_are_not_taken_for_manual_pins() {
+    let (hv, addr, stop, server) = serve_slow_pins("all-on-one", Duration::ZERO).await;
     let rounds = 40;
     let (mut rx, ctl) = start(vec![addr], rounds);
     let mut rs = Vec::new();
@@ -528,51 +545,12 @@ async fn a_restarted_controller_knows_its_pins_with_a_state_dir() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A host whose `ApplyPins` takes a while, and says when one has started.
-struct SlowPins {
-    sim: Arc<SimHypervisor>,
-    started: Arc<tokio::sync::Notify>,
-}
-
-#[async_trait::async_trait]
-impl Hypervisor for SlowPins {
-    async fn host_info(&self) -> Result<HostInfo, AgentError> {
-        self.sim.host_info().await
-    }
-    async fn list_domains(&self) -> Result<Vec<DomainSummary>, AgentError> {
-        self.sim.list_domains().await
-    }
-    async fn stats(&self) -> Result<HostStats, AgentError> {
-        self.sim.stats().await
-    }
-    async fn placement(&self, domain: &str) -> Result<DomainPlacement, AgentError> {
-        self.sim.placement(domain).await
-    }
-    async fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError> {
-        self.started.notify_one();
-        tokio::time::sleep(RPC_TIMEOUT / 2).await;
-        self.sim.apply_pins(pins).await
-    }
-}
-
 /// A stop (SIGINT/SIGTERM, or a host removed on reload) that comes while an `ApplyPins` is in flight waits for its
 /// answer: the pins it made are reported and saved in `--state-dir`, so a controller started later knows them for
 /// its own instead of holding them as an operator's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_apply_pins_still_records_the_pins() {
-    let clock: Arc<dyn vcpu_balancer::hypervisor::sim::Clock> = Arc::new(ScaledClock::new(SPEED));
-    let sim = Arc::new(SimHypervisor::new(&common::builtin("all-on-one"), "sim-slow-pins", clock));
-    let started = Arc::new(tokio::sync::Notify::new());
-    let hv = Arc::new(SlowPins { sim: Arc::clone(&sim), started: Arc::clone(&started) });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let stop_agent = CancellationToken::new();
-    let server = tokio::spawn(vcpu_balancer::agent::serve_with(
-        hv,
-        listener,
-        vcpu_balancer::agent::ServeOptions::default(),
-        stop_agent.clone().cancelled_owned(),
-    ));
+    let (hv, addr, stop_agent, server) = serve_slow_pins("all-on-one", RPC_TIMEOUT / 2).await;
     let dir = std::env::temp_dir().join(format!("vcpub-stop-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (tx, mut rx) = controller::report_channel(1);
@@ -582,7 +560,7 @@ async fn a_stop_during_apply_pins_still_records_the_pins() {
         let (addr, stop) = (addr.clone(), stop.clone());
         async move { controller::run(vec![addr], RPC_TIMEOUT, cfg, tx, stop).await.unwrap() }
     });
-    started.notified().await;
+    hv.started.notified().await;
     stop.cancel();
     let mut rs = Vec::new();
     while let Some(r) = rx.recv().await {
@@ -597,8 +575,8 @@ async fn a_stop_during_apply_pins_still_records_the_pins() {
         .unwrap()
         .expect("a pins file");
     // Every vCPU's affinity on the host now, the moved ones included, is in the file as the controller's.
-    for d in sim.list_domains().await.unwrap() {
-        let p = sim.placement(&d.name).await.unwrap();
+    for d in hv.sim.list_domains().await.unwrap() {
+        let p = hv.sim.placement(&d.name).await.unwrap();
         let saved = file.domains.iter().find(|x| x.uuid == p.uuid).unwrap_or_else(|| panic!("{} not saved: {file:?}", d.name));
         let now: Vec<(u32, Vec<u32>)> = p.vcpus.iter().map(|v| (v.index, v.affinity.clone())).collect();
         assert_eq!(saved.vcpus, now, "{}", d.name);
