@@ -59,10 +59,10 @@ impl ClientSettings {
 }
 
 /// [`crate::controller::run`] with a host list that changes while it runs: each `Vec<String>` received on
-/// `reload` is the new host list. Hosts added start (first round is a baseline), hosts removed stop (a GetStats in flight
-/// is dropped, an ApplyPins in flight is waited for and its pins recorded), and the others keep running untouched, with their baselines. Every address is checked first (a
-/// typo refuses the whole command); a reloaded list with an invalid address is refused whole and the current hosts
-/// keep running. Returns when every host has done `cfg.rounds` rounds, or after `shutdown` once every host task has
+/// `reload` is the new host list. Hosts added start (first round is a baseline), hosts removed stop (a GetStats in
+/// flight is dropped, an ApplyPins in flight is waited for and its pins recorded), and the others keep running
+/// untouched, with their baselines. Every address is checked first (a typo refuses the whole command); a reloaded
+/// list with an invalid address is refused whole and the current hosts keep running. Returns when every host has done `cfg.rounds` rounds, or after `shutdown` once every host task has
 /// stopped.
 pub async fn run_dynamic(
     hosts: Vec<String>,
