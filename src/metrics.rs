@@ -216,8 +216,12 @@ impl ControllerMetrics {
         }
         if !r.pcpus.is_empty() {
             let mut shown = self.pcpus_shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let was = shown.entry(r.host.clone()).or_default();
-            // Usually the same pCPUs as last round: one comparison, nothing to drop.
+            // Usually a known host with the same pCPUs as last round: one lookup (no key to allocate), one
+            // comparison, nothing to drop.
+            let was = match shown.get_mut(&r.host) {
+                Some(was) => was,
+                None => shown.entry(r.host.clone()).or_default(),
+            };
             if !was.iter().copied().eq(r.pcpus.iter().map(|p| p.id)) {
                 for gone in was.iter().filter(|id| !r.pcpus.iter().any(|p| p.id == **id)) {
                     self.pcpu_usage.remove(&PcpuLabels { host: r.host.clone(), pcpu: gone.to_string() });
