@@ -1,10 +1,14 @@
 //! The set of per-host tasks of a running controller: one task per host, each with its own cancellation token, so
 //! that a reload can start and stop hosts without touching the others (their baselines live in their tasks). Every
-//! report passes through one recorder that feeds the status page's state and the metrics, then `--json`.
+//! report passes through one recorder that feeds the status page's state and the metrics, then `--json`. A host
+//! task that panics (a bug, never an unreachable host: those are reported rounds) is reported as an error round and
+//! started again after a delay that grows while it keeps panicking, so one host's bug costs only that host.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -12,9 +16,15 @@ use crate::security::ClientTls;
 
 use crate::controller::client::{address_key, AgentClient, ClientError};
 use crate::controller::host::{self, LoopConfig};
-use crate::controller::report::RoundReport;
+use crate::controller::report::{ActionReport, ActionType, RoundReport};
 use crate::controller::{state, REPORT_BUFFER_PER_HOST};
 use crate::metrics::ControllerMetrics;
+
+/// The wait before a host task that panicked is started again, doubled for each further panic in a row.
+pub const TASK_RESTART_DELAY: Duration = Duration::from_secs(1);
+/// The longest wait before a host task that keeps panicking is started again; a task that ran this long without
+/// panicking starts its count over.
+pub const TASK_RESTART_MAX_DELAY: Duration = Duration::from_secs(60);
 
 /// Where the run loop records each report besides `out`: the status page's state and the metrics.
 #[derive(Clone, Default)]
@@ -34,6 +44,13 @@ enum Msg {
 struct Running {
     stop: CancellationToken,
     id: tokio::task::Id,
+    /// A handle on the same connection, to start the task again if it panics.
+    client: AgentClient,
+    /// Panics in a row, for the restart delay.
+    panics: u32,
+    started: Instant,
+    /// The last round the task reported, so that the report of its panic follows it.
+    last_round: Arc<AtomicU64>,
 }
 
 /// How the supervisor makes the client of a host: the same way for the hosts given at start and for those a
@@ -86,10 +103,28 @@ pub(crate) async fn supervise(
     factory: Option<ClientSettings>,
     cfg: LoopConfig,
     obs: Observers,
-    mut reload: mpsc::Receiver<Vec<String>>,
+    reload: mpsc::Receiver<Vec<String>>,
     out: mpsc::Sender<RoundReport>,
     shutdown: CancellationToken,
 ) {
+    supervise_with(initial, factory, cfg, obs, reload, out, shutdown, host::run_host).await;
+}
+
+/// [`supervise`] with the per-host task given: [`host::run_host`], or in tests one that fails on purpose.
+#[allow(clippy::too_many_arguments)]
+async fn supervise_with<F, Fut>(
+    initial: Vec<AgentClient>,
+    factory: Option<ClientSettings>,
+    cfg: LoopConfig,
+    obs: Observers,
+    mut reload: mpsc::Receiver<Vec<String>>,
+    out: mpsc::Sender<RoundReport>,
+    shutdown: CancellationToken,
+    run_host: F,
+) where
+    F: Fn(AgentClient, LoopConfig, Arc<Semaphore>, mpsc::Sender<RoundReport>, CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let inflight = Arc::new(Semaphore::new(cfg.max_inflight.max(1)));
     let (tx, rx) = mpsc::channel(REPORT_BUFFER_PER_HOST * initial.len().max(1));
     let recorder = tokio::spawn(record(rx, obs.clone(), out));
@@ -97,7 +132,12 @@ pub(crate) async fn supervise(
     let mut running: HashMap<String, Running> = HashMap::new();
     // Tasks asked to stop, by task id, until they have.
     let mut stopping: HashMap<tokio::task::Id, String> = HashMap::new();
-    let start = |mut client: AgentClient, tasks: &mut tokio::task::JoinSet<()>, running: &mut HashMap<String, Running>| {
+    // `delay` holds back a restarted task; `panics` carries its count over.
+    let start = |mut client: AgentClient,
+                 delay: Duration,
+                 panics: u32,
+                 tasks: &mut tokio::task::JoinSet<()>,
+                 running: &mut HashMap<String, Running>| {
         let host = client.host().to_string();
         if let Some(m) = &obs.metrics {
             client = client.with_metrics(m.clone());
@@ -106,30 +146,40 @@ pub(crate) async fn supervise(
             s.add_host(&host);
         }
         let (tx, stop) = (tx.clone(), shutdown.child_token());
-        let (cfg, task_stop, inflight) = (cfg.clone(), stop.clone(), inflight.clone());
+        let last_round = Arc::new(AtomicU64::new(0));
+        let seen = last_round.clone();
+        let (rtx, mut rrx) = mpsc::channel::<RoundReport>(REPORT_BUFFER_PER_HOST);
+        let task = run_host(client.clone(), cfg.clone(), inflight.clone(), rtx, stop.clone());
+        let task_stop = stop.clone();
         // The task ends only after its last report is in the recorder's channel, so a `Removed` sent after the
         // task has joined always comes after that report.
         let id = tasks
             .spawn(async move {
-                let (rtx, mut rrx) = mpsc::channel::<RoundReport>(REPORT_BUFFER_PER_HOST);
                 let forward = async move {
                     while let Some(r) = rrx.recv().await {
+                        seen.store(r.round, Ordering::Relaxed);
                         if tx.send(Msg::Report(Box::new(r))).await.is_err() {
                             break;
                         }
                     }
                 };
-                tokio::join!(host::run_host(client, cfg, inflight, rtx, task_stop), forward);
+                if !delay.is_zero() {
+                    tokio::select! {
+                        () = task_stop.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                tokio::join!(task, forward);
             })
             .id();
-        running.insert(host, Running { stop, id });
+        running.insert(host, Running { stop, id, client, panics, started: Instant::now(), last_round });
     };
     let mut seen = HashMap::new();
     for client in initial {
         match seen.entry(address_key(client.host())) {
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(client.host().to_string());
-                start(client, &mut tasks, &mut running);
+                start(client, Duration::ZERO, 0, &mut tasks, &mut running);
             }
             std::collections::hash_map::Entry::Occupied(e) => {
                 // Two tasks on one agent would each take the other's pins for an operator's.
@@ -147,12 +197,9 @@ pub(crate) async fn supervise(
         }
         tokio::select! {
             joined = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                let id = match joined {
-                    Some(Ok((id, ()))) => id,
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "host task panicked");
-                        e.id()
-                    }
+                let (id, panic) = match joined {
+                    Some(Ok((id, ()))) => (id, None),
+                    Some(Err(e)) => (e.id(), Some(panic_message(e))),
                     None => continue,
                 };
                 if let Some(host) = stopping.remove(&id) {
@@ -160,9 +207,25 @@ pub(crate) async fn supervise(
                     if !running.contains_key(&host) {
                         let _ = tx.send(Msg::Removed(host)).await;
                     }
-                } else {
-                    running.retain(|_, r| r.id != id);
+                    continue;
                 }
+                let Some(host) = running.iter().find(|(_, r)| r.id == id).map(|(h, _)| h.clone()) else { continue };
+                let Some(r) = running.remove(&host) else { continue };
+                let Some(panic) = panic else { continue };
+                if shutdown.is_cancelled() {
+                    tracing::error!(host = %host, panic = %panic, "host task panicked while stopping");
+                    continue;
+                }
+                // Its baseline and its memory of its pins went with it: the restarted task starts from a baseline
+                // (and from the pins file with `--state-dir`), as after a controller restart.
+                let panics = if r.started.elapsed() >= TASK_RESTART_MAX_DELAY { 1 } else { r.panics + 1 };
+                let delay = restart_delay(panics);
+                tracing::error!(host = %host, panic = %panic, restart_in = ?delay, panics, "host task panicked; restarting it");
+                let reason = format!("host task failed ({panic}); restarting it in {:.0}s", delay.as_secs_f64());
+                let round = r.last_round.load(Ordering::Relaxed) + 1;
+                let report = RoundReport::bare(&host, round, ActionReport::simple(ActionType::Error, reason), cfg.dry_run);
+                let _ = tx.send(Msg::Report(Box::new(report))).await;
+                start(r.client, delay, panics, &mut tasks, &mut running);
             }
             new = reload.recv(), if reload_open && !shutdown.is_cancelled() => {
                 let Some(new) = new else {
@@ -197,7 +260,7 @@ pub(crate) async fn supervise(
                 }
                 for client in added {
                     tracing::info!(host = %client.host(), "host added to the host list; starting it");
-                    start(client, &mut tasks, &mut running);
+                    start(client, Duration::ZERO, 0, &mut tasks, &mut running);
                 }
             }
             () = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
@@ -205,6 +268,20 @@ pub(crate) async fn supervise(
     }
     drop(tx);
     let _ = recorder.await;
+}
+
+/// How long to wait before starting a host task again after its `panics`-th panic in a row.
+fn restart_delay(panics: u32) -> Duration {
+    TASK_RESTART_DELAY.saturating_mul(1 << panics.saturating_sub(1).min(16)).min(TASK_RESTART_MAX_DELAY)
+}
+
+/// What a panicking task said, for the log and the status page.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let p = e.into_panic();
+    p.downcast_ref::<&str>().map(|s| (*s).to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into())
 }
 
 /// The host list without repeats (the same agent written two ways is a repeat, see [`address_key`]), in the given
@@ -241,3 +318,87 @@ async fn record(mut rx: mpsc::Receiver<Msg>, obs: Observers, out: mpsc::Sender<R
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn the_restart_delay_doubles_up_to_its_cap() {
+        assert_eq!(restart_delay(1), TASK_RESTART_DELAY);
+        assert_eq!(restart_delay(2), TASK_RESTART_DELAY * 2);
+        assert_eq!(restart_delay(3), TASK_RESTART_DELAY * 4);
+        assert_eq!(restart_delay(40), TASK_RESTART_MAX_DELAY);
+    }
+
+    /// A report of `kind` from `host`'s task.
+    fn report(host: &str, round: u64, kind: ActionType) -> RoundReport {
+        RoundReport::bare(host, round, ActionReport::simple(kind, "test"), false)
+    }
+
+    /// Host `bad`'s task reports one round and then panics in the next, the first time only; `good`'s reports every second.
+    /// The panic is reported as an error round of `bad`, its task comes back after the restart delay, and `good`
+    /// is not held up meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn a_host_task_that_panics_is_reported_and_started_again() {
+        let starts = Arc::new(AtomicUsize::new(0));
+        let counted = starts.clone();
+        let task = move |client: AgentClient, _: LoopConfig, _: Arc<Semaphore>, out: mpsc::Sender<RoundReport>, stop: CancellationToken| {
+            let bad_start = (client.host() == "bad:1").then(|| counted.fetch_add(1, Ordering::SeqCst));
+            async move {
+                let host = client.host().to_string();
+                for round in 1.. {
+                    if bad_start == Some(0) && round == 2 {
+                        panic!("boom in round {round}");
+                    }
+                    out.send(report(&host, round, ActionType::None)).await.unwrap();
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        let clients = ["bad:1", "good:1"].map(|h| AgentClient::new(h, Duration::from_secs(1)).unwrap()).to_vec();
+        let state = state::StateStore::new(state::ConfigView::default());
+        let obs = Observers { state: Some(state.clone()), metrics: None };
+        let (out, mut rx) = mpsc::channel(64);
+        let (_reload_tx, reload) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        let cfg = LoopConfig::default();
+        let sup = tokio::spawn(supervise_with(clients, None, cfg, obs, reload, out, stop.clone(), task));
+        let t0 = tokio::time::Instant::now();
+        let mut bad = Vec::new();
+        let mut good_during_restart = 0;
+        while bad.len() < 3 {
+            // Virtual time: ten minutes pass at once if `bad` never comes back.
+            let r = tokio::time::timeout_at(t0 + Duration::from_secs(600), rx.recv()).await;
+            let r = r.expect("no report from `bad` after its panic").expect("the supervisor stopped early");
+            if r.host == "bad:1" {
+                if bad.len() == 1 {
+                    let up = state.snapshot().hosts.iter().find(|h| h.host == "bad:1").map(|h| h.up);
+                    assert_eq!(up, Some(false), "the status page shows the panicked host down");
+                }
+                if bad.len() == 2 {
+                    // The restarted task's first report: the status page has the host up again.
+                    let up = state.snapshot().hosts.iter().find(|h| h.host == "bad:1").map(|h| h.up);
+                    assert_eq!(up, Some(true));
+                }
+                bad.push((r, t0.elapsed()));
+            } else if bad.len() == 2 {
+                good_during_restart += 1;
+            }
+        }
+        assert_eq!(bad[0].0.action.kind, ActionType::None);
+        let (failed, at) = (&bad[1].0, bad[1].1);
+        assert_eq!((failed.action.kind, failed.round), (ActionType::Error, 2), "{failed:?}");
+        assert!(failed.action.reason.contains("boom in round 2") && failed.action.reason.contains("restarting"), "{failed:?}");
+        assert_eq!((bad[2].0.action.kind, bad[2].0.round), (ActionType::None, 1));
+        assert!(bad[2].1 - at >= TASK_RESTART_DELAY, "restarted after {:?}", bad[2].1 - at);
+        assert_eq!(starts.load(Ordering::SeqCst), 2);
+        assert!(good_during_restart >= 1, "the other host waited for the restart");
+        stop.cancel();
+        sup.await.unwrap();
+    }
+}
