@@ -1,5 +1,7 @@
 //! Tracing set-up for the binaries: `RUST_LOG` filter (default `info`), human or JSON output on stderr.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Log output format.
@@ -16,7 +18,10 @@ pub fn init(format: LogFormat, default_level: &str) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => {
-            let _ = builder.try_init();
+            // Colours only for a person at a terminal: in a file, a pipe or the journal they are escape codes in
+            // every line, and they break a `grep round=` (https://no-color.org for NO_COLOR).
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            let _ = builder.with_ansi(colour).try_init();
         }
         LogFormat::Json => {
             let _ = builder.json().try_init();

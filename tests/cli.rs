@@ -94,6 +94,9 @@ fn run_json_output() {
     assert_eq!(r["pins_applied"], 3);
     // The human lines go to stderr, one per host per round.
     assert!(text(&out.stderr).matches(" round ").count() >= 3, "{}", text(&out.stderr));
+    // Not a terminal: no colour codes in the log.
+    assert!(!text(&out.stderr).contains('\x1b'), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(" round=2 "), "{}", text(&out.stderr));
     assert_eq!(r["deferred_moves"], 0, "{r}");
 }
 
