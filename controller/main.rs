@@ -413,18 +413,12 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     let (tx, mut rx) = controller::report_channel(set.hosts.len());
     let obs = Observers { state, metrics };
     let ctl = tokio::spawn(controller::run_dynamic(set.hosts.clone(), clients, cfg, obs, reload_rx, tx, stop.clone()));
-    let json = a.json;
-    let printer = tokio::spawn(async move {
-        while let Some(r) = rx.recv().await {
-            if json {
-                if let Ok(line) = serde_json::to_string(&r) {
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
-                }
-            }
-        }
-    });
+    let printer = if a.json {
+        let queue = controller::REPORT_BUFFER_PER_HOST * set.hosts.len().max(1);
+        tokio::spawn(controller::report::write_json_lines(rx, std::io::stdout(), queue))
+    } else {
+        tokio::spawn(async move { while rx.recv().await.is_some() {} })
+    };
     let result = tokio::select! {
         r = ctl => r,
         () = vcpu_balancer::shutdown::signal() => {

@@ -417,3 +417,51 @@ fn a_state_dir_is_used_by_one_controller_at_a_time() {
     assert!(!refused(&[]), "the directory stayed locked after the first controller stopped");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--json` into a pipe nobody reads: the balancing goes on, round after round, and the controller says that it
+/// drops reports. Before, the printer blocked on the full pipe, the report channels filled behind it, and every host
+/// stopped after a few dozen rounds. The host has 200 vCPUs, so a report is tens of kB and the pipe (64 KiB by
+/// default) is full after a few rounds.
+#[test]
+fn a_json_output_nobody_reads_does_not_stop_the_balancing() {
+    use std::io::{BufRead, BufReader};
+    let scenario = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios/random-64x200.toml");
+    let agent = Agent::start(scenario);
+    let mut ctl = Command::new(CONTROLLER)
+        .args(["run", "--host", &agent.addr, "--interval", "50ms", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Held, never read.
+    let _stdout = ctl.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = ctl.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let round_of = |line: &str| -> Option<u64> {
+        let i = line.find(" round=")?;
+        line[i + 7..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    let (mut last_round, mut warned) = (0, false);
+    // 200 rounds of 200 vCPUs are megabytes of JSON: far more than the pipe and the controller's queues hold.
+    while last_round < 200 || !warned {
+        // A guard against a hang, not a timing: at 50 ms a round, 200 rounds take ten seconds.
+        let line = match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = ctl.kill();
+                panic!("{e:?} after round {last_round} (warned: {warned}): the balancing stopped");
+            }
+        };
+        warned |= line.contains("--json output is not being read");
+        if let Some(r) = round_of(&line) {
+            last_round = last_round.max(r);
+        }
+    }
+    ctl.kill().unwrap();
+    ctl.wait().unwrap();
+}

@@ -36,7 +36,7 @@ pub use report::RoundReport;
 pub use supervisor::{run_dynamic, ClientSettings, Observers};
 
 /// Reports buffered per host before a slow consumer makes host tasks wait.
-pub(crate) const REPORT_BUFFER_PER_HOST: usize = 16;
+pub const REPORT_BUFFER_PER_HOST: usize = 16;
 
 /// Checks every host address first (a typo refuses the whole command, before anything is pinned), then runs one
 /// task per host until each has done `cfg.rounds` rounds or `shutdown` is cancelled. Reports go to `out`.

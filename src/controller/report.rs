@@ -154,3 +154,57 @@ impl RoundReport {
         }
     }
 }
+
+/// Writes every report received on `rx` to `out` as one JSON line (`--json`), on a thread of its own, so that an
+/// output nobody reads (a stalled pipe, a stopped pager) never holds the balancing back: at most `queue` lines wait
+/// for it, and reports beyond that are dropped and counted in a warning, which says again when the output catches
+/// up. An output that is closed (EPIPE) is no longer written to. Returns once `rx` is closed and every queued line
+/// is written, so a run with `--rounds` prints all of its reports to a reader that is only slow.
+pub async fn write_json_lines<W: std::io::Write + Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<RoundReport>,
+    out: W,
+    queue: usize,
+) {
+    let (tx, lines) = std::sync::mpsc::sync_channel::<String>(queue.max(1));
+    // Waited for without a blocking task: a runtime waits for its blocking tasks when dropped, and a writer stuck
+    // on a stalled pipe must not keep the process from exiting after a signal.
+    let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+    let writer = std::thread::Builder::new().name("json-out".into()).spawn(move || {
+        let mut out = out;
+        for line in lines {
+            if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                break;
+            }
+        }
+        let _ = done_tx.send(());
+    });
+    match writer {
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the --json writer thread; reports are not printed");
+            while rx.recv().await.is_some() {}
+            return;
+        }
+    };
+    let mut dropped: u64 = 0;
+    while let Some(r) = rx.recv().await {
+        let Ok(line) = serde_json::to_string(&r) else { continue };
+        match tx.try_send(line) {
+            Ok(()) if dropped > 0 => {
+                tracing::warn!(dropped, "--json output is read again; reports were dropped meanwhile");
+                dropped = 0;
+            }
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                if dropped == 0 {
+                    tracing::warn!(queued = queue, "--json output is not being read; dropping reports until it is (balancing goes on)");
+                }
+                dropped += 1;
+            }
+            // The output is closed: reports are still received, so that the balancing goes on.
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+        }
+    }
+    drop(tx);
+    let _ = done.await;
+}
