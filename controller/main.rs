@@ -466,6 +466,15 @@ async fn cmd_pin(a: PinArgs) -> anyhow::Result<i32> {
             println!("pinned {} vCPU {} to pCPU {}", a.domain, a.vcpu, vcpu_balancer::model::format_cpu_list(&a.pcpu.0));
             Ok(0)
         }
+        Err(e) if e.code() == Some(tonic::Code::DeadlineExceeded) => {
+            // The request may have reached the agent: a timeout is not a refusal.
+            eprintln!(
+                "vcpu-controller: pin not confirmed: {}; the agent may still apply it, check with `vcpu-controller show --host {}`",
+                e.message(),
+                a.host
+            );
+            Ok(EX_UNAVAILABLE)
+        }
         Err(e) => {
             eprintln!("vcpu-controller: pin refused: {:?}: {}", e.code().unwrap_or(tonic::Code::Unknown), e.message());
             Ok(EX_UNAVAILABLE)

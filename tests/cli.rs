@@ -191,6 +191,22 @@ fn pin_to_a_down_host_fails() {
     let out = controller(&["pin", "--host", &addr, "--domain", "x", "--vcpu", "0", "--pcpu", "0", "--rpc-timeout", "1s"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("Unavailable"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("pin refused"), "{}", text(&out.stderr));
+}
+
+/// A pin whose answer does not come in time is not reported as refused: the request may have reached the agent.
+#[test]
+fn a_pin_without_an_answer_is_not_called_refused() {
+    // Accepts, never answers.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let out = controller(&["pin", "--host", &addr, "--domain", "x", "--vcpu", "0", "--pcpu", "0", "--rpc-timeout", "300ms"]);
+    drop(l);
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("pin not confirmed") && err.contains("the agent may still apply it"), "{err}");
+    assert!(err.contains(&format!("vcpu-controller show --host {addr}")), "{err}");
+    assert!(!err.contains("refused"), "{err}");
 }
 
 /// Without the libvirt feature the agent refuses `--backend libvirt` and says how to rebuild.

@@ -169,14 +169,14 @@ impl LibvirtHypervisor {
         Ok(f(&conn))
     }
 
-    /// Runs `f` on the blocking pool with the shared state.
-    async fn blocking<T, F>(&self, f: F) -> Result<T, AgentError>
+    /// Runs `f` on the blocking pool with the shared state; `what` names it in the deadline's error.
+    async fn blocking<T, F>(&self, what: &str, f: F) -> Result<T, AgentError>
     where
         T: Send + 'static,
         F: FnOnce(&Inner) -> Result<T, AgentError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        self.call("a call", |running| async move {
+        self.call(what, |running| async move {
             tokio::task::spawn_blocking(move || {
                 let _running = running;
                 f(&inner)
@@ -278,7 +278,7 @@ impl LibvirtHypervisor {
 
     async fn sample_bulk(&self, placement: bool) -> Result<HostStats, AgentError> {
         let (conn, node, records) = self
-            .blocking(|inner| {
+            .blocking("a bulk stats sample", |inner| {
                 let conn = inner.connection()?;
                 let host = |name| Call { name, domain: None, vcpu: None };
                 let node =
@@ -321,11 +321,11 @@ impl LibvirtHypervisor {
 #[async_trait]
 impl Hypervisor for LibvirtHypervisor {
     async fn host_info(&self) -> Result<HostInfo, AgentError> {
-        self.blocking(Inner::host_info).await
+        self.blocking("a call", Inner::host_info).await
     }
 
     async fn list_domains(&self) -> Result<Vec<DomainSummary>, AgentError> {
-        self.blocking(Inner::list_domains).await
+        self.blocking("a call", Inner::list_domains).await
     }
 
     async fn stats(&self) -> Result<HostStats, AgentError> {
@@ -334,7 +334,7 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn placement(&self, domain: &str) -> Result<DomainPlacement, AgentError> {
         let key = domain.to_string();
-        self.blocking(move |inner| inner.placement(&key)).await
+        self.blocking("a call", move |inner| inner.placement(&key)).await
     }
 
     async fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError> {
@@ -342,7 +342,11 @@ impl Hypervisor for LibvirtHypervisor {
             return Ok(Vec::new());
         }
         let pins = pins.to_vec();
-        self.blocking(move |inner| inner.apply_pins(&pins)).await
+        // libvirt cannot take back a call it was sent: a batch past its deadline goes on in the background, so the
+        // caller must not read the error as "nothing changed".
+        const LATE: &str = "a pin batch (its pins may still take effect when libvirt answers: read the placement \
+                            before pinning again)";
+        self.blocking(LATE, move |inner| inner.apply_pins(&pins)).await
     }
 }
 
@@ -1083,6 +1087,19 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("the next open never ran after the hung one ended; last error: {last}");
+    }
+
+    /// A pin batch that outlives its deadline is not refused: libvirt may still apply it, and the error says so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pin_batch_past_its_deadline_says_it_may_still_apply() {
+        let daemon = SilentDaemon::start();
+        let uri = format!("qemu+tcp://127.0.0.1:{}/system", daemon.port);
+        let hv = LibvirtHypervisor::with_options(&uri, LibvirtOptions { call_deadline: Duration::from_millis(300), ..Default::default() });
+        let pin = PinRequest { domain: "vm1".into(), vcpu: 0, pcpus: vec![1], persist: false };
+        let err = hv.apply_pins(&[pin]).await.expect_err("a silent daemon applies nothing in time");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+        assert!(err.to_string().contains("did not answer a pin batch (its pins may still take effect"), "{err}");
+        drop(daemon);
     }
 
     #[test]
