@@ -25,6 +25,8 @@ pub enum AgentError {
     DomainNotRunning { domain: String, state: String },
     #[error("domain {domain:?} is transient: it has no config to persist a pin in (pin without persist)")]
     NotPersistent { domain: String },
+    #[error("domain {domain:?}: this hypervisor driver cannot persist pins ({reason}): pin without persist")]
+    CannotPersist { domain: String, reason: String },
     #[error("domain {domain:?}: vCPU {vcpu} does not exist (the domain has {nvcpus} vCPUs)")]
     VcpuOutOfRange { domain: String, vcpu: u32, nvcpus: u32 },
     #[error("domain {domain:?}: vCPU {vcpu} is not online (its online vCPUs are {})", list(online))]
@@ -50,7 +52,9 @@ impl AgentError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             AgentError::DomainNotFound { .. } => ErrorKind::NotFound,
-            AgentError::DomainNotRunning { .. } | AgentError::NotPersistent { .. } => ErrorKind::FailedPrecondition,
+            AgentError::DomainNotRunning { .. } | AgentError::NotPersistent { .. } | AgentError::CannotPersist { .. } => {
+                ErrorKind::FailedPrecondition
+            }
             AgentError::VcpuOutOfRange { .. }
             | AgentError::VcpuNotOnline { .. }
             | AgentError::PcpuOutOfRange { .. }

@@ -307,7 +307,8 @@ async fn load_change_is_rebalanced() {
 }
 
 /// 5. Manual pins through `vcpu-controller pin` and through a plain gRPC call show in virsh; pins to a pCPU the host
-///    lacks or of a vCPU the guest lacks are refused and virsh shows nothing changed.
+///    lacks or of a vCPU the guest lacks are refused and virsh shows nothing changed; `--persist` is refused on a
+///    transient guest and writes the pin into the config of a persistent one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_pins_show_in_virsh() {
     let _s = SERIAL.lock().await;
@@ -335,6 +336,37 @@ async fn manual_pins_show_in_virsh() {
     let err = c.pin_vcpu(pb::PinVcpuRequest { domain: "vcbe2e5-nope".into(), vcpu: 0, pcpus: vec![1], persist: false }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert_eq!(virsh_vcpupin(&dom), vec![vec![0]], "refused pins changed nothing");
+
+    // `persist` on the QEMU driver: refused on the transient testbed guest (no config to write it in), with nothing
+    // changed; once the guest is defined (persistent), the pin is live and in its config.
+    let persist = |pcpu: &str| {
+        let args = ["pin", "--host", &agent.addr, "--domain", &dom, "--vcpu", "0", "--pcpu", pcpu, "--persist"];
+        Command::new(CONTROLLER).args(args).output().unwrap()
+    };
+    let out = persist("1");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(virsh_vcpupin(&dom), vec![vec![0]], "a refused persist pin changed nothing");
+    let xml = std::env::temp_dir().join(format!("{dom}-persist.xml"));
+    std::fs::write(&xml, virsh(&["dumpxml", "--inactive", &dom])).unwrap();
+    // Undefined again however the test ends: the testbed's teardown destroys transient guests only.
+    struct Undefine(String);
+    impl Drop for Undefine {
+        fn drop(&mut self) {
+            let _ = Command::new("virsh").args(["-q", "-c", "qemu:///system", "undefine", &self.0]).output();
+        }
+    }
+    virsh(&["define", xml.to_str().unwrap()]);
+    let _undefine = Undefine(dom.clone());
+    let out = persist("1");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(virsh_vcpupin(&dom), vec![vec![1]], "live");
+    let config: Vec<Vec<u32>> = virsh(&["vcpupin", "--config", &dom])
+        .lines()
+        .filter_map(|l| parse_cpu_list(l.split_whitespace().nth(1)?).ok())
+        .collect();
+    assert_eq!(config, vec![vec![1]], "in the config, for the next boot");
+    let _ = std::fs::remove_file(xml);
 }
 
 /// 6. A guest destroyed and another started while the controller runs: no crash, a fresh baseline for the new

@@ -211,16 +211,25 @@ async fn pin_is_reflected_in_placement_and_stats() {
     assert_eq!(placement(&backend, &dom.name).await.vcpus[0].affinity, vec![a.min(b), a.max(b)]);
 }
 
+/// The test driver takes flags = 0 only, so it cannot write a pin into a domain's config: a pin asked to persist is
+/// refused (FAILED_PRECONDITION) and not made live either, while the same pin without `persist` is made live.
+/// (`tests/kvm_e2e.rs` test 5 persists a pin on a real guest.)
 #[tokio::test]
-async fn persist_pins_a_persistent_domain() {
+async fn persist_on_a_driver_that_cannot_is_refused_and_changes_nothing() {
     let backend = backend();
-    let (a, _) = two_online_pcpus(&backend).await;
+    let (a, b) = two_online_pcpus(&backend).await;
     let dom = TestDomain::new(&backend, "persist", 1, Kind::PersistentRunning);
-    let mut request = pin(&dom.name, 0, &[a]);
+    let before = placement(&backend, &dom.name).await;
+    let target = if before.vcpus[0].affinity == vec![a] { b } else { a };
+    let mut request = pin(&dom.name, 0, &[target]);
     request.persist = true;
-    // The test driver takes flags = 0 only: the backend falls back to a live pin.
+    let results = backend.apply_pins(&[request.clone()]).await.expect("per-pin errors only");
+    assert!(matches!(&results[0], Err(AgentError::CannotPersist { domain, .. }) if *domain == dom.name), "{results:?}");
+    assert_eq!(results[0].as_ref().unwrap_err().kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(placement(&backend, &dom.name).await, before, "the refused pin changed nothing");
+    request.persist = false;
     assert_eq!(backend.apply_pins(&[request]).await.expect("apply"), vec![Ok(())]);
-    assert_eq!(placement(&backend, &dom.name).await.vcpus[0].affinity, vec![a]);
+    assert_eq!(placement(&backend, &dom.name).await.vcpus[0].affinity, vec![target]);
 }
 
 /// A transient domain has no config: a pin asked to persist there is refused (FAILED_PRECONDITION) and not made

@@ -761,12 +761,14 @@ impl Inner {
         let pcpus = format_cpu_list(&pin.pcpus);
         match dom.pin_vcpu_flags(pin.vcpu, &map, flags) {
             Ok(()) => {}
+            // The caller asked for a pin that outlives a reboot; a live one alone would be a different promise.
+            // Nothing was changed: the flags are checked before anything is done.
+            Err(e) if persist && flags_unsupported(&e) => {
+                return Err(AgentError::CannotPersist { domain: pin.domain.clone(), reason: e.message().to_string() })
+            }
             Err(e) if flags_unsupported(&e) => {
                 // Some drivers (test:///default) accept only flags = 0, which pins the running domain: same effect
-                // as LIVE, but the pin cannot be persisted.
-                if persist {
-                    tracing::warn!(domain = %pin.domain, vcpu = pin.vcpu, "driver pins live only; pin not persisted");
-                }
+                // as LIVE.
                 tracing::debug!(domain = %pin.domain, vcpu = pin.vcpu, error = %e, "falling back to virDomainPinVcpu");
                 dom.pin_vcpu(pin.vcpu, &map).map_err(|e| self.fail(conn, Some(dom), call("virDomainPinVcpu"), e))?;
             }
