@@ -420,6 +420,7 @@ mod tests {
             (AgentError::DomainNotRunning { domain: "x".into(), state: "shut off".into() }, Code::FailedPrecondition),
             (AgentError::NotPersistent { domain: "x".into() }, Code::FailedPrecondition),
             (AgentError::CannotPersist { domain: "x".into(), reason: "unsupported flags".into() }, Code::FailedPrecondition),
+            (AgentError::PinRefused { domain: "x".into(), vcpu: 0, reason: "cgroup".into() }, Code::FailedPrecondition),
             (AgentError::VcpuOutOfRange { domain: "x".into(), vcpu: 3, nvcpus: 1 }, Code::InvalidArgument),
             (AgentError::PcpuOutOfRange { domain: "x".into(), vcpu: 0, pcpu: 9, npcpus: 2 }, Code::InvalidArgument),
             (AgentError::PcpuOffline { domain: "x".into(), vcpu: 0, pcpu: 1 }, Code::InvalidArgument),

@@ -25,6 +25,8 @@ pub enum AgentError {
     DomainNotRunning { domain: String, state: String },
     #[error("domain {domain:?} is transient: it has no config to persist a pin in (pin without persist)")]
     NotPersistent { domain: String },
+    #[error("domain {domain:?} vCPU {vcpu}: the hypervisor refused the pin: {reason}")]
+    PinRefused { domain: String, vcpu: u32, reason: String },
     #[error("domain {domain:?}: this hypervisor driver cannot persist pins ({reason}): pin without persist")]
     CannotPersist { domain: String, reason: String },
     #[error("domain {domain:?}: vCPU {vcpu} does not exist (the domain has {nvcpus} vCPUs)")]
@@ -52,9 +54,10 @@ impl AgentError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             AgentError::DomainNotFound { .. } => ErrorKind::NotFound,
-            AgentError::DomainNotRunning { .. } | AgentError::NotPersistent { .. } | AgentError::CannotPersist { .. } => {
-                ErrorKind::FailedPrecondition
-            }
+            AgentError::DomainNotRunning { .. }
+            | AgentError::NotPersistent { .. }
+            | AgentError::CannotPersist { .. }
+            | AgentError::PinRefused { .. } => ErrorKind::FailedPrecondition,
             AgentError::VcpuOutOfRange { .. }
             | AgentError::VcpuNotOnline { .. }
             | AgentError::PcpuOutOfRange { .. }

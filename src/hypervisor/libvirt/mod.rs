@@ -493,21 +493,8 @@ impl Inner {
             tracing::warn!(uri = %self.uri, call = call.name, error = %e, "libvirt connection failed; will reconnect");
             return AgentError::Unavailable(format!("{call}: {e}"));
         }
-        if let Some(domain) = call.domain {
-            match e.code().known() {
-                Some(ErrorNumber::NoDomain) => return AgentError::DomainNotFound { domain: domain.to_string() },
-                // OPERATION_INVALID also covers other refusals: only an inactive domain means "not running".
-                Some(ErrorNumber::OperationInvalid) => {
-                    if let Some(dom) = dom {
-                        if dom.is_active().ok() == Some(false) {
-                            return AgentError::DomainNotRunning { domain: domain.to_string(), state: state_of(dom) };
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        AgentError::Internal(format!("{call}: {e}"))
+        let stopped = || dom.filter(|d| d.is_active().ok() == Some(false)).map(state_of);
+        classify_failure(call, e.code().known(), &e.to_string(), stopped)
     }
 
     fn host_info(&self) -> Result<HostInfo, AgentError> {
@@ -799,6 +786,34 @@ impl fmt::Display for Call<'_> {
     }
 }
 
+/// What a failed call means for its caller, once a lost connection is ruled out. `stopped` gives the domain's state
+/// if it is not running (asked only when the code leaves it open).
+fn classify_failure(
+    call: Call<'_>,
+    code: Option<ErrorNumber>,
+    message: &str,
+    stopped: impl FnOnce() -> Option<String>,
+) -> AgentError {
+    if let Some(domain) = call.domain {
+        match code {
+            Some(ErrorNumber::NoDomain) => return AgentError::DomainNotFound { domain: domain.to_string() },
+            // OPERATION_INVALID also covers other refusals: only an inactive domain means "not running".
+            Some(ErrorNumber::OperationInvalid) => {
+                if let Some(state) = stopped() {
+                    return AgentError::DomainNotRunning { domain: domain.to_string(), state };
+                }
+            }
+            _ => {}
+        }
+        // A pin the hypervisor refuses for a reason of its own (a cgroup cpuset without that pCPU, a vCPU thread
+        // it cannot move): the host's state, not a fault of the agent, and that vCPU was not pinned.
+        if let Some(vcpu) = call.vcpu {
+            return AgentError::PinRefused { domain: domain.to_string(), vcpu, reason: format!("{}: {message}", call.name) };
+        }
+    }
+    AgentError::Internal(format!("{call}: {message}"))
+}
+
 /// Whether `e` means the connection to libvirt is gone (rather than the request being wrong).
 fn is_connection_error(e: &VirtError) -> bool {
     let transport = matches!(e.domain().known(), Some(ErrorDomain::Rpc | ErrorDomain::Remote));
@@ -988,6 +1003,31 @@ mod tests {
         assert_eq!(current_pcpu("d", &v(15, vec![2, 4]), 8), 2);
         assert_eq!(current_pcpu("d", &v(-1, vec![5]), 8), 5);
         assert_eq!(current_pcpu("d", &v(-2, vec![]), 8), 0);
+    }
+
+    #[test]
+    fn failures_are_classified_for_the_caller() {
+        let pin = Call { name: "virDomainPinVcpuFlags", domain: Some("vm1"), vcpu: Some(2) };
+        let read = Call { name: "virDomainGetVcpus", domain: Some("vm1"), vcpu: None };
+        let running = || None;
+        let stopped = || Some("shut off".to_string());
+        let not_found = AgentError::DomainNotFound { domain: "vm1".into() };
+        assert_eq!(classify_failure(pin, Some(ErrorNumber::NoDomain), "gone", running), not_found);
+        assert_eq!(classify_failure(read, Some(ErrorNumber::NoDomain), "gone", running), not_found);
+        let not_running = AgentError::DomainNotRunning { domain: "vm1".into(), state: "shut off".into() };
+        assert_eq!(classify_failure(pin, Some(ErrorNumber::OperationInvalid), "not running", stopped), not_running);
+        // A refusal the agent does not know by code is the hypervisor's, for that pin alone: not an agent bug.
+        for code in [Some(ErrorNumber::OperationInvalid), Some(ErrorNumber::SystemError), Some(ErrorNumber::InvalidArg), None] {
+            let e = classify_failure(pin, code, "Invalid value '3' for 'cpuset.cpus'", running);
+            assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+            assert_eq!(
+                e.to_string(),
+                "domain \"vm1\" vCPU 2: the hypervisor refused the pin: virDomainPinVcpuFlags: Invalid value '3' for 'cpuset.cpus'"
+            );
+        }
+        // Elsewhere an unknown failure stays INTERNAL.
+        let e = classify_failure(read, Some(ErrorNumber::SystemError), "boom", running);
+        assert_eq!(e, AgentError::Internal("virDomainGetVcpus (domain \"vm1\"): boom".into()));
     }
 
     #[test]
