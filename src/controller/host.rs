@@ -199,10 +199,15 @@ pub async fn run_host(
     let mut round: u64 = 0;
     let mut skipped: u64 = 0;
     loop {
+        // A host in backoff is tried again at its own jittered time, not at the next tick after it: hosts that went
+        // down together (a switch, a rack, the controller's own link) would otherwise all retry on the same ticks.
+        // The ticker then starts over from that attempt, so the host keeps the phase the jitter gave it.
+        let retry_at = st.next_attempt.filter(|t| *t > Instant::now());
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
+            () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => ticker.reset(),
         }
         let started = Instant::now();
         if cfg.rounds.is_some_and(|n| round >= n) {
@@ -394,6 +399,39 @@ mod tests {
         assert_eq!(st.restored, Some(file));
         assert!(new.exists() && !old.exists(), "moved to {}", new.display());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A host that stays down is tried again at its backoff's jittered times, not on its ticks: otherwise every
+    /// host that went down with it would retry on the same ticks. Virtual time: the attempts' times are exact.
+    #[tokio::test(start_paused = true)]
+    async fn retries_of_a_down_host_are_not_held_to_its_ticks() {
+        // Nothing listens on port 1: each attempt is refused at once.
+        let client = AgentClient::new("127.0.0.1:1", Duration::from_millis(200)).unwrap();
+        let interval = Duration::from_secs(1);
+        let cfg = LoopConfig { interval, rounds: Some(40), ..Default::default() };
+        let (tx, mut rx) = mpsc::channel(64);
+        let t0 = Instant::now();
+        let run = tokio::spawn(run_host(client, cfg, Arc::new(Semaphore::new(1)), tx, CancellationToken::new()));
+        let mut attempts = Vec::new();
+        while let Some(r) = rx.recv().await {
+            assert_eq!(r.action.kind, ActionType::Error, "{r:?}");
+            // Rounds that only say "down, next attempt in ..." contact nobody.
+            if !r.action.reason.contains("(backoff)") {
+                attempts.push(t0.elapsed());
+            }
+        }
+        run.await.unwrap();
+        assert!(attempts.len() >= 4, "{attempts:?}");
+        let off_tick = |t: &Duration| {
+            let phase = t.as_nanos() % interval.as_nanos();
+            phase.min(interval.as_nanos() - phase) > Duration::from_millis(10).as_nanos()
+        };
+        // The first two are on ticks (the first failure retries at the next tick); the backoff's jitter (±20 %
+        // of at least one interval) puts the later ones off the grid, except by a chance of about 1 in 50 each.
+        let later = &attempts[2..];
+        assert!(later.iter().filter(|t| off_tick(t)).count() * 2 > later.len(), "attempts at {attempts:?}");
+        // And each one comes when its backoff says, not a tick later: no two attempts closer than one interval.
+        assert!(attempts.windows(2).all(|w| w[1] - w[0] >= interval.mul_f64(0.79)), "attempts at {attempts:?}");
     }
 
     #[test]
