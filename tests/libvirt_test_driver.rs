@@ -171,6 +171,46 @@ async fn placement_by_name_and_by_uuid_agree() {
     assert_eq!(placement(&backend, &DEFAULT_UUID.replace('-', "")).await, by_name);
 }
 
+/// Both backends find a domain from the same keys, and refuse the same keys as unknown: UUIDs in every form libvirt
+/// reads (dashes between any byte pairs or none, upper case, surrounding spaces) and keys that only look like one.
+/// The simulated host has a domain with the test driver's name and UUID.
+#[tokio::test]
+async fn both_backends_resolve_the_same_keys() {
+    use vcpu_balancer::hypervisor::sim::{MonotonicClock, Scenario, SimHypervisor};
+    let scenario = format!("pcpus = 2\n[[domain]]\nname = \"{DEFAULT_DOMAIN}\"\nuuid = \"{DEFAULT_UUID}\"\nvcpus = 2\nload = 10\n");
+    let scenario = Scenario::parse(&scenario, "same-keys").unwrap();
+    let sim = SimHypervisor::new(&scenario, "sim", std::sync::Arc::new(MonotonicClock::new()));
+    let libvirt = backend();
+    let dashless = DEFAULT_UUID.replace('-', "");
+    let found = [
+        DEFAULT_DOMAIN.to_string(),
+        DEFAULT_UUID.to_string(),
+        DEFAULT_UUID.to_uppercase(),
+        dashless.clone(),
+        // Dashes between other byte pairs.
+        format!("{}-{}", &dashless[..2], &dashless[2..]),
+        format!(" {DEFAULT_UUID} "),
+    ];
+    let unknown = [
+        "no-such-domain".to_string(),
+        "00000000-0000-0000-0000-000000000001".to_string(),
+        format!("{DEFAULT_UUID}-"),
+        // A dash inside a byte pair: not a UUID to libvirt, and no domain has that name.
+        format!("{}-{}", &dashless[..1], &dashless[1..]),
+        dashless[..30].to_string(),
+    ];
+    for key in &found {
+        let (l, s) = (libvirt.placement(key).await, sim.placement(key).await);
+        assert_eq!(l.as_ref().map(|p| p.uuid.as_str()), Ok(DEFAULT_UUID), "libvirt, {key:?}");
+        assert_eq!(s.as_ref().map(|p| p.uuid.as_str()), Ok(DEFAULT_UUID), "sim, {key:?}");
+    }
+    for key in &unknown {
+        let not_found = Err(AgentError::DomainNotFound { domain: key.clone() });
+        assert_eq!(libvirt.placement(key).await.map(|p| p.uuid), not_found, "libvirt, {key:?}");
+        assert_eq!(sim.placement(key).await.map(|p| p.uuid), not_found, "sim, {key:?}");
+    }
+}
+
 #[tokio::test]
 async fn unknown_domain_is_not_found() {
     let backend = backend();

@@ -61,6 +61,28 @@ pub enum VcpuNumbers<'a> {
     Online(&'a [u32]),
 }
 
+/// The 16 bytes of `key` read as a UUID the way libvirt reads one (`virUUIDParse`): 32 hex digits in pairs, with
+/// dashes (or spaces) allowed between pairs, not inside one, and surrounding white space. `None` if it is not a UUID
+/// by that rule; such a key can only be a name. Both backends look domains up by it first, then by name.
+pub fn parse_uuid(key: &str) -> Option<[u8; 16]> {
+    let b = key.trim().as_bytes();
+    let mut out = [0u8; 16];
+    let (mut i, mut n) = (0, 0);
+    while n < 16 {
+        match b.get(i)? {
+            b'-' | b' ' => i += 1,
+            _ => {
+                let hi = (*b.get(i)? as char).to_digit(16)?;
+                let lo = (*b.get(i + 1)? as char).to_digit(16)?;
+                out[n] = (hi * 16 + lo) as u8;
+                n += 1;
+                i += 2;
+            }
+        }
+    }
+    (i == b.len()).then_some(out)
+}
+
 /// Checks one pin against the host's pCPUs and the domain's vCPUs: the rules both backends enforce.
 pub fn validate_pin(
     pin: &PinRequest,
@@ -118,6 +140,32 @@ pub fn batch_verdict(checks: &[Result<(), AgentError>]) -> Result<(), AgentError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uuids_are_read_as_libvirt_reads_them() {
+        let bytes = [0x66, 0x95, 0xeb, 0x01, 0xf6, 0xa4, 0x83, 0x04, 0x79, 0xaa, 0x97, 0xf2, 0x50, 0x2e, 0x19, 0x3f];
+        for key in [
+            "6695eb01-f6a4-8304-79aa-97f2502e193f",
+            "6695EB01-F6A4-8304-79AA-97F2502E193F",
+            "6695eb01f6a4830479aa97f2502e193f",
+            "66-95eb01f6a4830479aa97f2502e193f",
+            " 6695eb01-f6a4-8304-79aa-97f2502e193f\n",
+        ] {
+            assert_eq!(parse_uuid(key), Some(bytes), "{key:?}");
+        }
+        for key in [
+            "test",
+            "",
+            "6695eb01-f6a4-8304-79aa-97f2502e193",
+            "6695eb01-f6a4-8304-79aa-97f2502e193g",
+            "6695eb01-f6a4-8304-79aa-97f2502e193f-",
+            "6695eb01-f6a4-8304-79aa-97f2502e193f0",
+            "6-695eb01f6a4830479aa97f2502e193f",
+            "6695eb01-f6a4-8304-79aa-97f2502e193é",
+        ] {
+            assert_eq!(parse_uuid(key), None, "{key:?}");
+        }
+    }
 
     fn pin(vcpu: u32, pcpus: &[u32]) -> PinRequest {
         PinRequest { domain: "d".into(), vcpu, pcpus: pcpus.to_vec(), persist: false }

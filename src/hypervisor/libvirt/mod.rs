@@ -866,7 +866,7 @@ fn check_domain_key(key: &str) -> Result<(), AgentError> {
 
 /// Finds a domain by UUID (when `key` looks like one) or by name.
 fn lookup(conn: &Connect, key: &str) -> Result<Domain, VirtError> {
-    if looks_like_uuid(key) {
+    if crate::hypervisor::parse_uuid(key).is_some() {
         match conn.lookup_domain_by_uuid_string(key) {
             // A domain may be named like a UUID. libvirt refuses some keys that look like one here (dashes out of
             // place) as an invalid argument: those are names too, or unknown domains.
@@ -875,19 +875,6 @@ fn lookup(conn: &Connect, key: &str) -> Result<Domain, VirtError> {
         }
     }
     conn.lookup_domain_by_name(key)
-}
-
-/// 32 hex digits, optionally with dashes (libvirt also accepts the dashless form).
-fn looks_like_uuid(s: &str) -> bool {
-    let mut digits = 0;
-    for c in s.chars() {
-        match c {
-            '-' => {}
-            c if c.is_ascii_hexdigit() => digits += 1,
-            _ => return false,
-        }
-    }
-    digits == 32
 }
 
 fn not_running(domain: &str, dom: &Domain) -> AgentError {
@@ -985,15 +972,6 @@ mod tests {
         assert_eq!(format_version(9_000_000), "9.0.0");
         assert_eq!(format_version(7_002_001), "7.2.1");
         assert_eq!(format_version(2), "0.0.2");
-    }
-
-    #[test]
-    fn uuid_detection() {
-        assert!(looks_like_uuid("6695eb01-f6a4-8304-79aa-97f2502e193f"));
-        assert!(looks_like_uuid("6695eb01f6a4830479aa97f2502e193f"));
-        assert!(!looks_like_uuid("test"));
-        assert!(!looks_like_uuid("6695eb01-f6a4-8304-79aa-97f2502e193"));
-        assert!(!looks_like_uuid("6695eb01-f6a4-8304-79aa-97f2502e193g"));
     }
 
     #[test]

@@ -365,10 +365,13 @@ impl SimHost {
         out
     }
 
+    /// As libvirt finds a domain: by UUID when the key reads as one (in any of the forms libvirt accepts), else, or
+    /// when no domain has that UUID, by name.
     fn find(&self, domain: &str) -> Result<usize, AgentError> {
-        self.domains
-            .iter()
-            .position(|d| d.name == domain || d.uuid.eq_ignore_ascii_case(domain))
+        let by_uuid = crate::hypervisor::parse_uuid(domain)
+            .and_then(|u| self.domains.iter().position(|d| crate::hypervisor::parse_uuid(&d.uuid) == Some(u)));
+        by_uuid
+            .or_else(|| self.domains.iter().position(|d| d.name == domain))
             .ok_or_else(|| AgentError::DomainNotFound { domain: domain.to_string() })
     }
 
