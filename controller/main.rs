@@ -122,7 +122,7 @@ struct PolicyArgs {
 #[derive(Debug, Args)]
 struct ConstraintArgs {
     /// Never move or pin domains matching this name glob (e.g. 'db-*') or UUID; repeat for several.
-    #[arg(long = "exclude", env = "VCPU_EXCLUDE", value_delimiter = ',')]
+    #[arg(long = "exclude", env = "VCPU_EXCLUDE", value_delimiter = ',', value_parser = parse_exclude)]
     exclude: Vec<String>,
     /// pCPUs that are never a target (e.g. 0-1); vCPUs found there are moved off when possible.
     #[arg(long = "reserve-pcpus", env = "VCPU_RESERVE_PCPUS", value_parser = parse_pcpus)]
@@ -191,7 +191,7 @@ struct RunArgs {
     #[arg(long, env = "VCPU_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     /// Stop after this many rounds per host.
-    #[arg(long, env = "VCPU_ROUNDS")]
+    #[arg(long, env = "VCPU_ROUNDS", value_parser = parse_rounds)]
     rounds: Option<u64>,
     /// Compute and report, pin nothing.
     #[arg(long, env = "VCPU_DRY_RUN")]
@@ -203,7 +203,7 @@ struct RunArgs {
     #[arg(long, env = "VCPU_RPC_TIMEOUT", value_parser = parse_duration)]
     rpc_timeout: Option<Duration>,
     /// Most RPCs in flight at once across all hosts [default: 256].
-    #[arg(long, env = "VCPU_MAX_INFLIGHT", value_parser = parse_positive)]
+    #[arg(long, env = "VCPU_MAX_INFLIGHT", value_parser = parse_max_inflight)]
     max_inflight: Option<usize>,
     /// Keep each host's memory of the controller's own pins in this directory (created if missing), so that after a
     /// restart the controller still tells its pins from an operator's [default: in memory only].
@@ -275,8 +275,13 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     config::parse_interval(s)
 }
 
-fn parse_positive(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
+fn parse_max_inflight(s: &str) -> Result<usize, String> {
+    s.parse::<i128>().map_err(|_| "not a whole number".to_string()).and_then(config::check_max_inflight)
+}
+
+/// `--rounds 0` would do nothing and exit 0, which reads as "balanced".
+fn parse_rounds(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("{s:?} is not a whole number greater than zero")),
     }
@@ -311,6 +316,16 @@ fn print_generated(cmd: &Cmd) -> anyhow::Result<i32> {
         _ => clap_mangen::Man::new(c).render(&mut out)?,
     }
     Ok(0)
+}
+
+/// One `--exclude` pattern, trimmed: `VCPU_EXCLUDE='db-*, web-*'` means `web-*`, not a glob starting with a space
+/// that matches nothing (and so protects nothing).
+fn parse_exclude(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty pattern (a name glob such as 'db-*', or a UUID)".into());
+    }
+    Ok(t.to_string())
 }
 
 fn parse_policy(s: &str) -> Result<PolicyKind, String> {

@@ -132,6 +132,24 @@ fn max_moves_from_the_flag_the_env_and_the_file() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--exclude` patterns from a comma list are trimmed: `VCPU_EXCLUDE='x, vm*'` protects the `vm*` domains (a
+/// glob " vm*" would match none of them, and the balancer would move them).
+#[test]
+fn exclude_patterns_from_a_list_are_trimmed() {
+    let agent = Agent::start("all-on-one");
+    let out = Command::new(CONTROLLER)
+        .args(["run", "--host", &agent.addr, "--rounds", "2", "--interval", "200ms", "--dry-run", "--json"])
+        .env("VCPU_EXCLUDE", "x, vm*")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let last: serde_json::Value = serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["moves"].as_array().unwrap().len(), 0, "{last}");
+    let held = last["held"].as_array().unwrap();
+    assert_eq!(held.len(), 8, "{last}");
+    assert!(held.iter().all(|h| h["why"] == "excluded"), "{last}");
+}
+
 /// Malformed flags and files are refused with a clear message before anything runs.
 #[test]
 fn bad_input_is_refused() {
@@ -146,6 +164,12 @@ fn bad_input_is_refused() {
         (vec!["run", "--host", "a:1", "--no-guard", "--policy", "converge"], "cannot be used with"),
         (vec!["demo", "--no-guard", "--policy", "guarded"], "cannot be used with"),
         (vec!["pin", "--host", "a:1", "--domain", "x", "--vcpu", "0", "--pcpu", "3-1"], "start after end"),
+        (vec!["run", "--host", "a:1", "--exclude", " "], "empty pattern"),
+        (vec!["run", "--host", "a:1", "--rounds", "0"], "greater than zero"),
+        // Numbers that used to panic (a semaphore's limit, a duration overflow) instead of being refused.
+        (vec!["run", "--host", "a:1", "--max-inflight", "18446744073709551615"], "from 1 to"),
+        (vec!["run", "--host", "a:1", "--rpc-timeout", "18446744073709551615s"], "at most"),
+        (vec!["run", "--host", "a:1", "--interval", "400days"], "at most"),
     ] {
         let out = controller(&args);
         assert!(!out.status.success(), "{args:?} accepted");

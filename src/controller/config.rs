@@ -45,6 +45,12 @@ use crate::security::TlsFiles;
 
 /// Shortest interval accepted: shorter ones measure mostly noise.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
+/// The longest interval or deadline accepted: far beyond any sensible one, and small enough that the arithmetic on
+/// it (backoff doubling, two deadlines per interval) cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// The most RPCs in flight at once that may be asked for: far above any process's file limit, and under what
+/// the semaphore that enforces it can hold.
+pub const MAX_INFLIGHT_LIMIT: usize = 1 << 20;
 /// Where the Debian package installs the config file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vcpu-balancer/controller.toml";
 
@@ -128,7 +134,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if d.is_zero() {
         return Err("must be greater than zero".into());
     }
+    if d > MAX_DURATION {
+        return Err(format!("must be at most {}", humantime::format_duration(MAX_DURATION)));
+    }
     Ok(d)
+}
+
+/// `--max-inflight` / `max_inflight`: a whole number from 1 to [`MAX_INFLIGHT_LIMIT`].
+pub fn check_max_inflight(n: i128) -> Result<usize, String> {
+    match usize::try_from(n) {
+        Ok(v) if (1..=MAX_INFLIGHT_LIMIT).contains(&v) => Ok(v),
+        _ => Err(format!("must be a whole number from 1 to {MAX_INFLIGHT_LIMIT}")),
+    }
 }
 
 /// A round interval: a duration of at least [`MIN_INTERVAL`].
@@ -188,9 +205,7 @@ impl ControllerConfig {
             cfg.rpc_timeout = Some(parse_duration(t.get_ref()).map_err(|m| invalid(t.span(), "rpc_timeout", m))?);
         }
         if let Some(n) = raw.max_inflight {
-            let v = usize::try_from(*n.get_ref()).ok().filter(|v| *v > 0);
-            cfg.max_inflight =
-                Some(v.ok_or_else(|| invalid(n.span(), "max_inflight", "must be a whole number greater than zero".into()))?);
+            cfg.max_inflight = Some(check_max_inflight(i128::from(*n.get_ref())).map_err(|m| invalid(n.span(), "max_inflight", m))?);
         }
         if let Some(d) = raw.state_dir {
             if d.get_ref().trim().is_empty() {
@@ -227,7 +242,8 @@ impl ControllerConfig {
                     if e.get_ref().trim().is_empty() {
                         return Err(invalid(e.span(), "exclude", "empty pattern".into()));
                     }
-                    v.push(e.into_inner());
+                    // A stray space would make a glob that matches nothing, and protect nothing.
+                    v.push(e.into_inner().trim().to_string());
                 }
                 cfg.exclude = Some(v);
             }
@@ -331,7 +347,9 @@ mod tests {
             ("[policy]\nname = \"fastest\"\n", 2, "unknown policy"),
             ("[policy]\nname = \"converge\"\nguard = false\n", 3, "contradicts"),
             ("[policy]\nreserve_pcpus = \"3-1\"\n", 2, "reserve_pcpus"),
-            ("max_inflight = 0\n", 1, "greater than zero"),
+            ("max_inflight = 0\n", 1, "from 1 to"),
+            ("max_inflight = 9223372036854775807\n", 1, "from 1 to"),
+            ("rpc_timeout = \"300000000000y\"\n", 1, "at most 1day"),
             ("[policy]\n\nmax_moves = 0\n", 3, "use dry_run"),
             ("[policy]\nmax_moves = -2\n", 2, "max_moves"),
             ("hosts = [\"a\"]\nstate_dir = \" \"\n", 2, "must name a directory"),
