@@ -53,7 +53,8 @@ struct Cli {
     /// Scenario for the simulated host: a TOML file, or the name of a built-in scenario (backend sim).
     #[arg(long, env = "VCPU_AGENT_SCENARIO", default_value = "all-on-one")]
     scenario: String,
-    /// Hostname the simulated host reports (backend sim; default: this machine's name with a "sim-" prefix).
+    /// Hostname the simulated host reports (backend sim; default: the scenario's `hostname`, else this machine's name
+    /// with a "sim-" prefix).
     #[arg(long, env = "VCPU_AGENT_SIM_HOSTNAME")]
     sim_hostname: Option<String>,
     /// Serve this many simulated hosts from this process, on consecutive ports (backend sim).
@@ -189,7 +190,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.backend.context("--backend is required")? {
         Backend::Sim => {
             let sc = load_scenario(&cli.scenario)?;
-            let name = cli.sim_hostname.unwrap_or_else(|| {
+            // The flag, else the scenario's own `hostname`, else this machine's.
+            let name = cli.sim_hostname.or_else(|| sc.hostname.clone()).unwrap_or_else(|| {
                 format!("sim-{}", hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default())
             });
             tracing::info!(scenario = %cli.scenario, pcpus = sc.pcpus, domains = sc.domains.len(), "simulated host");

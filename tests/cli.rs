@@ -150,6 +150,19 @@ fn exclude_patterns_from_a_list_are_trimmed() {
     assert!(held.iter().all(|h| h["why"] == "excluded"), "{last}");
 }
 
+/// A scenario's `hostname` is what the simulated host reports, unless `--sim-hostname` says otherwise.
+#[test]
+fn a_scenario_names_its_host() {
+    let file = std::env::temp_dir().join(format!("vcpu-cli-hostname-{}.toml", std::process::id()));
+    std::fs::write(&file, "pcpus = 2\nhostname = \"rack7-hv3\"\n[[domain]]\nname = \"a\"\nload = 10\n").unwrap();
+    for (extra, want) in [(vec![], "rack7-hv3 (sim backend"), (vec!["--sim-hostname", "other"], "other (sim backend")] {
+        let agent = common::AgentProcess::start(&[&["--backend", "sim", "--scenario", file.to_str().unwrap()], &extra[..]].concat());
+        let show = controller(&["show", "--host", &agent.addr, "--window", "100ms"]);
+        assert!(text(&show.stdout).starts_with(want), "{extra:?}: {}{}", text(&show.stdout), text(&show.stderr));
+    }
+    std::fs::remove_file(file).unwrap();
+}
+
 /// Malformed flags and files are refused with a clear message before anything runs.
 #[test]
 fn bad_input_is_refused() {

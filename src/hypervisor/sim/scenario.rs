@@ -99,6 +99,10 @@ pub struct Scenario {
 
 /// Most measurement noise a scenario may ask for, in points.
 pub const MAX_NOISE: f64 = 50.0;
+/// Bounds of one load phase, in seconds: the model steps through phases one by one, so a phase too short would
+/// make a sample take forever, and one too long would overflow the nanosecond clock.
+pub const MIN_PHASE_SECS: f64 = 0.001;
+pub const MAX_PHASE_SECS: f64 = 365.0 * 24.0 * 3600.0;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,7 +129,7 @@ struct RawRandom {
 #[serde(deny_unknown_fields)]
 struct RawDomain {
     name: Spanned<String>,
-    uuid: Option<String>,
+    uuid: Option<Spanned<String>>,
     vcpus: Option<Spanned<u32>>,
     affinity: Option<Spanned<Vec<Spanned<u32>>>>,
     load: Option<Spanned<f64>>,
@@ -173,6 +177,7 @@ impl Scenario {
         }
         let mut domains = Vec::with_capacity(raw.domain.len());
         let mut names = std::collections::HashSet::new();
+        let mut uuids = std::collections::HashSet::new();
         for d in raw.domain {
             let dspan = d.span();
             let d = d.into_inner();
@@ -234,8 +239,11 @@ impl Scenario {
                     for ph in p.into_inner() {
                         let ph = ph.into_inner();
                         let secs = *ph.secs.get_ref();
-                        if !(secs.is_finite() && secs > 0.0) {
-                            return Err(invalid(ph.secs.span(), format!("phase secs must be > 0, got {secs}")));
+                        if !(MIN_PHASE_SECS..=MAX_PHASE_SECS).contains(&secs) {
+                            return Err(invalid(
+                                ph.secs.span(),
+                                format!("phase secs must be {MIN_PHASE_SECS}..={MAX_PHASE_SECS} (one year), got {secs}"),
+                            ));
                         }
                         phases.push((check_load(&ph.load)?, secs));
                     }
@@ -245,7 +253,21 @@ impl Scenario {
                     LoadProfile::Phases(phases)
                 }
             };
-            domains.push(DomainSpec { name, uuid: d.uuid, vcpus, affinity, load });
+            // As libvirt would: a UUID it can read, printed its way, and one domain per UUID (two sharing one would
+            // be one domain to every lookup by UUID).
+            let uuid = match d.uuid {
+                None => None,
+                Some(u) => {
+                    let Some(bytes) = crate::hypervisor::parse_uuid(u.get_ref()) else {
+                        return Err(invalid(u.span(), format!("uuid of {name:?} is not a UUID: {:?}", u.get_ref())));
+                    };
+                    if !uuids.insert(bytes) {
+                        return Err(invalid(u.span(), format!("uuid of {name:?} is another domain's")));
+                    }
+                    Some(format_uuid(&bytes))
+                }
+            };
+            domains.push(DomainSpec { name, uuid, vcpus, affinity, load });
         }
         if let Some(r) = raw.random {
             let span = r.span();
@@ -275,6 +297,12 @@ impl Scenario {
         };
         Ok(Scenario { pcpus, hostname: raw.hostname, domains, noise, seed: raw.seed.unwrap_or(0) })
     }
+}
+
+/// `6695eb01-f6a4-8304-79aa-97f2502e193f`: how libvirt prints a UUID.
+fn format_uuid(b: &[u8; 16]) -> String {
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }
 
 /// Scenario files shipped in `scenarios/`, embedded so the demo needs no files on disk.
@@ -385,6 +413,27 @@ mod tests {
         assert!(Scenario::parse("pcpus = 2\n[[domain]]\nname = \"a\"\nload=1\n[[domain]]\nname = \"a\"\nload=1\n", "t").is_err());
         assert!(Scenario::parse("pcpus = 2\n[[domain]]\nname = \"a\"\nload=1\nphases=[{load=1,secs=1}]\n", "t").is_err());
         assert!(Scenario::parse("pcpus = \"x\"\n", "t").is_err());
+    }
+
+    #[test]
+    fn phase_lengths_and_uuids_are_checked() {
+        let phase = |secs: &str| format!("pcpus = 1\n[[domain]]\nname = \"a\"\nphases = [{{load = 100, secs = {secs}}}]\n");
+        // 1e12 s overflowed the model's nanosecond clock and hung the agent; 1e-9 s made one sample take 1e9 steps.
+        for secs in ["1e12", "1e-9", "0", "-1", "nan"] {
+            let (line, msg) = err_line(&phase(secs));
+            assert_eq!(line, 4, "{secs}: {msg}");
+            assert!(msg.contains("phase secs must be"), "{secs}: {msg}");
+        }
+        assert!(Scenario::parse(&phase("0.001"), "t").is_ok() && Scenario::parse(&phase("31536000"), "t").is_ok());
+
+        let dom = |name: &str, uuid: &str| format!("[[domain]]\nname = \"{name}\"\nuuid = \"{uuid}\"\nload = 1\n");
+        let u = "6695EB01F6A4830479AA97F2502E193F";
+        let ok = Scenario::parse(&format!("pcpus = 1\n{}", dom("a", u)), "t").unwrap();
+        assert_eq!(ok.domains[0].uuid.as_deref(), Some("6695eb01-f6a4-8304-79aa-97f2502e193f"), "printed as libvirt does");
+        let (line, msg) = err_line(&format!("pcpus = 1\n{}", dom("a", "not-a-uuid")));
+        assert!(line == 4 && msg.contains("is not a UUID"), "{line}: {msg}");
+        let (line, msg) = err_line(&format!("pcpus = 1\n{}{}", dom("a", u), dom("b", "6695eb01-f6a4-8304-79aa-97f2502e193f")));
+        assert!(line == 8 && msg.contains("another domain's"), "{line}: {msg}");
     }
 
     #[test]
