@@ -77,7 +77,7 @@ struct Cli {
     tls_ca: Option<PathBuf>,
     /// Client identity (certificate CN or DNS SAN) allowed to pin; repeat, or comma-separate in the env. Others may
     /// only read. Default with TLS: "vcpu-controller".
-    #[arg(long = "pin-allow", env = "VCPU_AGENT_PIN_ALLOW", value_delimiter = ',')]
+    #[arg(long = "pin-allow", env = "VCPU_AGENT_PIN_ALLOW", value_delimiter = ',', value_parser = parse_identity)]
     pin_allow: Vec<String>,
     /// Serve plaintext on a non-loopback address (anyone who reaches the port can pin: firewall it).
     #[arg(long, env = "VCPU_AGENT_INSECURE")]
@@ -128,6 +128,16 @@ fn load_scenario(arg: &str) -> anyhow::Result<Scenario> {
         let names: Vec<&str> = scenario::BUILTIN.iter().map(|(n, _)| *n).collect();
         format!("--scenario {arg:?}: no such file, and not a built-in scenario ({})", names.join(", "))
     })
+}
+
+/// One `--pin-allow` identity, trimmed. An empty one is refused: a `--pin-allow "$PINNERS"` that expanded to
+/// nothing must not quietly fall back to the default identity.
+fn parse_identity(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty identity (a certificate CN or DNS name, e.g. vcpu-controller)".into());
+    }
+    Ok(t.to_string())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

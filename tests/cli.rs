@@ -208,6 +208,12 @@ fn bad_input_is_refused() {
     assert!(text(&out.stderr).contains("cannot create it"), "{}", text(&out.stderr));
     let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario", "no-such"]).output().unwrap();
     assert!(text(&out.stderr).contains("not a built-in scenario"), "{}", text(&out.stderr));
+    // An identity list that expanded to nothing must not fall back to the default pinner.
+    for allow in [" ", "vcpu-controller,,ops"] {
+        let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--pin-allow", allow]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "--pin-allow {allow:?} accepted: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("empty identity"), "{}", text(&out.stderr));
+    }
     for (timeout, needle) in [("10ms", "at least 100ms"), ("soon", "expected e.g. 2s"), ("0s", "greater than zero")] {
         let out = Command::new(AGENT)
             .args(["--backend", "libvirt", "--listen", "127.0.0.1:0", "--libvirt-timeout", timeout])
