@@ -289,6 +289,14 @@ async fn persist_on_a_transient_domain_is_refused_and_changes_nothing() {
     assert_eq!(results[1], Ok(()));
     assert_eq!(placement(&backend, &transient.name).await, before, "the refused pin changed nothing");
     assert_eq!(placement(&backend, &other.name).await.vcpus[0].affinity, vec![a]);
+
+    // A malformed pin is malformed whatever else is wrong with it: the whole batch is refused, nothing applied.
+    let before_other = placement(&backend, &other.name).await;
+    let mut malformed = pin(&transient.name, 99, &[a]);
+    malformed.persist = true;
+    let err = backend.apply_pins(&[malformed, pin(&other.name, 0, &[b])]).await.expect_err("a malformed pin");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert_eq!(placement(&backend, &other.name).await, before_other, "nothing of the batch was applied");
 }
 
 #[tokio::test]

@@ -701,9 +701,13 @@ impl Inner {
         let checks: Vec<Result<(), AgentError>> = pins
             .iter()
             .map(|pin| match &targets[pin.domain.as_str()] {
-                // Checked before anything changes: a pin asked to outlive a reboot that cannot is not made live.
-                Ok(t) if pin.persist && !t.persistent => Err(AgentError::NotPersistent { domain: pin.domain.clone() }),
-                Ok(t) => validate_pin(pin, &pin.domain, VcpuNumbers::Online(&t.vcpus), node.npcpus, &node.online),
+                // A malformed pin first (it fails the whole batch), then, before anything changes, a pin asked to
+                // outlive a reboot that cannot: it is not made live either.
+                Ok(t) => validate_pin(pin, &pin.domain, VcpuNumbers::Online(&t.vcpus), node.npcpus, &node.online)
+                    .and_then(|()| match pin.persist && !t.persistent {
+                        true => Err(AgentError::NotPersistent { domain: pin.domain.clone() }),
+                        false => Ok(()),
+                    }),
                 Err(e) => Err(e.clone()),
             })
             .collect();
