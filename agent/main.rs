@@ -175,6 +175,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         });
         let base = cli.listen_base.unwrap_or(cli.listen.port());
         let n = usize::from(cli.sim_hosts);
+        if base != 0 && usize::from(base) + n - 1 > usize::from(u16::MAX) {
+            anyhow::bail!("--sim-hosts {n} from port {base} needs ports up to {}, past 65535", usize::from(base) + n - 1);
+        }
         fleet::serve_sim_fleet(&sc, n, cli.listen.ip(), base, stop, |addrs| {
             let first = addrs.first().map(ToString::to_string).unwrap_or_default();
             let last = addrs.last().map(ToString::to_string).unwrap_or_default();

@@ -208,6 +208,13 @@ fn bad_input_is_refused() {
     assert!(text(&out.stderr).contains("cannot create it"), "{}", text(&out.stderr));
     let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario", "no-such"]).output().unwrap();
     assert!(text(&out.stderr).contains("not a built-in scenario"), "{}", text(&out.stderr));
+    // A simulated fleet that would run past the last port is refused as such, before anything listens.
+    let out = Command::new(AGENT)
+        .args(["--backend", "sim", "--listen", "127.0.0.1:0", "--listen-base", "65530", "--sim-hosts", "10"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("needs ports up to 65539, past 65535"), "{}", text(&out.stderr));
     // An identity list that expanded to nothing must not fall back to the default pinner.
     for allow in [" ", "vcpu-controller,,ops"] {
         let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--pin-allow", allow]).output().unwrap();

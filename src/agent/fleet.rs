@@ -42,7 +42,15 @@ pub async fn serve_sim_fleet(
 ) -> Result<(), FleetBindError> {
     let mut listeners = Vec::with_capacity(count);
     for index in 0..count {
-        let port = if base_port == 0 { 0 } else { base_port.saturating_add(index as u16) };
+        // Past 65535 there is no port to bind: refused as such, never a second bind of the last port.
+        let port = match u16::try_from(usize::from(base_port) + index) {
+            _ if base_port == 0 => 0,
+            Ok(p) => p,
+            Err(_) => {
+                let source = std::io::Error::new(std::io::ErrorKind::InvalidInput, "port number past 65535");
+                return Err(FleetBindError { addr: SocketAddr::new(ip, u16::MAX), index, count, source });
+            }
+        };
         let addr = SocketAddr::new(ip, port);
         let l = TcpListener::bind(addr).await.map_err(|source| FleetBindError { addr, index, count, source })?;
         listeners.push(l);
