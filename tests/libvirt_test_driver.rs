@@ -211,6 +211,31 @@ async fn both_backends_resolve_the_same_keys() {
     }
 }
 
+/// Both backends answer the same malformed batches with the same error, word for word, naming the domain as the
+/// caller did; a pCPU the host lacks refuses the batch even when the pin's domain does not exist.
+#[tokio::test]
+async fn both_backends_refuse_the_same_batches_the_same_way() {
+    use vcpu_balancer::hypervisor::sim::{MonotonicClock, Scenario, SimHypervisor};
+    let libvirt = backend();
+    let npcpus = libvirt.host_info().await.unwrap().npcpus;
+    let scenario = format!(
+        "pcpus = {npcpus}\n[[domain]]\nname = \"{DEFAULT_DOMAIN}\"\nuuid = \"{DEFAULT_UUID}\"\nvcpus = 2\nload = 10\n"
+    );
+    let sim = SimHypervisor::new(&Scenario::parse(&scenario, "same").unwrap(), "sim", std::sync::Arc::new(MonotonicClock::new()));
+    let (a, _) = two_online_pcpus(&libvirt).await;
+    for batch in [
+        vec![pin("no-such-domain", 0, &[npcpus]), pin(DEFAULT_DOMAIN, 0, &[a])],
+        vec![pin("no-such-domain", 0, &[]), pin(DEFAULT_DOMAIN, 0, &[a])],
+        vec![pin(DEFAULT_UUID, 7, &[a])],
+        vec![pin(&DEFAULT_UUID.to_uppercase(), 0, &[npcpus + 3])],
+    ] {
+        let (l, s) = (libvirt.apply_pins(&batch).await, sim.apply_pins(&batch).await);
+        let l = l.expect_err("libvirt refuses the batch");
+        assert_eq!(l.kind(), ErrorKind::InvalidArgument, "{l}");
+        assert_eq!(Err(l), s, "{batch:?}");
+    }
+}
+
 #[tokio::test]
 async fn unknown_domain_is_not_found() {
     let backend = backend();

@@ -108,6 +108,15 @@ pub fn validate_pin(
         }
         _ => {}
     }
+    validate_pcpus(pin, domain_name, npcpus, online)
+}
+
+/// The part of [`validate_pin`] that needs no domain: a pin to a pCPU the host lacks is malformed whether or not its
+/// domain exists, so both backends check it also for a pin whose domain they cannot find, and refuse the batch.
+pub fn validate_pcpus(pin: &PinRequest, domain_name: &str, npcpus: u32, online: &[PcpuId]) -> Result<(), AgentError> {
+    if pin.pcpus.is_empty() {
+        return Err(AgentError::EmptyPcpuList { domain: domain_name.to_string(), vcpu: pin.vcpu });
+    }
     for &pcpu in &pin.pcpus {
         if pcpu >= npcpus {
             return Err(AgentError::PcpuOutOfRange {

@@ -708,7 +708,8 @@ impl Inner {
                         true => Err(AgentError::NotPersistent { domain: pin.domain.clone() }),
                         false => Ok(()),
                     }),
-                Err(e) => Err(e.clone()),
+                // A pCPU the host lacks is malformed whatever the domain: it refuses the batch, not just this pin.
+                Err(e) => crate::hypervisor::validate_pcpus(pin, &pin.domain, node.npcpus, &node.online).and(Err(e.clone())),
             })
             .collect();
         batch_verdict(&checks)?;

@@ -400,9 +400,12 @@ impl SimHost {
         let checks: Vec<Result<usize, AgentError>> = pins
             .iter()
             .map(|p| {
-                let di = self.find(&p.domain)?;
+                // Errors name the domain as the caller did, as libvirt's do.
+                let di = self.find(&p.domain).map_err(|e| {
+                    crate::hypervisor::validate_pcpus(p, &p.domain, self.npcpus, &online).err().unwrap_or(e)
+                })?;
                 let d = &self.domains[di];
-                validate_pin(p, &d.name, VcpuNumbers::Count(d.vcpus.len() as u32), self.npcpus, &online)?;
+                validate_pin(p, &p.domain, VcpuNumbers::Count(d.vcpus.len() as u32), self.npcpus, &online)?;
                 Ok(di)
             })
             .collect();
