@@ -104,7 +104,9 @@ impl TlsFiles {
     }
 
     /// The agent's side: its identity, and a client certificate signed by the CA required on every connection.
+    /// The files are checked first ([`Self::check_server_files`]).
     pub fn server_config(&self) -> Result<ServerTlsConfig, SecurityError> {
+        self.check_server_files()?;
         Ok(ServerTlsConfig::new()
             .identity(self.identity()?)
             .client_ca_root(self.ca_cert()?)
@@ -123,13 +125,51 @@ impl TlsFiles {
     /// tonic's own client does.
     pub fn client_tls(&self) -> Result<ClientTls, SecurityError> {
         use tokio_rustls::rustls;
+        let (roots, chain, key, provider) = self.parse()?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| pem("certificate", &self.cert, &e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| pem("key", &self.key, &e))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(ClientTls { config: std::sync::Arc::new(config) })
+    }
+
+    /// Checks the agent's files the way its TLS server will use them, so that a bad file refuses the start with
+    /// the file named, before anything listens (tonic reads them only when it starts serving, and says neither
+    /// which file nor that it had already logged "listening").
+    pub fn check_server_files(&self) -> Result<(), SecurityError> {
+        use tokio_rustls::rustls;
+        let (roots, chain, key, provider) = self.parse()?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| pem("CA certificate", &self.ca, &e))?;
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| pem("certificate", &self.cert, &e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| pem("key", &self.key, &e))?;
+        Ok(())
+    }
+
+    /// The CA roots, this side's chain and key, and the crypto provider, each file's error naming it.
+    #[allow(clippy::type_complexity)]
+    fn parse(
+        &self,
+    ) -> Result<
+        (
+            tokio_rustls::rustls::RootCertStore,
+            Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+            tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+            std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvider>,
+        ),
+        SecurityError,
+    > {
+        use tokio_rustls::rustls;
         use tokio_rustls::rustls::pki_types::pem::PemObject;
         use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let pem = |what: &'static str, path: &Path, e: &dyn std::fmt::Display| SecurityError::Pem {
-            what,
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
         let certs = |what: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, SecurityError> {
             let bytes = Self::read(what, path)?;
             let v = CertificateDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>().map_err(|e| pem(what, path, &e))?;
@@ -144,16 +184,13 @@ impl TlsFiles {
         }
         let chain = certs("certificate", &self.cert)?;
         let key = PrivateKeyDer::from_pem_slice(&Self::read("key", &self.key)?).map_err(|e| pem("key", &self.key, &e))?;
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| pem("certificate", &self.cert, &e))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| pem("key", &self.key, &e))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(ClientTls { config: std::sync::Arc::new(config) })
+        Ok((roots, chain, key, std::sync::Arc::new(rustls::crypto::ring::default_provider())))
     }
+}
+
+/// A PEM file that does not hold what it should.
+fn pem(what: &'static str, path: &Path, e: &dyn std::fmt::Display) -> SecurityError {
+    SecurityError::Pem { what, path: path.to_path_buf(), reason: e.to_string() }
 }
 
 /// Refuses plaintext on any address but loopback unless `insecure` is set.

@@ -233,3 +233,31 @@ async fn a_host_added_by_a_reload_talks_tls_like_the_others() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The agent checks its TLS files before it listens, and a bad one is named: a key that is not the certificate's
+/// and a CA file that holds no certificate. (tonic read them only when it started serving, after "agent listening",
+/// with messages such as "no root trust anchors were provided".)
+#[test]
+fn bad_agent_tls_files_are_refused_naming_the_file() {
+    let fleet = Fleet::new("badfiles", &["127.0.0.1", "127.0.0.2"]);
+    let good = fleet.files("agent-127.0.0.1");
+    assert!(good.server_config().is_ok());
+    let mismatched = TlsFiles { key: fleet.path("agent-127.0.0.2.key"), ..good.clone() };
+    let e = mismatched.server_config().expect_err("a key of another certificate").to_string();
+    assert!(e.contains("agent-127.0.0.2.key"), "{e}");
+    std::fs::write(fleet.path("garbage.pem"), "garbage\n").unwrap();
+    let e = TlsFiles { ca: fleet.path("garbage.pem"), ..good.clone() }.server_config().expect_err("no CA").to_string();
+    assert!(e.contains("garbage.pem") && e.contains("CA certificate"), "{e}");
+    // The binary refuses to start, before it logs that it listens.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vcpu-agent"))
+        .args(["--backend", "sim", "--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&good.cert)
+        .arg("--tls-key")
+        .arg(fleet.path("agent-127.0.0.2.key"))
+        .arg("--tls-ca")
+        .arg(&good.ca)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("agent-127.0.0.2.key") && !err.contains("listening"), "{err}");
+}

@@ -138,7 +138,7 @@ impl<H: Hypervisor> Agent for AgentService<H> {
         for (pin, r) in pins.iter().zip(&results) {
             match r {
                 Ok(()) => info!(client = %client, domain = %pin.domain, vcpu = pin.vcpu, pcpus = ?pin.pcpus, "pinned"),
-                Err(e) => warn!(domain = %pin.domain, vcpu = pin.vcpu, error = %e, "pin failed"),
+                Err(e) => warn!(client = %client, domain = %pin.domain, vcpu = pin.vcpu, error = %e, "pin failed"),
             }
         }
         Ok(Response::new(pb::ApplyPinsResponse { results: results.iter().map(convert::pin_result_to_pb).collect() }))
