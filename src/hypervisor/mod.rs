@@ -83,6 +83,12 @@ pub fn parse_uuid(key: &str) -> Option<[u8; 16]> {
     (i == b.len()).then_some(out)
 }
 
+/// `6695eb01-f6a4-8304-79aa-97f2502e193f`: how libvirt prints a UUID, and so how agents report one.
+pub fn format_uuid(b: &[u8; 16]) -> String {
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
 /// Checks one pin against the host's pCPUs and the domain's vCPUs: the rules both backends enforce.
 pub fn validate_pin(
     pin: &PinRequest,

@@ -8,34 +8,30 @@ use crate::model::PcpuId;
 /// One `--exclude` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainMatcher {
-    /// A domain UUID, compared without regard to case (libvirt prints lowercase, operators paste either).
+    /// A domain UUID, as agents report one (libvirt's lowercase 8-4-4-4-12 form, [`crate::hypervisor::format_uuid`]).
     Uuid(String),
     /// A glob on the domain name: `*` any run of characters, `?` one character, anything else literal.
     Glob(String),
 }
 
 impl DomainMatcher {
-    /// A UUID if the text has the 8-4-4-4-12 hex shape, otherwise a name glob. Never fails: any text is a glob.
+    /// A UUID if libvirt would read the text as one ([`crate::hypervisor::parse_uuid`]: any case, with or without
+    /// dashes), otherwise a name glob. Never fails: any text is a glob. The rule is libvirt's so that a key which
+    /// finds a domain by UUID in `virsh` (or in a pin to the agent) also excludes it here.
     pub fn parse(s: &str) -> DomainMatcher {
-        if is_uuid(s) {
-            DomainMatcher::Uuid(s.to_ascii_lowercase())
-        } else {
-            DomainMatcher::Glob(s.to_string())
+        match crate::hypervisor::parse_uuid(s) {
+            Some(bytes) => DomainMatcher::Uuid(crate::hypervisor::format_uuid(&bytes)),
+            None => DomainMatcher::Glob(s.to_string()),
         }
     }
 
+    /// `uuid` is compared without regard to case: libvirt prints lowercase, but a reported UUID is not checked.
     pub fn matches(&self, name: &str, uuid: &str) -> bool {
         match self {
             DomainMatcher::Uuid(u) => uuid.eq_ignore_ascii_case(u),
             DomainMatcher::Glob(g) => glob_match(g.as_bytes(), name.as_bytes()),
         }
     }
-}
-
-fn is_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Iterative glob match with backtracking to the last `*`: linear in practice, no recursion blow-up.
@@ -106,6 +102,25 @@ mod tests {
         assert!(m.matches("whatever", &u.to_ascii_lowercase()));
         assert!(!m.matches(u, "another-uuid"));
         assert!(matches!(DomainMatcher::parse("6f1c2d3e-zzzz"), DomainMatcher::Glob(_)));
+    }
+
+    /// What `virsh` accepts as this UUID excludes the domain that agents report with it; a glob that only looks
+    /// hex-like stays a glob.
+    #[test]
+    fn uuids_in_any_form_libvirt_reads() {
+        let reported = "6f1c2d3e-0000-4000-8000-00000000000a";
+        let forms = [
+            "6f1c2d3e00004000800000000000000a",
+            "6F1C2D3E00004000800000000000000A",
+            "6f1c2d3e-0000-40-00-8000-00000000000a",
+        ];
+        for form in forms {
+            let m = DomainMatcher::parse(form);
+            assert_eq!(m, DomainMatcher::Uuid(reported.to_string()), "{form}");
+            assert!(m.matches("whatever", reported), "{form}");
+        }
+        assert!(matches!(DomainMatcher::parse("6f1c2d3e0000400080000000000000*"), DomainMatcher::Glob(_)));
+        assert!(matches!(DomainMatcher::parse("6f1c2d3e00004000800000000000000"), DomainMatcher::Glob(_)));
     }
 
     proptest! {

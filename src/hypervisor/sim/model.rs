@@ -41,6 +41,8 @@ struct SimVcpu {
 struct SimDomain {
     name: String,
     uuid: String,
+    /// `uuid` read once, so that a lookup by UUID (once per pin) compares bytes instead of reparsing every domain's.
+    uuid_bytes: Option<[u8; 16]>,
     id: u32,
     load: LoadProfile,
     /// Model time the domain (re)started, in ns.
@@ -153,9 +155,11 @@ impl SimHost {
         }
         let id = self.next_id;
         self.next_id += 1;
+        let uuid = spec.uuid.clone().unwrap_or_else(|| uuid_for(&spec.name, 0));
         let mut dom = SimDomain {
             name: spec.name.clone(),
-            uuid: spec.uuid.clone().unwrap_or_else(|| uuid_for(&spec.name, 0)),
+            uuid_bytes: crate::hypervisor::parse_uuid(&uuid),
+            uuid,
             id,
             load: spec.load.clone(),
             started_ns: self.now_ns,
@@ -369,7 +373,7 @@ impl SimHost {
     /// when no domain has that UUID, by name.
     fn find(&self, domain: &str) -> Result<usize, AgentError> {
         let by_uuid = crate::hypervisor::parse_uuid(domain)
-            .and_then(|u| self.domains.iter().position(|d| crate::hypervisor::parse_uuid(&d.uuid) == Some(u)));
+            .and_then(|u| self.domains.iter().position(|d| d.uuid_bytes == Some(u)));
         by_uuid
             .or_else(|| self.domains.iter().position(|d| d.name == domain))
             .ok_or_else(|| AgentError::DomainNotFound { domain: domain.to_string() })

@@ -264,7 +264,7 @@ impl Scenario {
                     if !uuids.insert(bytes) {
                         return Err(invalid(u.span(), format!("uuid of {name:?} is another domain's")));
                     }
-                    Some(format_uuid(&bytes))
+                    Some(crate::hypervisor::format_uuid(&bytes))
                 }
             };
             domains.push(DomainSpec { name, uuid, vcpus, affinity, load });
@@ -297,12 +297,6 @@ impl Scenario {
         };
         Ok(Scenario { pcpus, hostname: raw.hostname, domains, noise, seed: raw.seed.unwrap_or(0) })
     }
-}
-
-/// `6695eb01-f6a4-8304-79aa-97f2502e193f`: how libvirt prints a UUID.
-fn format_uuid(b: &[u8; 16]) -> String {
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }
 
 /// Scenario files shipped in `scenarios/`, embedded so the demo needs no files on disk.
