@@ -85,6 +85,8 @@ struct HostState {
     saved: Option<Arc<policy::VcpuMap<Arc<[crate::model::PcpuId]>>>>,
     /// Whether the last write failed: only a change is logged at warn.
     save_failing: bool,
+    /// Reserved pCPUs this host lacks, as last warned about: warned again only when that changes.
+    reserved_missing: Vec<crate::model::PcpuId>,
 }
 
 impl HostState {
@@ -101,6 +103,7 @@ impl HostState {
             restored: None,
             saved: None,
             save_failing: false,
+            reserved_missing: Vec::new(),
         }
     }
 
@@ -287,6 +290,16 @@ async fn one_round(
     }
     st.failures = 0;
     st.next_attempt = None;
+    // `--reserve-pcpus` is one list for the fleet: on a smaller host part of it is meaningless, most likely a typo
+    // (`64` for `6-4`), and would otherwise pass silently while the pCPUs meant to be kept free are used.
+    let missing = reserved_beyond(&cfg.policy.constraints.reserved, cur.npcpus);
+    if missing != st.reserved_missing {
+        if !missing.is_empty() {
+            tracing::warn!(host = %host, pcpus = %crate::model::format_cpu_list(&missing), npcpus = cur.npcpus,
+                "reserved pCPUs this host does not have: they reserve nothing here");
+        }
+        st.reserved_missing = missing;
+    }
     let computed = match st.last_usage.take() {
         Some(last) => usage::compute_into(st.prev.as_ref(), &cur, last),
         None => usage::compute(st.prev.as_ref(), &cur),
@@ -363,6 +376,14 @@ async fn one_round(
     Some(report)
 }
 
+/// The reserved pCPUs at or past `npcpus` (pCPU numbers run from 0), in order, each once.
+fn reserved_beyond(reserved: &[crate::model::PcpuId], npcpus: u32) -> Vec<crate::model::PcpuId> {
+    let mut out: Vec<_> = reserved.iter().copied().filter(|&p| p >= npcpus).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 fn failed(st: &mut HostState, cfg: &LoopConfig, host: &str, round: u64, err: String) -> RoundReport {
     // Whatever happened in between is unknown: start over from a fresh baseline when the host is back. Domains may
     // have rebooted meanwhile (back on their config affinity, which is no operator's pin), and the fresh baseline
@@ -386,6 +407,13 @@ fn failed(st: &mut HostState, cfg: &LoopConfig, host: &str, round: u64, err: Str
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn reserved_pcpus_past_the_host_are_named_once_each() {
+        assert_eq!(reserved_beyond(&[0, 1], 8), Vec::<u32>::new());
+        assert_eq!(reserved_beyond(&[64, 0, 7, 8, 64], 8), vec![8, 64]);
+        assert_eq!(reserved_beyond(&[], 0), Vec::<u32>::new());
+    }
 
     #[test]
     fn a_pins_file_under_the_old_name_is_moved_and_read() {
