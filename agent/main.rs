@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{CommandFactory, Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use vcpu_balancer::agent::fleet;
 use vcpu_balancer::agent::ServeOptions;
 use vcpu_balancer::hypervisor::instrumented::Instrumented;
@@ -140,7 +141,32 @@ fn parse_identity(s: &str) -> Result<String, String> {
     Ok(t.to_string())
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Flags that only one backend reads, by clap id, with the flag and variable that set them.
+const LIBVIRT_ONLY: &[(&str, &str, &str)] =
+    &[("uri", "--uri", "VCPU_AGENT_URI"), ("libvirt_timeout", "--libvirt-timeout", "VCPU_AGENT_LIBVIRT_TIMEOUT")];
+const SIM_ONLY: &[(&str, &str, &str)] =
+    &[("scenario", "--scenario", "VCPU_AGENT_SCENARIO"), ("sim_hostname", "--sim-hostname", "VCPU_AGENT_SIM_HOSTNAME")];
+
+/// Refuses a flag of the other backend given on the command line: it would be ignored, and whoever typed it expects
+/// it to act. The same set in the environment (shared by a unit file, say) is only warned about.
+fn check_other_backend(matches: &ArgMatches, backend: Option<Backend>) -> anyhow::Result<()> {
+    let (others, wanted) = match backend {
+        Some(Backend::Sim) => (LIBVIRT_ONLY, "--backend libvirt"),
+        Some(Backend::Libvirt) => (SIM_ONLY, "--backend sim"),
+        None => return Ok(()),
+    };
+    for &(id, flag, var) in others {
+        match matches.value_source(id) {
+            Some(ValueSource::CommandLine) => anyhow::bail!("{flag} only applies to {wanted}"),
+            Some(ValueSource::EnvVariable) => tracing::warn!("{var} is set, but it only applies to {wanted}: ignored"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli, matches: ArgMatches) -> anyhow::Result<()> {
+    check_other_backend(&matches, cli.backend)?;
     let tls = TlsFiles::from_flags(cli.tls_cert.clone(), cli.tls_key.clone(), cli.tls_ca.clone())?;
     security::check_listen(cli.listen, tls.is_some(), cli.insecure)?;
     if !cli.pin_allow.is_empty() && tls.is_none() {
@@ -234,7 +260,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if cli.man || cli.completions.is_some() {
         let mut c = Cli::command();
         let mut out = std::io::stdout();
@@ -250,7 +277,7 @@ async fn main() {
         return;
     }
     telemetry::init(cli.log_format, "info");
-    if let Err(e) = run(cli).await {
+    if let Err(e) = run(cli, matches).await {
         eprintln!("vcpu-agent: error: {e:#}");
         std::process::exit(EX_USAGE);
     }

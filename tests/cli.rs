@@ -208,6 +208,25 @@ fn bad_input_is_refused() {
     assert!(text(&out.stderr).contains("cannot create it"), "{}", text(&out.stderr));
     let out = Command::new(AGENT).args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario", "no-such"]).output().unwrap();
     assert!(text(&out.stderr).contains("not a built-in scenario"), "{}", text(&out.stderr));
+    // A flag of the other backend would be ignored: refused when typed, only warned about when it comes from the
+    // environment (which a unit file may share between both).
+    for (args, needle) in [
+        (["--backend", "sim", "--uri", "test:///default"], "--uri only applies to --backend libvirt"),
+        (["--backend", "sim", "--libvirt-timeout", "5s"], "--libvirt-timeout only applies to --backend libvirt"),
+        (["--backend", "libvirt", "--scenario", "balanced"], "--scenario only applies to --backend sim"),
+        (["--backend", "libvirt", "--sim-hostname", "hv9"], "--sim-hostname only applies to --backend sim"),
+    ] {
+        let out = Command::new(AGENT).args(["--listen", "127.0.0.1:0"]).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?} accepted: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(needle), "{args:?}: {}", text(&out.stderr));
+    }
+    let out = Command::new(AGENT)
+        .args(["--backend", "sim", "--listen", "127.0.0.1:0", "--scenario", "no-such"])
+        .env("VCPU_AGENT_URI", "test:///default")
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(err.contains("VCPU_AGENT_URI is set, but it only applies to --backend libvirt") && err.contains("not a built-in"), "{err}");
     // A simulated fleet that would run past the last port is refused as such, before anything listens.
     let out = Command::new(AGENT)
         .args(["--backend", "sim", "--listen", "127.0.0.1:0", "--listen-base", "65530", "--sim-hosts", "10"])
