@@ -81,7 +81,7 @@ struct Cli {
     #[arg(long = "pin-allow", env = "VCPU_AGENT_PIN_ALLOW", value_delimiter = ',', value_parser = parse_identity)]
     pin_allow: Vec<String>,
     /// Serve plaintext on a non-loopback address (anyone who reaches the port can pin: firewall it).
-    #[arg(long, env = "VCPU_AGENT_INSECURE")]
+    #[arg(long, env = "VCPU_AGENT_INSECURE", value_parser = vcpu_balancer::flags::switch)]
     insecure: bool,
     /// Serve Prometheus metrics on this address at /metrics, e.g. 0.0.0.0:9182.
     #[arg(long, env = "VCPU_AGENT_METRICS_LISTEN")]
@@ -134,11 +134,7 @@ fn load_scenario(arg: &str) -> anyhow::Result<Scenario> {
 /// One `--pin-allow` identity, trimmed. An empty one is refused: a `--pin-allow "$PINNERS"` that expanded to
 /// nothing must not quietly fall back to the default identity.
 fn parse_identity(s: &str) -> Result<String, String> {
-    let t = s.trim();
-    if t.is_empty() {
-        return Err("empty identity (a certificate CN or DNS name, e.g. vcpu-controller)".into());
-    }
-    Ok(t.to_string())
+    vcpu_balancer::flags::nonblank(s, "identity (a certificate CN or DNS name, e.g. vcpu-controller)")
 }
 
 /// Flags that only one backend reads, by clap id, with the flag and variable that set them.

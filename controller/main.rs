@@ -113,7 +113,7 @@ struct PolicyArgs {
     threshold: f64,
     /// Same as --policy seed (kept for compatibility): the literal 10% rule, which can move the same load back
     /// and forth forever (see README).
-    #[arg(long, env = "VCPU_NO_GUARD", conflicts_with = "policy")]
+    #[arg(long, env = "VCPU_NO_GUARD", conflicts_with = "policy", value_parser = vcpu_balancer::flags::switch)]
     no_guard: bool,
     #[command(flatten)]
     constraints: ConstraintArgs,
@@ -128,7 +128,7 @@ struct ConstraintArgs {
     #[arg(long = "reserve-pcpus", env = "VCPU_RESERVE_PCPUS", value_parser = parse_pcpus)]
     reserve_pcpus: Option<CpuList>,
     /// Move vCPUs that someone else pinned since the controller's last pin (by default they are left alone).
-    #[arg(long, env = "VCPU_OVERRIDE_MANUAL")]
+    #[arg(long, env = "VCPU_OVERRIDE_MANUAL", value_parser = vcpu_balancer::flags::switch)]
     override_manual: bool,
     /// Move at most this many vCPUs per host and round (at least 1); the moves that even the load most are made
     /// first, the rest of the plan waits for the next rounds [default: no limit].
@@ -180,7 +180,7 @@ struct RunArgs {
     threshold: Option<f64>,
     /// Same as --policy seed (kept for compatibility): the literal 10% rule, which can move the same load back
     /// and forth forever (see README).
-    #[arg(long, env = "VCPU_NO_GUARD", conflicts_with = "policy")]
+    #[arg(long, env = "VCPU_NO_GUARD", conflicts_with = "policy", value_parser = vcpu_balancer::flags::switch)]
     no_guard: bool,
     #[command(flatten)]
     constraints: ConstraintArgs,
@@ -194,7 +194,7 @@ struct RunArgs {
     #[arg(long, env = "VCPU_ROUNDS", value_parser = parse_rounds)]
     rounds: Option<u64>,
     /// Compute and report, pin nothing.
-    #[arg(long, env = "VCPU_DRY_RUN")]
+    #[arg(long, env = "VCPU_DRY_RUN", value_parser = vcpu_balancer::flags::switch)]
     dry_run: bool,
     /// Print one JSON object per host per round on stdout.
     #[arg(long)]
@@ -321,11 +321,7 @@ fn print_generated(cmd: &Cmd) -> anyhow::Result<i32> {
 /// One `--exclude` pattern, trimmed: `VCPU_EXCLUDE='db-*, web-*'` means `web-*`, not a glob starting with a space
 /// that matches nothing (and so protects nothing).
 fn parse_exclude(s: &str) -> Result<String, String> {
-    let t = s.trim();
-    if t.is_empty() {
-        return Err("empty pattern (a name glob such as 'db-*', or a UUID)".into());
-    }
-    Ok(t.to_string())
+    vcpu_balancer::flags::nonblank(s, "pattern (a name glob such as 'db-*', or a UUID)")
 }
 
 fn parse_policy(s: &str) -> Result<PolicyKind, String> {

@@ -20,6 +20,7 @@ pub mod certs;
 pub mod controller;
 pub mod convert;
 pub mod error;
+pub mod flags;
 pub mod http;
 pub mod hypervisor;
 pub mod metrics;

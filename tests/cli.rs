@@ -396,6 +396,37 @@ fn no_guard_is_an_alias_of_seed_and_policy_is_selectable() {
     }
 }
 
+/// Switches set in the environment take what `/etc/default` files write (`VCPU_DRY_RUN=1`, as README shows), and
+/// a value that is neither on nor off is refused rather than guessed.
+#[test]
+fn switches_from_the_environment_read_like_unit_files() {
+    let agent = Agent::start("all-on-one");
+    for (value, dry) in [("1", true), ("yes", true), ("on", true), ("0", false), ("no", false), ("", false)] {
+        let out = Command::new(CONTROLLER)
+            .args(["run", "--host", agent.addr.as_str(), "--rounds", "1", "--interval", "100ms", "--json"])
+            .env("VCPU_DRY_RUN", value)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "VCPU_DRY_RUN={value:?}: {}", text(&out.stderr));
+        let last: serde_json::Value = serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+        assert_eq!(last["dry_run"], serde_json::json!(dry), "VCPU_DRY_RUN={value:?}: {last}");
+    }
+    let out = Command::new(CONTROLLER)
+        .args(["run", "--host", agent.addr.as_str(), "--rounds", "1"])
+        .env("VCPU_DRY_RUN", "maybe")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "VCPU_DRY_RUN=maybe accepted");
+    assert!(text(&out.stderr).contains("is not on or off"), "{}", text(&out.stderr));
+    let out = Command::new(AGENT)
+        .args(["--backend", "sim", "--listen", "0.0.0.0:0", "--scenario", "no-such"])
+        .env("VCPU_AGENT_INSECURE", "1")
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(err.contains("not a built-in scenario"), "VCPU_AGENT_INSECURE=1 not read as on: {err}");
+}
+
 /// Plaintext off loopback is refused with the reason; `--insecure` serves anyway.
 #[test]
 fn agent_refuses_plaintext_off_loopback() {
