@@ -105,6 +105,7 @@ fn one_second_apart(prev: Vec<DomainStats>, cur: Vec<DomainStats>) -> (HostStats
         npcpus: PCPUS,
         online_pcpus: (0..PCPUS).collect(),
         agent_instance: "bench".into(),
+        boot_id: String::new(),
         domains,
     };
     (host(ELAPSED_NS, prev), host(2 * ELAPSED_NS, cur))

@@ -83,6 +83,7 @@ impl From<HostStats> for pb::GetStatsResponse {
             npcpus: s.npcpus,
             online_pcpus: s.online_pcpus,
             agent_instance: s.agent_instance,
+            boot_id: s.boot_id,
             domains: s
                 .domains
                 .into_iter()
@@ -114,6 +115,7 @@ impl From<pb::GetStatsResponse> for HostStats {
             npcpus: s.npcpus,
             online_pcpus: s.online_pcpus,
             agent_instance: s.agent_instance,
+            boot_id: s.boot_id,
             domains: s
                 .domains
                 .into_iter()
@@ -154,6 +156,7 @@ pub fn stats_into(bytes: &[u8], s: &mut HostStats) -> bool {
         (s.sample_time_ns, s.npcpus) = (0, 0);
         s.online_pcpus.clear();
         s.agent_instance.clear();
+        s.boot_id.clear();
         let mut domains = 0;
         while let Some((field, wt)) = w.key()? {
             match (field, wt) {
@@ -165,7 +168,8 @@ pub fn stats_into(bytes: &[u8], s: &mut HostStats) -> bool {
                 (3, VARINT) => s.npcpus = w.varint()? as u32,
                 (4, _) => w.repeated_u32(wt, &mut s.online_pcpus)?,
                 (5, LEN) => w.string_into(&mut s.agent_instance)?,
-                (1..=5, _) => return None,
+                (6, LEN) => w.string_into(&mut s.boot_id)?,
+                (1..=6, _) => return None,
                 _ => w.skip(wt)?,
             }
         }
@@ -451,13 +455,15 @@ mod tests {
             .prop_map(|(index, time_ns, pcpu, affinity)| pb::VcpuStats { index, time_ns, pcpu, affinity });
         let domain = (".{0,40}", "\\PC{0,12}", any::<u32>(), any::<u64>(), proptest::collection::vec(vcpu, 0..4))
             .prop_map(|(uuid, name, id, cpu_time_ns, vcpus)| pb::DomainStats { uuid, name, id, cpu_time_ns, vcpus });
-        (any::<u64>(), proptest::collection::vec(domain, 0..5), any::<u32>(), proptest::collection::vec(any::<u32>(), 0..5), ".{0,20}")
-            .prop_map(|(sample_time_ns, domains, npcpus, online_pcpus, agent_instance)| pb::GetStatsResponse {
+        let ids = (".{0,20}", ".{0,36}");
+        (any::<u64>(), proptest::collection::vec(domain, 0..5), any::<u32>(), proptest::collection::vec(any::<u32>(), 0..5), ids)
+            .prop_map(|(sample_time_ns, domains, npcpus, online_pcpus, (agent_instance, boot_id))| pb::GetStatsResponse {
                 sample_time_ns,
                 domains,
                 npcpus,
                 online_pcpus,
                 agent_instance,
+                boot_id,
             })
     }
 

@@ -66,6 +66,9 @@ pub struct HostStats {
     pub online_pcpus: Vec<PcpuId>,
     /// Changes when the agent restarts (its monotonic clock restarts with it).
     pub agent_instance: String,
+    /// The host's boot, as the agent read it (empty: unknown). A new value means every domain restarted.
+    #[serde(default)]
+    pub boot_id: String,
     pub domains: Vec<DomainStats>,
 }
 

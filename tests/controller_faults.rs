@@ -545,6 +545,55 @@ async fn a_restarted_controller_knows_its_pins_with_a_state_dir() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A host rebooted while the controller was stopped: libvirt numbers its domains from 1 again, so they come back
+/// with the ids the pins file kept, on their config affinity, and soon past the CPU times it kept (written when the
+/// pins last changed). That is no operator's doing: the new boot id drops the saved pins, nothing is held as a
+/// manual pin, and the restarted controller balances the host again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_rebooted_while_the_controller_was_stopped_is_balanced_again() {
+    let agent = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let addr = agent.addr.clone();
+    let dir = std::env::temp_dir().join(format!("vcpub-reboot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = run_rounds(&addr, 20, Some(&dir)).await;
+    assert!(settled(&first, 3), "balanced before the reboot: {:#?}", first.last());
+    let file = std::fs::read_dir(&dir).unwrap().filter_map(Result::ok).find(|e| e.path().extension().is_some_and(|x| x == "json"));
+    let text = std::fs::read_to_string(file.expect("a pins file").path()).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let saved: BTreeMap<String, (u64, u64)> = saved["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["uuid"].as_str().unwrap().to_string(), (d["id"].as_u64().unwrap(), d["cpu_time_ns"].as_u64().unwrap())))
+        .collect();
+    assert!(!saved.is_empty(), "{text}");
+    agent.stop().await;
+
+    // The host comes back: the same domains with the same ids, all on pCPU 0 again, as their config says.
+    let hv = Arc::new(SimHypervisor::new(&common::builtin("all-on-one"), "sim-test", Arc::new(ScaledClock::new(SPEED))));
+    let rebooted = SimAgent::start_with(hv, &addr).await;
+    // Wait until each domain has run past the CPU time the file kept: ids and CPU times alone then say "no restart".
+    for _ in 0..600 {
+        let s = rebooted.hv.stats().await.unwrap();
+        let past = s.domains.iter().all(|d| saved.get(&d.uuid).is_none_or(|&(id, t)| u64::from(d.id) == id && d.cpu_time_ns > t));
+        if past {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = rebooted.hv.stats().await.unwrap();
+    for d in &s.domains {
+        if let Some(&(id, t)) = saved.get(&d.uuid) {
+            assert!(u64::from(d.id) == id && d.cpu_time_ns > t, "{}: id {} (saved {id}), CPU time {} (saved {t})", d.name, d.id, d.cpu_time_ns);
+        }
+    }
+
+    let second = run_rounds(&addr, 12, Some(&dir)).await;
+    assert!(second.iter().all(|r| r.held.is_empty()), "{:#?}", second.iter().find(|r| !r.held.is_empty()));
+    assert!(settled(&second, 3), "balanced again after the reboot: {:#?}", second.last());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A stop (SIGINT/SIGTERM, or a host removed on reload) that comes while an `ApplyPins` is in flight waits for its
 /// answer: the pins it made are reported and saved in `--state-dir`, so a controller started later knows them for
 /// its own instead of holding them as an operator's.

@@ -58,6 +58,7 @@ fn sample(host: &mut SimHost, t: u64, exact: bool) -> HostStats {
         npcpus: host.npcpus(),
         online_pcpus: (0..host.npcpus()).collect(),
         agent_instance: "evaluate".into(),
+        boot_id: String::new(),
         domains,
     }
 }

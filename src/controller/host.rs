@@ -421,7 +421,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let (old, new) = (pins_file::legacy_path_for(&dir, "hv1"), pins_file::path_for(&dir, "hv1"));
         assert_ne!(old, new);
-        let file = pins_file::PinsFile { version: pins_file::PINS_FILE_VERSION, host: "hv1".into(), domains: vec![] };
+        let file = pins_file::PinsFile {
+            version: pins_file::PINS_FILE_VERSION,
+            host: "hv1".into(),
+            boot_id: String::new(),
+            domains: vec![],
+        };
         pins_file::save(&old, &file).unwrap();
         let st = HostState::with_pins_file(&dir, "hv1");
         assert_eq!(st.restored, Some(file));

@@ -8,7 +8,9 @@
 //! With each domain's pins the file keeps the domain's id and CPU time: a domain restarted while the controller was
 //! away gets its affinity from its configuration again, which is not an operator's pin, so its saved pins are
 //! dropped on load exactly as [`crate::controller::usage`] resets a restarted domain (a new id, or CPU time that
-//! went back).
+//! went back). The file also keeps the host's boot id (version 2): after a reboot libvirt numbers domains from 1
+//! again, so a domain can come back with its old id, and the file's CPU time (written when the pins last changed,
+//! perhaps days before) is soon passed; a new boot id drops every saved pin.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -21,8 +23,9 @@ use crate::controller::client::address_key;
 use crate::controller::policy::VcpuMap;
 use crate::model::{HostStats, PcpuId};
 
-/// Format version written in every file; a file of another version is ignored with a warning.
-pub const PINS_FILE_VERSION: u32 = 1;
+/// Format version written in every file; a file of another version (other than 1, read as a file without the boot
+/// id) is ignored with a warning.
+pub const PINS_FILE_VERSION: u32 = 2;
 
 /// One host's pins as saved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +34,9 @@ pub struct PinsFile {
     pub version: u32,
     /// The host as given to the controller: a file found under another host's name is not used.
     pub host: String,
+    /// The host's boot when the file was written (empty: unknown, or a version 1 file).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot_id: String,
     pub domains: Vec<DomainPins>,
 }
 
@@ -104,7 +110,7 @@ pub fn load(path: &Path, host: &str) -> Result<Option<PinsFile>, PinsFileError> 
     let parse = |source| PinsFileError::Parse { path: p.clone(), source };
     let value: serde_json::Value = serde_json::from_str(&text).map_err(parse)?;
     let version = value.get("version").and_then(serde_json::Value::as_u64);
-    if let Some(found) = version.filter(|&v| v != u64::from(PINS_FILE_VERSION)) {
+    if let Some(found) = version.filter(|&v| v != 1 && v != u64::from(PINS_FILE_VERSION)) {
         return Err(PinsFileError::Version { path: p, found: u32::try_from(found).unwrap_or(u32::MAX) });
     }
     let file: PinsFile = serde_json::from_value(value).map_err(parse)?;
@@ -170,13 +176,17 @@ impl PinsFile {
                 Some(DomainPins { uuid: uuid.to_string(), id: d.id, cpu_time_ns: d.cpu_time_ns, vcpus })
             })
             .collect();
-        PinsFile { version: PINS_FILE_VERSION, host: host.to_string(), domains }
+        PinsFile { version: PINS_FILE_VERSION, host: host.to_string(), boot_id: sample.boot_id.clone(), domains }
     }
 
-    /// The saved pins still worth remembering given `sample`: those of domains that run with the same id and have
-    /// not gone back in CPU time (so they did not restart), and that still have that vCPU.
+    /// The saved pins still worth remembering given `sample`: none if the host booted since (both boot ids known and
+    /// different), else those of domains that run with the same id and have not gone back in CPU time (so they did
+    /// not restart), and that still have that vCPU.
     pub fn restore(&self, sample: &HostStats) -> VcpuMap<Arc<[PcpuId]>> {
         let mut pins = VcpuMap::default();
+        if !self.boot_id.is_empty() && !sample.boot_id.is_empty() && self.boot_id != sample.boot_id {
+            return pins;
+        }
         for saved in &self.domains {
             let Some(d) = sample.domains.iter().find(|d| d.uuid == saved.uuid) else { continue };
             if d.id != saved.id || d.cpu_time_ns < saved.cpu_time_ns {
@@ -204,6 +214,7 @@ mod tests {
             npcpus: 4,
             online_pcpus: vec![0, 1, 2, 3],
             agent_instance: "a".into(),
+            boot_id: String::new(),
             domains: domains
                 .iter()
                 .map(|&(uuid, id, cpu_time_ns, nvcpus)| DomainStats {
@@ -262,6 +273,31 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// After a reboot libvirt numbers domains from 1 again: a domain back with its old id, and past the CPU time the
+    /// file kept, is still a restarted one. A version 1 file (no boot id) is read with the rule it had.
+    #[test]
+    fn a_new_boot_drops_every_saved_pin() {
+        let mut before = sample(&[("u1", 1, 1_000, 1)]);
+        before.boot_id = "boot-a".into();
+        let file = PinsFile::from_pins("hv1", &pins(&[("u1", 0, &[2])]), &before);
+        assert_eq!(file.boot_id, "boot-a");
+        let mut after = sample(&[("u1", 1, 50_000, 1)]);
+        after.boot_id = "boot-b".into();
+        assert_eq!(file.restore(&after), pins(&[]));
+        after.boot_id = "boot-a".into();
+        assert_eq!(file.restore(&after), pins(&[("u1", 0, &[2])]));
+        after.boot_id.clear();
+        assert_eq!(file.restore(&after), pins(&[("u1", 0, &[2])]), "an agent that cannot tell: ids and CPU times");
+
+        let dir = tmpdir("v1");
+        let path = path_for(&dir, "hv1");
+        let v1 = r#"{"version":1,"host":"hv1","domains":[{"uuid":"u1","id":1,"cpu_time_ns":1000,"vcpus":[[0,[2]]]}]}"#;
+        std::fs::write(&path, v1).unwrap();
+        let old = load(&path, "hv1").unwrap().expect("a version 1 file is read");
+        assert_eq!((old.boot_id.as_str(), old.restore(&after)), ("", pins(&[("u1", 0, &[2])])));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_missing_file_is_no_pins_and_a_bad_one_an_error() {
         let dir = tmpdir("bad");
@@ -269,10 +305,11 @@ mod tests {
         assert!(load(&path, "hv1").unwrap().is_none());
         std::fs::write(&path, "{ not json").unwrap();
         assert!(matches!(load(&path, "hv1"), Err(PinsFileError::Parse { .. })));
-        std::fs::write(&path, r#"{"version": 2, "host": "hv1", "domains": [], "extra": 1}"#).unwrap();
+        std::fs::write(&path, r#"{"version": 3, "host": "hv1", "domains": [], "extra": 1}"#).unwrap();
         let e = load(&path, "hv1").unwrap_err();
-        assert!(matches!(e, PinsFileError::Version { found: 2, .. }), "{e}");
-        save(&path, &PinsFile { version: PINS_FILE_VERSION, host: "hv2".into(), domains: vec![] }).unwrap();
+        assert!(matches!(e, PinsFileError::Version { found: 3, .. }), "{e}");
+        save(&path, &PinsFile { version: PINS_FILE_VERSION, host: "hv2".into(), boot_id: String::new(), domains: vec![] })
+            .unwrap();
         let e = load(&path, "hv1").unwrap_err();
         assert!(e.to_string().contains("\"hv2\""), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -297,7 +334,8 @@ mod tests {
     fn a_file_is_read_back_for_the_same_agent_written_another_way() {
         let dir = tmpdir("spelling");
         let path = path_for(&dir, "hv1");
-        save(&path, &PinsFile { version: PINS_FILE_VERSION, host: "hv1".into(), domains: vec![] }).unwrap();
+        save(&path, &PinsFile { version: PINS_FILE_VERSION, host: "hv1".into(), boot_id: String::new(), domains: vec![] })
+            .unwrap();
         assert!(load(&path_for(&dir, "http://hv1:50151"), "http://hv1:50151").unwrap().is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }

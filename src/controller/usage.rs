@@ -265,6 +265,7 @@ pub(crate) mod tests {
             npcpus: 4,
             online_pcpus: vec![0, 1, 2, 3],
             agent_instance: "a".into(),
+            boot_id: String::new(),
             domains: doms
                 .iter()
                 .map(|(name, id, vcpus)| DomainStats {
@@ -543,6 +544,7 @@ pub(crate) mod tests {
                 npcpus: 4,
                 online_pcpus: vec![0, 1, 2, 3],
                 agent_instance: "a".into(),
+                boot_id: String::new(),
                 domains: doms
                     .iter()
                     .enumerate()

@@ -119,6 +119,8 @@ fn round_robin<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
 #[derive(Debug, Clone)]
 pub struct LibvirtHypervisor {
     inner: Arc<Inner>,
+    /// The host's boot id, read once: the agent restarts with its host. Empty for a URI of another machine.
+    boot_id: String,
 }
 
 impl LibvirtHypervisor {
@@ -139,6 +141,7 @@ impl LibvirtHypervisor {
     pub fn with_options(uri: &str, options: LibvirtOptions) -> LibvirtHypervisor {
         init_process_state();
         LibvirtHypervisor {
+            boot_id: if is_local_uri(uri) { read_boot_id() } else { String::new() },
             inner: Arc::new(Inner {
                 uri: uri.to_string(),
                 conn: Mutex::new(ConnSlot { conn: None, opening: false }),
@@ -247,6 +250,7 @@ impl LibvirtHypervisor {
             npcpus: node.npcpus,
             online_pcpus: node.online,
             agent_instance: String::new(),
+            boot_id: String::new(),
             domains: out,
         })
     }
@@ -313,6 +317,7 @@ impl LibvirtHypervisor {
             npcpus: node.npcpus,
             online_pcpus: node.online,
             agent_instance: String::new(),
+            boot_id: String::new(),
             domains: out,
         })
     }
@@ -329,7 +334,9 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn stats(&self) -> Result<HostStats, AgentError> {
-        self.call("a stats sample", |running| self.sample(running)).await
+        let mut s = self.call("a stats sample", |running| self.sample(running)).await?;
+        s.boot_id.clone_from(&self.boot_id);
+        Ok(s)
     }
 
     async fn placement(&self, domain: &str) -> Result<DomainPlacement, AgentError> {
@@ -946,6 +953,18 @@ fn clock_epoch() -> Instant {
 /// Once per process: start the clock, silence libvirt's default error printer (errors are returned and logged with
 /// context instead), and run libvirt's event loop, which remote connections need for keepalive and for noticing a
 /// closed socket while idle. It must be registered before the first connection opens.
+/// Whether `uri` names the libvirt daemon of the machine the agent runs on (`qemu:///system`, `test:///default`,
+/// `qemu+unix:///system`): no host between `//` and the path. Only then is this machine's boot id the domains' host's.
+fn is_local_uri(uri: &str) -> bool {
+    uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'))
+}
+
+/// This machine's boot id (Linux), or empty if it cannot be read: unknown, and the controller then relies on domain
+/// ids and CPU times alone.
+fn read_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
 fn init_process_state() {
     static INIT: OnceLock<()> = OnceLock::new();
     INIT.get_or_init(|| {
@@ -971,6 +990,20 @@ fn init_process_state() {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+
+    #[test]
+    fn only_a_local_uri_reports_this_machines_boot() {
+        for uri in ["qemu:///system", "qemu+unix:///session", "test:///default"] {
+            assert!(is_local_uri(uri), "{uri}");
+        }
+        for uri in ["qemu+ssh://hv2/system", "qemu+tls://hv2.example:16514/system", "default", ""] {
+            assert!(!is_local_uri(uri), "{uri}");
+        }
+        let id = read_boot_id();
+        assert!(crate::hypervisor::parse_uuid(&id).is_some(), "a Linux boot id is a UUID: {id:?}");
+        assert_eq!(LibvirtHypervisor::new("test:///default").boot_id, id);
+        assert_eq!(LibvirtHypervisor::new("qemu+ssh://hv2/system").boot_id, "");
+    }
 
     #[test]
     fn versions_are_split_into_three_parts() {

@@ -95,6 +95,8 @@ impl Clock for ManualClock {
 /// The simulated backend.
 pub struct SimHypervisor {
     hostname: String,
+    /// New for every simulated host, as a boot: its domains all start afresh, numbered from 1 again.
+    boot_id: String,
     host: Mutex<SimHost>,
     clock: Arc<dyn Clock>,
     latency_ns: AtomicU64,
@@ -107,6 +109,7 @@ impl SimHypervisor {
         let host = SimHost::new(scenario, clock.now_ns());
         SimHypervisor {
             hostname: hostname.into(),
+            boot_id: crate::hypervisor::format_uuid(&rand::random::<u128>().to_be_bytes()),
             host: Mutex::new(host),
             clock,
             latency_ns: AtomicU64::new(0),
@@ -180,6 +183,7 @@ impl Hypervisor for SimHypervisor {
             npcpus,
             online_pcpus: (0..npcpus).collect(),
             agent_instance: String::new(),
+            boot_id: self.boot_id.clone(),
             domains,
         })
     }
