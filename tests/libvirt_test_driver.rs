@@ -140,6 +140,9 @@ async fn stats_report_every_vcpu_with_affinity() {
     let first = backend.stats().await.expect("stats");
     assert!(first.npcpus > 0);
     assert!(first.agent_instance.is_empty(), "the service fills agent_instance");
+    // A local URI: this machine's boot, which tells the controller when every domain restarted at once.
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(first.boot_id, boot.trim());
     assert!(first.domains.windows(2).all(|w| w[0].name <= w[1].name), "sorted by name");
     let test = first.domains.iter().find(|d| d.name == DEFAULT_DOMAIN).expect("default domain sampled");
     assert_eq!(test.uuid, DEFAULT_UUID);
