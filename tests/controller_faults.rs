@@ -545,6 +545,37 @@ async fn a_restarted_controller_knows_its_pins_with_a_state_dir() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A pins file that cannot be replaced is removed: kept, it would hold older pins, and a controller started later
+/// would take the pins made since for an operator's. Once it can be written again, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pins_file_that_cannot_be_replaced_is_removed() {
+    let agent = SimAgent::start(&common::builtin("all-on-one"), SPEED).await;
+    let dir = std::env::temp_dir().join(format!("vcpub-unwritable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = run_rounds(&agent.addr, 20, Some(&dir)).await;
+    assert!(settled(&first, 3), "balanced: {:#?}", first.last());
+    let file = vcpu_balancer::controller::pins_file::path_for(&dir, &agent.addr);
+    assert!(file.exists(), "{}", file.display());
+
+    // The temporary file's name taken by a directory: every write fails, for root too.
+    let blocker = file.with_extension("json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    // The controller's pins change: an operator moves vm1's vCPU 0, and `--override-manual` takes it back.
+    let before = agent.hv.placement("vm1").await.unwrap().vcpus[0].pcpu;
+    let pin = PinRequest { domain: "vm1".into(), vcpu: 0, pcpus: vec![(before + 1) % 4], persist: false };
+    agent.hv.apply_pins(&[pin]).await.unwrap().into_iter().for_each(|r| r.unwrap());
+    let mut cfg = LoopConfig { state_dir: Some(dir.clone()), ..cfg(8) };
+    cfg.policy.constraints.override_manual = true;
+    let second = run_rounds_with(&agent.addr, cfg).await;
+    assert!(second.iter().any(|r| r.pins_applied > 0), "the controller pinned: {:#?}", second.last());
+    assert!(!file.exists(), "a pins file older than the controller's pins was left behind");
+
+    std::fs::remove_dir(&blocker).unwrap();
+    run_rounds(&agent.addr, 4, Some(&dir)).await;
+    assert!(file.exists(), "written again once it can be");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A host rebooted while the controller was stopped: libvirt numbers its domains from 1 again, so they come back
 /// with the ids the pins file kept, on their config affinity, and soon past the CPU times it kept (written when the
 /// pins last changed). That is no operator's doing: the new boot id drops the saved pins, nothing is held as a

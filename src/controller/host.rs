@@ -142,7 +142,20 @@ impl HostState {
         }
         let (Some(path), Some(sample)) = (self.pins_path.clone(), self.prev.as_ref()) else { return };
         let file = pins_file::PinsFile::from_pins(host, &self.policy.last_pins, sample);
-        let written = tokio::task::spawn_blocking(move || pins_file::save(&path, &file)).await;
+        // A file that could not be replaced still holds older pins: a controller started later would take the pins
+        // made since for an operator's and hold them, so it goes. Without it the next controller starts as one
+        // without `--state-dir` would. Removing can fail too (a read-only directory); that is reported with the rest.
+        let written = tokio::task::spawn_blocking(move || {
+            pins_file::save(&path, &file).map_err(|e| {
+                let removed = match std::fs::remove_file(&path) {
+                    Ok(()) => "removed the older one",
+                    Err(r) if r.kind() == std::io::ErrorKind::NotFound => "there was none",
+                    Err(_) => "the older one could not be removed either",
+                };
+                (e, removed)
+            })
+        })
+        .await;
         match written {
             Ok(Ok(())) => {
                 self.saved = Some(Arc::clone(&self.policy.last_pins));
@@ -150,11 +163,12 @@ impl HostState {
                     tracing::info!(host = %host, "this host's pins file is written again");
                 }
             }
-            Ok(Err(e)) if !self.save_failing => {
+            Ok(Err((e, removed))) if !self.save_failing => {
                 self.save_failing = true;
-                tracing::warn!(host = %host, error = %e, "cannot write this host's pins file; a restarted controller will not know its pins");
+                tracing::warn!(host = %host, error = %e, old_file = removed,
+                    "cannot write this host's pins file; a restarted controller will not know its pins");
             }
-            Ok(Err(e)) => tracing::debug!(host = %host, error = %e, "this host's pins file still cannot be written"),
+            Ok(Err((e, _))) => tracing::debug!(host = %host, error = %e, "this host's pins file still cannot be written"),
             Err(e) => tracing::warn!(host = %host, error = %e, "writing this host's pins file failed"),
         }
     }
