@@ -87,6 +87,8 @@ struct HostState {
     save_failing: bool,
     /// Reserved pCPUs this host lacks, as last warned about: warned again only when that changes.
     reserved_missing: Vec<crate::model::PcpuId>,
+    /// Why the last attempt failed, repeated in the rounds that wait for the next one.
+    last_error: String,
 }
 
 impl HostState {
@@ -104,6 +106,7 @@ impl HostState {
             saved: None,
             save_failing: false,
             reserved_missing: Vec::new(),
+            last_error: String::new(),
         }
     }
 
@@ -233,12 +236,10 @@ pub async fn run_host(
         round += 1;
         let report = if st.next_attempt.is_some_and(|t| Instant::now() < t) {
             let wait = st.next_attempt.map(|t| t - Instant::now()).unwrap_or_default();
-            RoundReport::bare(
-                &host,
-                round,
-                ActionReport::simple(ActionType::Error, format!("host down; next attempt in {:.1}s (backoff)", wait.as_secs_f64())),
-                cfg.dry_run,
-            )
+            // The status page shows the latest round's reason: it keeps saying why the host is down, not only when
+            // it is tried again.
+            let why = format!("host down ({}); next attempt in {:.1}s (backoff)", st.last_error, wait.as_secs_f64());
+            RoundReport::bare(&host, round, ActionReport::simple(ActionType::Error, why), cfg.dry_run)
         } else {
             // A stop cuts a round short only before its pins are sent: an ApplyPins in flight is waited for (its
             // deadline bounds the wait), so that the pins it made are recorded, and saved with `--state-dir`, and
@@ -262,6 +263,10 @@ pub async fn run_host(
         }
         report.log();
         if out.send(report).await.is_err() {
+            break;
+        }
+        // The last round's report is out: waiting for one more tick would only hold `--rounds` an interval longer.
+        if cfg.rounds.is_some_and(|n| round >= n) {
             break;
         }
     }
@@ -407,6 +412,7 @@ fn failed(st: &mut HostState, cfg: &LoopConfig, host: &str, round: u64, err: Str
         st.restored.get_or_insert_with(|| pins_file::PinsFile::from_pins(host, &st.policy.last_pins, &prev));
     }
     st.last_usage = None;
+    st.last_error.clone_from(&err);
     st.failures += 1;
     st.was_down = true;
     let delay = backoff_delay(cfg.interval, st.failures, rand::random::<f64>() * 2.0 - 1.0);
@@ -479,6 +485,41 @@ mod tests {
         assert!(later.iter().filter(|t| off_tick(t)).count() * 2 > later.len(), "attempts at {attempts:?}");
         // And each one comes when its backoff says, not a tick later: no two attempts closer than one interval.
         assert!(attempts.windows(2).all(|w| w[1] - w[0] >= interval.mul_f64(0.79)), "attempts at {attempts:?}");
+    }
+
+    /// Rounds that wait out a backoff still say why the host is down (the status page shows the latest reason).
+    #[tokio::test(start_paused = true)]
+    async fn rounds_in_backoff_repeat_why_the_host_is_down() {
+        let client = AgentClient::new("127.0.0.1:1", Duration::from_millis(200)).unwrap();
+        let cfg = LoopConfig { interval: Duration::from_secs(1), rounds: Some(12), ..Default::default() };
+        let (tx, mut rx) = mpsc::channel(64);
+        let run = tokio::spawn(run_host(client, cfg, Arc::new(Semaphore::new(1)), tx, CancellationToken::new()));
+        let mut last_error = None;
+        let mut waiting = 0;
+        while let Some(r) = rx.recv().await {
+            if r.action.reason.contains("(backoff)") {
+                let why: &String = last_error.as_ref().expect("an attempt failed before any backoff");
+                assert!(r.action.reason.starts_with(&format!("host down ({why});")), "{} / {why}", r.action.reason);
+                waiting += 1;
+            } else {
+                last_error = Some(r.action.reason.clone());
+            }
+        }
+        run.await.unwrap();
+        assert!(waiting > 0, "no round waited out a backoff");
+    }
+
+    /// `--rounds N` ends with the Nth report: no wait for a tick that would start no round.
+    #[tokio::test(start_paused = true)]
+    async fn the_last_round_is_not_followed_by_a_wait() {
+        let client = AgentClient::new("127.0.0.1:1", Duration::from_millis(200)).unwrap();
+        let interval = Duration::from_secs(3600);
+        let cfg = LoopConfig { interval, rounds: Some(1), ..Default::default() };
+        let (tx, mut rx) = mpsc::channel(4);
+        let t0 = Instant::now();
+        run_host(client, cfg, Arc::new(Semaphore::new(1)), tx, CancellationToken::new()).await;
+        assert_eq!(rx.recv().await.map(|r| r.round), Some(1));
+        assert!(t0.elapsed() < interval, "ended {:?} after the start", t0.elapsed());
     }
 
     #[test]
