@@ -421,7 +421,8 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     }
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
     let hup = tokio::spawn(config::reload_on_sighup(set.clone(), flags, a.config.clone(), reload_tx));
-    let (tx, mut rx) = controller::report_channel(set.hosts.len());
+    let (tx, rx) = controller::report_channel(set.hosts.len());
+    let (mut rx, failures) = controller::report::watch_failures(rx, controller::REPORT_BUFFER_PER_HOST * set.hosts.len());
     let obs = Observers { state, metrics };
     let ctl = tokio::spawn(controller::run_dynamic(set.hosts.clone(), clients, cfg, obs, reload_rx, tx, stop.clone()));
     let printer = if a.json {
@@ -448,7 +449,12 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     for s in servers {
         let _ = s.await;
     }
-    Ok(0)
+    // A script running `run --rounds N` learns from the exit code whether every host ended reachable and obeyed.
+    let failed = failures.await.unwrap_or_default();
+    for (host, why) in &failed {
+        tracing::error!(host = %host, reason = %why, "the host's last round failed");
+    }
+    Ok(if failed.is_empty() { 0 } else { EX_UNAVAILABLE })
 }
 
 async fn cmd_show(a: ShowArgs) -> anyhow::Result<i32> {

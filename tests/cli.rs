@@ -251,6 +251,20 @@ fn bad_input_is_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `run --rounds N` tells a script whether every host ended reachable: 69 when a host's last round failed, naming
+/// it, even if another host was balanced.
+#[test]
+fn a_run_whose_host_stayed_down_exits_69() {
+    let agent = Agent::start("balanced");
+    let out = controller(&["run", "--host", agent.addr.as_str(), "--host", "127.0.0.1:1", "--rounds", "2", "--interval", "100ms"]);
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.lines().any(|l| l.contains("last round failed") && l.contains("host=127.0.0.1:1")), "{err}");
+    assert!(!err.lines().any(|l| l.contains("last round failed") && l.contains(agent.addr.as_str())), "{err}");
+    let out = controller(&["run", "--host", agent.addr.as_str(), "--rounds", "2", "--interval", "100ms", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
 /// A pin to a host that is down fails with a non-zero exit and says so.
 #[test]
 fn pin_to_a_down_host_fails() {

@@ -164,7 +164,7 @@ fn controller_json_logs() {
         .args(["--log-format", "json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(69), "the host stayed down: {}", text(&out.stderr));
     let stderr = text(&out.stderr);
     let lines: Vec<serde_json::Value> =
         stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
@@ -239,7 +239,7 @@ fn bad_config_files_are_refused_with_the_line() {
         .arg(&cfg)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(69), "the flag's host is down: {}", text(&out.stderr));
     let r: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert_eq!(r["host"], dead.as_str());
 }
@@ -292,11 +292,12 @@ fn config_file_policy_and_tls_reach_a_tls_agent() {
         "hosts = [\"{}\"]\ninterval = \"100ms\"\nrpc_timeout = \"2s\"\n[policy]\nname = \"seed\"\nexclude = [\"nothing-*\"]\n",
         agent.addr
     );
-    let run = |toml: &str| -> Vec<serde_json::Value> {
+    // The exit code says whether the host's last round succeeded (0) or failed (69).
+    let run = |toml: &str, code: i32| -> Vec<serde_json::Value> {
         let cfg = dir.path().join("controller.toml");
         std::fs::write(&cfg, toml).unwrap();
         let out = Command::new(CONTROLLER).args(["run", "--json", "--rounds", "3", "--config"]).arg(&cfg).output().unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
         text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     };
     let tls = format!(
@@ -305,10 +306,10 @@ fn config_file_policy_and_tls_reach_a_tls_agent() {
         p("controller.key"),
         p("ca.crt")
     );
-    let reports = run(&tls);
+    let reports = run(&tls, 0);
     assert_eq!(reports.len(), 3, "{reports:?}");
     assert!(reports.iter().all(|r| r["action"]["type"] != "error"), "{reports:?}");
     assert!(reports.iter().any(|r| r["action"]["type"] == "move"), "all-on-one needs a move: {reports:?}");
-    let reports = run(&base);
+    let reports = run(&base, 69);
     assert!(reports.iter().all(|r| r["action"]["type"] == "error"), "plaintext to a TLS agent: {reports:?}");
 }

@@ -178,15 +178,13 @@ pub async fn write_json_lines<W: std::io::Write + Send + 'static>(
         }
         let _ = done_tx.send(());
     });
-    match writer {
-        Ok(_) => {}
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the --json writer thread; reports are not printed");
-            while rx.recv().await.is_some() {}
-            return;
-        }
-    };
+    if let Err(e) = writer {
+        tracing::error!(error = %e, "cannot start the --json writer thread; reports are not printed");
+        while rx.recv().await.is_some() {}
+        return;
+    }
     let mut dropped: u64 = 0;
+    let mut closed = false;
     while let Some(r) = rx.recv().await {
         let Ok(line) = serde_json::to_string(&r) else { continue };
         match tx.try_send(line) {
@@ -201,10 +199,39 @@ pub async fn write_json_lines<W: std::io::Write + Send + 'static>(
                 }
                 dropped += 1;
             }
-            // The output is closed: reports are still received, so that the balancing goes on.
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+            // The output is closed (`run --json | head -1`): reports are still received, so that the balancing goes
+            // on, and the log says once that they are no longer printed.
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                if !std::mem::replace(&mut closed, true) {
+                    tracing::warn!("--json output is closed; reports are no longer printed (balancing goes on)");
+                }
+            }
         }
     }
     drop(tx);
     let _ = done.await;
+}
+
+/// Passes every report from `rx` on to the receiver it returns, and keeps each host's last round if it failed: a run
+/// with `--rounds` exits with whether every host ended reachable. The task, once `rx` is closed, gives the hosts
+/// whose last round was an `error`, with its reason.
+pub fn watch_failures(
+    mut rx: tokio::sync::mpsc::Receiver<RoundReport>,
+    buffer: usize,
+) -> (tokio::sync::mpsc::Receiver<RoundReport>, tokio::task::JoinHandle<std::collections::BTreeMap<String, String>>) {
+    let (tx, out) = tokio::sync::mpsc::channel(buffer.max(1));
+    let task = tokio::spawn(async move {
+        let mut failed = std::collections::BTreeMap::new();
+        while let Some(r) = rx.recv().await {
+            if r.action.kind == ActionType::Error {
+                failed.insert(r.host.clone(), r.action.reason.clone());
+            } else {
+                failed.remove(&r.host);
+            }
+            // A reader that is gone does not stop the watching.
+            let _ = tx.send(r).await;
+        }
+        failed
+    });
+    (out, task)
 }
