@@ -35,8 +35,8 @@ pub enum CertError {
     BadName { name: String, reason: String },
     #[error("{path} already exists; refusing to overwrite (use an empty --out directory)")]
     Exists { path: PathBuf },
-    #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {error}")]
+    Write { path: PathBuf, error: std::io::Error },
     #[error("cannot make certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -108,10 +108,10 @@ fn write_new(path: &Path, contents: &str, private: bool) -> Result<(), CertError
         if source.kind() == std::io::ErrorKind::AlreadyExists {
             CertError::Exists { path: path.to_path_buf() }
         } else {
-            CertError::Write { path: path.to_path_buf(), source }
+            CertError::Write { path: path.to_path_buf(), error: source }
         }
     })?;
-    f.write_all(contents.as_bytes()).map_err(|source| CertError::Write { path: path.to_path_buf(), source })
+    f.write_all(contents.as_bytes()).map_err(|error| CertError::Write { path: path.to_path_buf(), error })
 }
 
 /// Makes the CA and every certificate of `spec` in `out` (created if missing). Returns the files written.
@@ -123,7 +123,7 @@ pub fn generate_fleet(out: &Path, spec: &FleetSpec) -> Result<Vec<Written>, Cert
     for n in spec.hosts.iter().chain(&spec.readers).chain(std::iter::once(&spec.controller)) {
         check_name(n)?;
     }
-    std::fs::create_dir_all(out).map_err(|source| CertError::Write { path: out.to_path_buf(), source })?;
+    std::fs::create_dir_all(out).map_err(|error| CertError::Write { path: out.to_path_buf(), error })?;
     for f in [CA_CERT_FILE, CA_KEY_FILE] {
         if out.join(f).exists() {
             return Err(CertError::Exists { path: out.join(f) });

@@ -26,8 +26,8 @@ pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from
 /// Errors loading TLS material or checking the listen address.
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {
-    #[error("cannot read {what} {path}: {source}")]
-    Read { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("cannot read {what} {path}: {error}")]
+    Read { what: &'static str, path: PathBuf, error: std::io::Error },
     #[error("TLS needs all three of --tls-cert, --tls-key and --tls-ca; missing: {0}")]
     Incomplete(String),
     #[error(
@@ -92,7 +92,7 @@ impl TlsFiles {
     }
 
     fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, SecurityError> {
-        std::fs::read(path).map_err(|source| SecurityError::Read { what, path: path.to_path_buf(), source })
+        std::fs::read(path).map_err(|error| SecurityError::Read { what, path: path.to_path_buf(), error })
     }
 
     fn identity(&self) -> Result<Identity, SecurityError> {

@@ -189,6 +189,17 @@ fn bad_input_is_refused() {
         assert!(text(&out.stderr).contains(needle), "{args:?}: {}", text(&out.stderr));
     }
 
+    // A file that cannot be read is named once, with its error said once (not again as the error's cause).
+    for args in [
+        &["evaluate", "--scenarios", "/no/such/dir"][..],
+        &["run", "--config", "/no/such/file.toml"],
+        &["run", "--host", "a:1", "--tls-cert", "/no/cert", "--tls-key", "/no/key", "--tls-ca", "/no/ca"],
+    ] {
+        let out = controller(args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stderr).matches("No such file or directory").count(), 1, "{args:?}: {}", text(&out.stderr));
+    }
+
     // The same through the environment.
     let out = Command::new(CONTROLLER).args(["run", "--host", "a:1", "--policy", "converge"]).env("VCPU_NO_GUARD", "true").output().unwrap();
     assert!(!out.status.success(), "VCPU_NO_GUARD with --policy converge accepted");

@@ -11,13 +11,13 @@ use crate::hypervisor::sim::{Clock, MonotonicClock, Scenario, SimHypervisor};
 
 /// A port of the fleet that could not be bound.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} (simulated host {index} of {count}): {source}")]
+#[error("cannot listen on {addr} (simulated host {index} of {count}): {error}")]
 pub struct FleetBindError {
     pub addr: SocketAddr,
     pub index: usize,
     pub count: usize,
-    #[source]
-    pub source: std::io::Error,
+    /// In the message, not a `source()`: printed with its chain, it would be said twice.
+    pub error: std::io::Error,
 }
 
 /// Raises this process's open-file limit to its hard limit: a fleet of N hosts needs N listeners plus their
@@ -47,12 +47,12 @@ pub async fn serve_sim_fleet(
             _ if base_port == 0 => 0,
             Ok(p) => p,
             Err(_) => {
-                let source = std::io::Error::new(std::io::ErrorKind::InvalidInput, "port number past 65535");
-                return Err(FleetBindError { addr: SocketAddr::new(ip, u16::MAX), index, count, source });
+                let error = std::io::Error::new(std::io::ErrorKind::InvalidInput, "port number past 65535");
+                return Err(FleetBindError { addr: SocketAddr::new(ip, u16::MAX), index, count, error });
             }
         };
         let addr = SocketAddr::new(ip, port);
-        let l = TcpListener::bind(addr).await.map_err(|source| FleetBindError { addr, index, count, source })?;
+        let l = TcpListener::bind(addr).await.map_err(|error| FleetBindError { addr, index, count, error })?;
         listeners.push(l);
     }
     let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();

@@ -57,8 +57,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/vcpu-balancer/controller.toml";
 /// A config file that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{origin}: line {line}: {message}")]
     Invalid { origin: String, line: usize, message: String },
     #[error("{origin}: {message}")]
@@ -169,7 +169,7 @@ impl ControllerConfig {
     /// Reads and checks a config file.
     pub fn from_file(path: &Path) -> Result<ControllerConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+            .map_err(|error| ConfigError::Io { path: path.display().to_string(), error })?;
         ControllerConfig::parse(&text, &path.display().to_string())
     }
 

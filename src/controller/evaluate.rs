@@ -150,7 +150,7 @@ pub fn evaluate(name: &str, scenario: &Scenario, policy: &PolicyConfig, rounds: 
 
 /// Every `*.toml` in `dir`, by file name, parsed.
 pub fn load_dir(dir: &Path) -> Result<Vec<(String, Scenario)>, ScenarioError> {
-    let io = |source| ScenarioError::Io { path: dir.display().to_string(), source };
+    let io = |error| ScenarioError::Io { path: dir.display().to_string(), error };
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map_err(io)?
         .filter_map(Result::ok)

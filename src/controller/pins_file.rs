@@ -54,10 +54,10 @@ pub struct DomainPins {
 /// Why a pins file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum PinsFileError {
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
-    #[error("{path}: not a pins file: {source}")]
-    Parse { path: String, source: serde_json::Error },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    #[error("{path}: not a pins file: {error}")]
+    Parse { path: String, error: serde_json::Error },
     #[error("{path}: version {found}, this controller reads version {PINS_FILE_VERSION}")]
     Version { path: String, found: u32 },
     #[error("{path}: holds the pins of host {found:?}, not of {expected:?}")]
@@ -103,11 +103,11 @@ pub fn load(path: &Path, host: &str) -> Result<Option<PinsFile>, PinsFileError> 
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(PinsFileError::Io { path: p, source }),
+        Err(error) => return Err(PinsFileError::Io { path: p, error }),
     };
     // Parsed once as JSON, and the version read first, so that a file of a later format says so instead of failing
     // to parse as this one.
-    let parse = |source| PinsFileError::Parse { path: p.clone(), source };
+    let parse = |error| PinsFileError::Parse { path: p.clone(), error };
     let value: serde_json::Value = serde_json::from_str(&text).map_err(parse)?;
     let version = value.get("version").and_then(serde_json::Value::as_u64);
     if let Some(found) = version.filter(|&v| v != 1 && v != u64::from(PINS_FILE_VERSION)) {
@@ -123,7 +123,7 @@ pub fn load(path: &Path, host: &str) -> Result<Option<PinsFile>, PinsFileError> 
 /// Writes `file` to `path` whole: to a temporary file beside it, then renamed over it, so that a crash leaves the old
 /// file or the new one, never half of one. Creates the directory if it is missing.
 pub fn save(path: &Path, file: &PinsFile) -> Result<(), PinsFileError> {
-    let io = |source| PinsFileError::Io { path: path.display().to_string(), source };
+    let io = |error| PinsFileError::Io { path: path.display().to_string(), error };
     // The directory may have been removed under a running controller (or never made, by a library caller).
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -152,7 +152,7 @@ pub struct StateDirLock {
 /// Takes `dir` for this controller, or fails if another one (any process) holds it.
 pub fn lock_dir(dir: &Path) -> Result<StateDirLock, PinsFileError> {
     let path = dir.join(".lock");
-    let io = |source| PinsFileError::Io { path: path.display().to_string(), source };
+    let io = |error| PinsFileError::Io { path: path.display().to_string(), error };
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
     match file.try_lock() {
         Ok(()) => Ok(StateDirLock { _file: file }),

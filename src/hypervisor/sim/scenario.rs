@@ -37,8 +37,8 @@ pub const MAX_SIM_VCPUS: u32 = 1024;
 /// A scenario that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{origin}: line {line}: {message}")]
     Invalid { origin: String, line: usize, message: String },
     #[error("{origin}: {message}")]
@@ -152,7 +152,7 @@ impl Scenario {
     /// Reads and checks a scenario file.
     pub fn from_file(path: &Path) -> Result<Scenario, ScenarioError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ScenarioError::Io { path: path.display().to_string(), source })?;
+            .map_err(|error| ScenarioError::Io { path: path.display().to_string(), error })?;
         Scenario::parse(&text, &path.display().to_string())
     }
 
