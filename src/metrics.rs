@@ -204,6 +204,11 @@ impl ControllerMetrics {
         let action = format!("{:?}", r.action.kind).to_lowercase();
         self.rounds.get_or_create(&RoundLabels { host: r.host.clone(), action }).inc();
         self.host_up.get_or_create(&host).set(i64::from(r.action.kind != ActionType::Error));
+        // A round that failed without a reading (the agent unreachable, or in backoff): the last usage is stale, and
+        // left in place it reads as live on dashboards and keeps usage alerts firing for a host nobody measures.
+        if r.action.kind == ActionType::Error && r.pcpus.is_empty() && r.spread.is_none() {
+            self.drop_usage(&r.host);
+        }
         if let Some(d) = r.duration {
             self.round_duration.get_or_create(&host).observe(d.as_secs_f64());
         }
@@ -264,10 +269,15 @@ impl ControllerMetrics {
     /// Drops the gauges of a host that left the host list, so dashboards do not show its last values forever.
     /// Counters stay: they are cumulative and Prometheus handles series that stop.
     pub fn forget_host(&self, host: &str) {
+        self.host_up.remove(&HostLabels { host: host.to_string() });
+        self.drop_usage(host);
+    }
+
+    /// Drops the gauges of `host`'s last reading: spread, at-best and every pCPU's usage.
+    fn drop_usage(&self, host: &str) {
         let h = HostLabels { host: host.to_string() };
         self.spread.remove(&h);
         self.at_best.remove(&h);
-        self.host_up.remove(&h);
         let pcpus = self.pcpus_shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(host);
         for p in pcpus.unwrap_or_default() {
             self.pcpu_usage.remove(&PcpuLabels { host: host.to_string(), pcpu: p.to_string() });
@@ -422,8 +432,18 @@ mod tests {
         let text = m.encode();
         assert!(text.contains(r#"vcpu_balancer_pcpu_usage_percent{host="hv1:1",pcpu="2"} 10.0"#), "{text}");
         assert!(!text.contains(r#"pcpu="3""#), "the offline pCPU's gauge stayed: {text}");
-        // A round with no usage (a baseline, an error) says nothing about pCPUs: the gauges stay.
-        m.observe_round(&RoundReport::bare("hv1:1", 3, ActionReport::simple(ActionType::Error, "down"), false));
+        // A baseline (after an agent restart, say) has no usage yet: the gauges stay until the next reading.
+        m.observe_round(&RoundReport::bare("hv1:1", 3, ActionReport::simple(ActionType::Baseline, "restarted"), false));
+        assert!(m.encode().contains(r#"pcpu="2""#));
+        // A host that could not be read: its last reading is stale, so it goes; `host_up` says why.
+        m.observe_round(&RoundReport::bare("hv1:1", 4, ActionReport::simple(ActionType::Error, "down"), false));
+        let text = m.encode();
+        assert!(!text.contains("vcpu_balancer_pcpu_usage_percent{"), "{text}");
+        assert!(!text.contains("vcpu_balancer_host_spread_percent{"), "{text}");
+        assert!(!text.contains("vcpu_balancer_host_at_best{"), "{text}");
+        assert!(text.contains(r#"vcpu_balancer_host_up{host="hv1:1"} 0"#), "{text}");
+        // Read again: shown again.
+        m.observe_round(&r);
         assert!(m.encode().contains(r#"pcpu="2""#));
         m.forget_host("hv1:1");
         let text = m.encode();
