@@ -222,3 +222,35 @@ async fn a_peer_that_never_answers_pings_is_disconnected() {
     .expect("the agent closes a connection whose peer never answers its pings");
     assert!(frame_types(&received).contains(&PING), "a ping came before the close: {:?}", frame_types(&received));
 }
+
+/// Bytes that are not the RPC's message: `domain` (field 1, a string) as bytes that are not UTF-8, `vcpu` (field 2,
+/// a varint) sent as a string.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotAPin {
+    #[prost(bytes = "vec", tag = "1")]
+    domain: Vec<u8>,
+    #[prost(string, optional, tag = "2")]
+    vcpu: Option<String>,
+}
+
+/// A request body that does not decode is a malformed request: INVALID_ARGUMENT, as the API promises (tonic's codec
+/// says INTERNAL, which reads as a fault of the agent), and nothing changes.
+#[tokio::test]
+async fn a_request_that_does_not_decode_is_invalid_argument() {
+    let (agent, mut c) = setup().await;
+    let before = affinity(&mut c, "vm1").await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", agent.addr)).unwrap();
+    let channel = channel.connect().await.unwrap();
+    let not_utf8 = NotAPin { domain: vec![0xff, 0xfe], vcpu: None };
+    let wrong_wire_type = NotAPin { domain: b"vm1".to_vec(), vcpu: Some("0".into()) };
+    for bad in [not_utf8, wrong_wire_type] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<NotAPin, pb::PinVcpuResponse>::default();
+        let path = http::uri::PathAndQuery::from_static("/vcpu.v1.Agent/PinVcpu");
+        let e = grpc.unary(tonic::Request::new(bad.clone()), path, codec).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
+        assert!(e.message().contains("decode"), "{e:?}");
+    }
+    assert_eq!(affinity(&mut c, "vm1").await, before, "a request that did not decode changed nothing");
+}
