@@ -12,6 +12,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use vcpu_balancer::security::ClientTls;
 use vcpu_balancer::certs;
+use vcpu_balancer::controller::client::PinFailure;
 use vcpu_balancer::controller::config::{self, ControllerConfig, Overrides, RunSettings, TlsPaths};
 use vcpu_balancer::controller::policy::{Constraints, DomainMatcher, PolicyKind};
 use vcpu_balancer::controller::state::{ConfigView, StateStore};
@@ -478,25 +479,25 @@ async fn cmd_show(a: ShowArgs) -> anyhow::Result<i32> {
 async fn cmd_pin(a: PinArgs) -> anyhow::Result<i32> {
     let mut c = AgentClient::with_tls(&a.host, a.rpc_timeout, a.tls.client_config()?.as_ref())?;
     let pin = PinRequest { domain: a.domain.clone(), vcpu: a.vcpu, pcpus: a.pcpu.0.clone(), persist: a.persist };
-    match c.pin_vcpu(pin).await {
+    let e = match c.pin_vcpu(pin).await {
         Ok(()) => {
             println!("pinned {} vCPU {} to pCPU {}", a.domain, a.vcpu, vcpu_balancer::model::format_cpu_list(&a.pcpu.0));
-            Ok(0)
+            return Ok(0);
         }
-        Err(e) if e.code() == Some(tonic::Code::DeadlineExceeded) => {
-            // The request may have reached the agent: a timeout is not a refusal.
-            eprintln!(
-                "vcpu-controller: pin not confirmed: {}; the agent may still apply it, check with `vcpu-controller show --host {}`",
-                e.message(),
-                a.host
-            );
-            Ok(EX_UNAVAILABLE)
-        }
-        Err(e) => {
-            eprintln!("vcpu-controller: pin refused: {:?}: {}", e.code().unwrap_or(tonic::Code::Unknown), e.message());
-            Ok(EX_UNAVAILABLE)
+        Err(e) => e,
+    };
+    match controller::client::pin_failure(&e) {
+        PinFailure::NotSent => eprintln!("vcpu-controller: pin not sent (nothing changed): {}", e.message()),
+        PinFailure::NotConfirmed => eprintln!(
+            "vcpu-controller: pin not confirmed: {}; the agent may still apply it, check with `vcpu-controller show --host {}`",
+            e.message(),
+            a.host
+        ),
+        PinFailure::Refused => {
+            eprintln!("vcpu-controller: pin refused: {:?}: {}", e.code().unwrap_or(tonic::Code::Unknown), e.message())
         }
     }
+    Ok(EX_UNAVAILABLE)
 }
 
 async fn cmd_demo(a: DemoArgs) -> anyhow::Result<i32> {

@@ -284,8 +284,37 @@ fn pin_to_a_down_host_fails() {
     drop(l);
     let out = controller(&["pin", "--host", &addr, "--domain", "x", "--vcpu", "0", "--pcpu", "0", "--rpc-timeout", "1s"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("Unavailable"), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("pin refused"), "{}", text(&out.stderr));
+    // Nothing was sent, so nothing changed, and no agent refused anything.
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("pin not sent (nothing changed): cannot reach"), "{err}");
+    assert!(!err.contains("pin refused"), "{err}");
+}
+
+/// A connection that fails with the pin on it: the agent may have applied it, so it is "not confirmed".
+#[test]
+fn a_pin_whose_connection_drops_is_not_called_refused() {
+    // Reads the request, then closes the connection without an answer.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let mut got = 0;
+        // The client preface and SETTINGS, then the request's HEADERS and DATA.
+        while got < 120 {
+            match std::io::Read::read(&mut s, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    });
+    let out = controller(&["pin", "--host", &addr, "--domain", "x", "--vcpu", "0", "--pcpu", "0", "--rpc-timeout", "5s"]);
+    server.join().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("pin not confirmed") && err.contains("the agent may still apply it"), "{err}");
+    assert!(!err.contains("refused"), "{err}");
 }
 
 /// A pin whose answer does not come in time is not reported as refused: the request may have reached the agent.

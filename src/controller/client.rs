@@ -52,6 +52,38 @@ impl ClientError {
     }
 }
 
+/// What an operator can conclude from a pin that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinFailure {
+    /// It never left: a bad address, or no connection to the agent. Nothing changed.
+    NotSent,
+    /// It may have been applied: no answer within the deadline, a connection lost with the call on it, or the
+    /// agent's libvirt did not answer in time (libvirt cannot take back a call it was sent).
+    NotConfirmed,
+    /// The agent answered that it did not apply it (its code and message say why).
+    Refused,
+}
+
+/// Classifies a failed pin (`vcpu-controller pin`), so that a pin that may have been applied is never reported as
+/// refused, and one that was never sent is not reported as the agent's refusal.
+pub fn pin_failure(e: &ClientError) -> PinFailure {
+    let (code, message) = match e {
+        ClientError::BadAddress { .. } => return PinFailure::NotSent,
+        ClientError::Rpc { code, message, .. } => (*code, message.as_str()),
+    };
+    match code {
+        Code::DeadlineExceeded => PinFailure::NotConfirmed,
+        Code::Unavailable if message.starts_with(crate::controller::transport::CANNOT_REACH) => PinFailure::NotSent,
+        Code::Unavailable
+            if message.starts_with(crate::controller::transport::CONNECTION_FAILED)
+                || message.contains(crate::hypervisor::LATE_PIN_BATCH) =>
+        {
+            PinFailure::NotConfirmed
+        }
+        _ => PinFailure::Refused,
+    }
+}
+
 /// Turns `HOST`, `HOST:PORT` or `http://HOST:PORT` into a URI, adding the default agent port when none is given.
 pub fn normalize_address(host: &str) -> Result<String, ClientError> {
     normalize_address_for(host, false)
@@ -304,6 +336,24 @@ impl AgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_pin_is_refused_only_when_the_agent_said_so() {
+        let rpc = |code, message: &str| ClientError::Rpc { host: "h".into(), method: "PinVcpu", code, message: message.into() };
+        let late = format!("libvirt did not answer {} within 5s", crate::hypervisor::LATE_PIN_BATCH);
+        for (e, want) in [
+            (ClientError::BadAddress { host: "h".into(), reason: "empty host".into() }, PinFailure::NotSent),
+            (rpc(Code::Unavailable, "cannot reach 127.0.0.1:1: Connection refused"), PinFailure::NotSent),
+            (rpc(Code::DeadlineExceeded, "timeout"), PinFailure::NotConfirmed),
+            (rpc(Code::Unavailable, "connection to 127.0.0.1:1 failed: broken pipe"), PinFailure::NotConfirmed),
+            (rpc(Code::Unavailable, &late), PinFailure::NotConfirmed),
+            (rpc(Code::Unavailable, "libvirt is unavailable: cannot connect"), PinFailure::Refused),
+            (rpc(Code::NotFound, "domain \"x\" not found"), PinFailure::Refused),
+            (rpc(Code::InvalidArgument, "pCPU 9 does not exist"), PinFailure::Refused),
+        ] {
+            assert_eq!(pin_failure(&e), want, "{e}");
+        }
+    }
 
     /// A call that gets no answer within its deadline drops the connection: the next call dials a new one, rather
     /// than queueing behind data a dead peer never acknowledges.

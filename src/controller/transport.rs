@@ -113,7 +113,7 @@ impl Inner {
         let (number, sender) = self
             .sender()
             .await
-            .map_err(|e| tonic::Status::unavailable(format!("cannot reach {}: {e}", self.addr)))?;
+            .map_err(|e| tonic::Status::unavailable(format!("{CANNOT_REACH}{}: {e}", self.addr)))?;
         match send(sender, http::Request::from_parts(parts, ()), data).await {
             Ok(r) => Ok(r),
             // A stream reset by the agent leaves the connection usable, and tonic maps its reason code.
@@ -121,11 +121,16 @@ impl Inner {
             // Anything else (GOAWAY, I/O, a closed connection): dial again on the next call.
             Err(e) => {
                 self.forget(number).await;
-                Err(tonic::Status::unavailable(format!("connection to {} failed: {e}", self.addr)).into())
+                Err(tonic::Status::unavailable(format!("{CONNECTION_FAILED}{} failed: {e}", self.addr)).into())
             }
         }
     }
 }
+
+/// How an UNAVAILABLE of this transport begins when nothing was sent: no connection could be made.
+pub const CANNOT_REACH: &str = "cannot reach ";
+/// How it begins when a connection failed with a call on it: the request may have reached the agent.
+pub const CONNECTION_FAILED: &str = "connection to ";
 
 async fn send(
     mut sender: h2::client::SendRequest<Bytes>,

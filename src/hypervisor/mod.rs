@@ -83,6 +83,11 @@ pub fn parse_uuid(key: &str) -> Option<[u8; 16]> {
     (i == b.len()).then_some(out)
 }
 
+/// What an agent says of a pin batch that libvirt did not answer in time: its pins may still be applied, so a caller
+/// must not read the UNAVAILABLE as "nothing changed" (the controller's `pin` command looks for these words).
+pub const LATE_PIN_BATCH: &str =
+    "a pin batch (its pins may still take effect when libvirt answers: read the placement before pinning again)";
+
 /// `6695eb01-f6a4-8304-79aa-97f2502e193f`: how libvirt prints a UUID, and so how agents report one.
 pub fn format_uuid(b: &[u8; 16]) -> String {
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();

@@ -351,9 +351,7 @@ impl Hypervisor for LibvirtHypervisor {
         let pins = pins.to_vec();
         // libvirt cannot take back a call it was sent: a batch past its deadline goes on in the background, so the
         // caller must not read the error as "nothing changed".
-        const LATE: &str = "a pin batch (its pins may still take effect when libvirt answers: read the placement \
-                            before pinning again)";
-        self.blocking(LATE, move |inner| inner.apply_pins(&pins)).await
+        self.blocking(crate::hypervisor::LATE_PIN_BATCH, move |inner| inner.apply_pins(&pins)).await
     }
 }
 
