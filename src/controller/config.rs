@@ -481,16 +481,45 @@ impl RunSettings {
 
     /// Re-reads `path` for a reload: the new host list, or `None` when the hosts come from the command line.
     /// Settings other than the host list need a restart; a changed one is logged so the operator knows.
+    /// The settings, other than the host list, in which `new` differs from `self`, by their names in the file.
+    pub fn changed_settings(&self, new: &RunSettings) -> Vec<&'static str> {
+        let (a, b) = (&self.policy, &new.policy);
+        let (ca, cb) = (&a.constraints, &b.constraints);
+        [
+            ("interval", self.interval != new.interval),
+            ("rpc_timeout", self.rpc_timeout != new.rpc_timeout),
+            ("max_inflight", self.max_inflight != new.max_inflight),
+            ("state_dir", self.state_dir != new.state_dir),
+            ("dry_run", self.dry_run != new.dry_run),
+            ("http_listen", self.http_listen != new.http_listen),
+            ("metrics_listen", self.metrics_listen != new.metrics_listen),
+            ("tls", self.tls != new.tls),
+            ("policy.name", a.kind != b.kind),
+            ("policy.threshold", a.threshold != b.threshold),
+            ("policy.exclude", ca.exclude != cb.exclude),
+            ("policy.reserve_pcpus", ca.reserved != cb.reserved),
+            ("policy.override_manual", ca.override_manual != cb.override_manual),
+            ("policy.max_moves", ca.max_moves != cb.max_moves),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
     pub fn reload(&self, flags: &Overrides, path: &Path) -> Result<Option<Vec<String>>, ConfigError> {
         let file = ControllerConfig::from_file(path)?;
         let new = RunSettings::resolve(flags, &file).map_err(|message| ConfigError::Parse {
             origin: path.display().to_string(),
             message,
         })?;
-        let same_but_hosts = RunSettings { hosts: self.hosts.clone(), ..new.clone() };
-        if &same_but_hosts != self {
-            tracing::warn!(config = %path.display(),
-                "only the host list is applied on reload; other changed settings take effect at the next restart");
+        let mut pending = self.changed_settings(&new);
+        // A setting added to RunSettings but not to `changed_settings` is still reported, if without its name.
+        if pending.is_empty() && (RunSettings { hosts: self.hosts.clone(), ..new.clone() }) != *self {
+            pending.push("other settings");
+        }
+        if !pending.is_empty() {
+            tracing::warn!(config = %path.display(), settings = %pending.join(", "),
+                "only the host list is applied on reload; these changed settings take effect at the next restart");
         }
         if self.hosts_from_flags {
             tracing::warn!(config = %path.display(), "hosts are given on the command line; the file's hosts are ignored");
@@ -534,6 +563,21 @@ pub async fn reload_on_sighup(
 #[cfg(test)]
 mod merge_tests {
     use super::*;
+
+    /// A reload names what it did not apply, so the operator knows what waits for a restart.
+    #[test]
+    fn a_reload_names_the_settings_it_leaves_for_a_restart() {
+        let settings = |text: &str| {
+            RunSettings::resolve(&Overrides::default(), &ControllerConfig::parse(text, "c").unwrap()).unwrap()
+        };
+        let old = settings("hosts = [\"a\"]\n[policy]\nthreshold = 10\n");
+        let more_hosts = settings("hosts = [\"a\", \"b\"]\n[policy]\nthreshold = 10\n");
+        assert_eq!(old.changed_settings(&more_hosts), Vec::<&str>::new());
+        let new = settings(
+            "hosts = [\"b\"]\ninterval = \"5s\"\n[policy]\nthreshold = 20\nname = \"seed\"\nexclude = [\"db-*\"]\n",
+        );
+        assert_eq!(old.changed_settings(&new), ["interval", "policy.name", "policy.threshold", "policy.exclude"]);
+    }
 
     #[test]
     fn flags_override_the_file_which_overrides_defaults() {
