@@ -145,8 +145,8 @@ struct EvaluateArgs {
     /// Policies to evaluate, comma-separated or repeated.
     #[arg(long = "policy", value_delimiter = ',', default_value = "seed,guarded,converge", value_parser = parse_policy)]
     policies: Vec<PolicyKind>,
-    /// Rounds per scenario and policy.
-    #[arg(long, default_value_t = evaluate::DEFAULT_EVAL_ROUNDS)]
+    /// Rounds per scenario and policy (at least 1).
+    #[arg(long, default_value_t = evaluate::DEFAULT_EVAL_ROUNDS, value_parser = parse_rounds)]
     rounds: u64,
     /// Virtual time between rounds.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
@@ -201,7 +201,7 @@ struct RunArgs {
     #[arg(long)]
     json: bool,
     /// Deadline of each RPC [default: 800ms].
-    #[arg(long, env = "VCPU_RPC_TIMEOUT", value_parser = parse_duration)]
+    #[arg(long, env = "VCPU_RPC_TIMEOUT", value_parser = config::parse_rpc_timeout)]
     rpc_timeout: Option<Duration>,
     /// Most RPCs in flight at once across all hosts [default: 256].
     #[arg(long, env = "VCPU_MAX_INFLIGHT", value_parser = parse_max_inflight)]
@@ -223,7 +223,7 @@ struct ShowArgs {
     #[arg(long, default_value = "1s", value_parser = parse_interval)]
     window: Duration,
     /// Deadline of each RPC.
-    #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
+    #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "800ms", value_parser = config::parse_rpc_timeout)]
     rpc_timeout: Duration,
     #[command(flatten)]
     tls: TlsArgs,
@@ -247,7 +247,7 @@ struct PinArgs {
     #[arg(long)]
     persist: bool,
     /// Deadline of the RPC.
-    #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "VCPU_RPC_TIMEOUT", default_value = "5s", value_parser = config::parse_rpc_timeout)]
     rpc_timeout: Duration,
     #[command(flatten)]
     tls: TlsArgs,
@@ -260,8 +260,8 @@ struct DemoArgs {
     interval: Duration,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// Give up after this many rounds.
-    #[arg(long, default_value_t = demo::DEFAULT_DEMO_MAX_ROUNDS)]
+    /// Give up after this many rounds (at least 1).
+    #[arg(long, default_value_t = demo::DEFAULT_DEMO_MAX_ROUNDS, value_parser = parse_rounds)]
     max_rounds: u64,
     /// Built-in scenarios to simulate, one host each.
     #[arg(long = "scenario", value_delimiter = ',')]

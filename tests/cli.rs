@@ -183,6 +183,11 @@ fn bad_input_is_refused() {
         (vec!["run", "--host", "a:1", "--max-inflight", "18446744073709551615"], "from 1 to"),
         (vec!["run", "--host", "a:1", "--rpc-timeout", "18446744073709551615s"], "at most"),
         (vec!["run", "--host", "a:1", "--interval", "400days"], "at most"),
+        (vec!["run", "--host", "a:1", "--rpc-timeout", "1ns"], "at least 10ms"),
+        (vec!["pin", "--host", "a:1", "--domain", "x", "--vcpu", "0", "--pcpu", "0", "--rpc-timeout", "1us"], "at least 10ms"),
+        // Zero rounds would print a table of "never" (evaluate) or a spread of NaN (demo), read as results.
+        (vec!["evaluate", "--rounds", "0"], "greater than zero"),
+        (vec!["demo", "--max-rounds", "0"], "greater than zero"),
     ] {
         let out = controller(&args);
         assert!(!out.status.success(), "{args:?} accepted");

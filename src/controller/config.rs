@@ -140,6 +140,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The shortest RPC deadline accepted: under it even a loopback call (about 0.2 ms) on a busy machine fails, and
+/// every round with it.
+pub const MIN_RPC_TIMEOUT: Duration = Duration::from_millis(10);
+
+/// `--rpc-timeout` / `rpc_timeout`: a duration from [`MIN_RPC_TIMEOUT`] to [`MAX_DURATION`].
+pub fn parse_rpc_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_RPC_TIMEOUT {
+        return Err(format!("must be at least {MIN_RPC_TIMEOUT:?}: every call would miss it"));
+    }
+    Ok(d)
+}
+
 /// `--max-inflight` / `max_inflight`: a whole number from 1 to [`MAX_INFLIGHT_LIMIT`].
 pub fn check_max_inflight(n: i128) -> Result<usize, String> {
     match usize::try_from(n) {
@@ -202,7 +215,7 @@ impl ControllerConfig {
             cfg.interval = Some(parse_interval(i.get_ref()).map_err(|m| invalid(i.span(), "interval", m))?);
         }
         if let Some(t) = raw.rpc_timeout {
-            cfg.rpc_timeout = Some(parse_duration(t.get_ref()).map_err(|m| invalid(t.span(), "rpc_timeout", m))?);
+            cfg.rpc_timeout = Some(parse_rpc_timeout(t.get_ref()).map_err(|m| invalid(t.span(), "rpc_timeout", m))?);
         }
         if let Some(n) = raw.max_inflight {
             cfg.max_inflight = Some(check_max_inflight(i128::from(*n.get_ref())).map_err(|m| invalid(n.span(), "max_inflight", m))?);
@@ -350,6 +363,7 @@ mod tests {
             ("max_inflight = 0\n", 1, "from 1 to"),
             ("max_inflight = 9223372036854775807\n", 1, "from 1 to"),
             ("rpc_timeout = \"300000000000y\"\n", 1, "at most 1day"),
+            ("rpc_timeout = \"1ns\"\n", 1, "at least 10ms"),
             ("[policy]\n\nmax_moves = 0\n", 3, "use dry_run"),
             ("[policy]\nmax_moves = -2\n", 2, "max_moves"),
             ("hosts = [\"a\"]\nstate_dir = \" \"\n", 2, "must name a directory"),
