@@ -400,6 +400,8 @@ struct SlowPins {
     sim: Arc<SimHypervisor>,
     before: Duration,
     late: std::sync::atomic::AtomicBool,
+    /// While set, every batch is refused as malformed (INVALID_ARGUMENT), nothing applied.
+    refuse: std::sync::atomic::AtomicBool,
     started: tokio::sync::Notify,
 }
 
@@ -419,6 +421,9 @@ impl Hypervisor for SlowPins {
     }
     async fn apply_pins(&self, pins: &[PinRequest]) -> Result<PinResults, AgentError> {
         self.started.notify_one();
+        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AgentError::InvalidArgument("refused by the test".into()));
+        }
         if !self.before.is_zero() {
             tokio::time::sleep(self.before).await;
         }
@@ -438,7 +443,7 @@ async fn serve_slow_pins(
 ) -> (Arc<SlowPins>, String, CancellationToken, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
     let clock: Arc<dyn vcpu_balancer::hypervisor::sim::Clock> = Arc::new(ScaledClock::new(SPEED));
     let sim = Arc::new(SimHypervisor::new(&common::builtin(scenario), "sim-slow-pins", clock));
-    let hv = Arc::new(SlowPins { sim, before, late: false.into(), started: tokio::sync::Notify::new() });
+    let hv = Arc::new(SlowPins { sim, before, late: false.into(), refuse: false.into(), started: tokio::sync::Notify::new() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();
@@ -449,6 +454,24 @@ async fn serve_slow_pins(
         stop.clone().cancelled_owned(),
     ));
     (hv, addr, stop, server)
+}
+
+/// A batch the agent refused changed nothing: its round is an error that lists no moves (metrics count the moves of
+/// reports, and JSON readers sum them), and says how many were planned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_reports_no_moves() {
+    let (hv, addr, stop, server) = serve_slow_pins("all-on-one", Duration::ZERO).await;
+    hv.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rs = run_rounds(&addr, 5, None).await;
+    stop.cancel();
+    server.await.unwrap().unwrap();
+    let refused: Vec<_> = rs.iter().filter(|r| r.action.reason.contains("ApplyPins failed")).collect();
+    assert!(!refused.is_empty(), "{rs:#?}");
+    for r in refused {
+        assert_eq!(r.action.kind, ActionType::Error, "{r:#?}");
+        assert!(r.moves.is_empty() && r.pins_applied == 0, "{r:#?}");
+        assert!(r.action.reason.contains("InvalidArgument") && r.action.reason.contains("planned move(s) not applied"), "{r:#?}");
+    }
 }
 
 /// Pins applied after the controller gave up on the answer are still the controller's own: they are not mistaken for

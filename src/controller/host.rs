@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::controller::client::AgentClient;
+use crate::controller::client::{AgentClient, PinFailure};
 use crate::controller::pins_file;
 use crate::controller::policy::{self, PolicyConfig, PolicyState};
 use crate::controller::report::{ActionReport, ActionType, RoundReport};
@@ -381,15 +381,26 @@ async fn one_round(
             };
             if plan.moves.iter().any(refused) {
                 report.action.reason.push_str(" (pin refused by the agent)");
+                report.moves.retain(|m| !refused(m));
             }
         }
         Err(e) => {
-            // No answer says which pins took effect: the agent may still apply the batch (its libvirt work finishes
-            // in the background), and the next sample must not take those pins for an operator's.
-            for pin in &plan.pins {
-                st.policy.record_unconfirmed(pin);
+            // Without an answer nothing says which pins took effect: the agent may still apply the batch (its libvirt
+            // work finishes in the background), and the next sample must not take those pins for an operator's. A
+            // batch the agent refused, or that was never sent, changed nothing: its pins are not the controller's.
+            let outcome = crate::controller::client::pin_failure(&e);
+            if outcome == PinFailure::NotConfirmed {
+                for pin in &plan.pins {
+                    st.policy.record_unconfirmed(pin);
+                }
             }
-            report.action = ActionReport::simple(ActionType::Error, format!("ApplyPins failed: {e}"));
+            // The report's moves are what was moved: metrics count them, and JSON readers sum them.
+            let planned = std::mem::take(&mut report.moves).len();
+            let what = if outcome == PinFailure::NotConfirmed { "not confirmed" } else { "not applied" };
+            report.action = ActionReport::simple(
+                ActionType::Error,
+                format!("ApplyPins failed: {e} ({planned} planned move(s) {what})"),
+            );
         }
     }
     Some(report)
