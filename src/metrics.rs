@@ -164,7 +164,11 @@ impl ControllerMetrics {
             "1 if the policy holds the host over the threshold at the best it found: no plan balances it",
             m.at_best.clone(),
         );
-        registry.register("host_up", "1 if the host's last round reached its agent, 0 if it failed", m.host_up.clone());
+        registry.register(
+            "host_up",
+            "1 if the host's last round succeeded; 0 if it was an error (agent unreachable, or its pins refused)",
+            m.host_up.clone(),
+        );
         registry.register("rounds", "Rounds done, by host and action (baseline, none, move, error)", m.rounds.clone());
         registry.register("moves", "vCPU moves decided by the policy", m.moves.clone());
         registry.register(
@@ -320,7 +324,8 @@ impl AgentMetrics {
         );
         registry.register(
             "hypervisor_call_errors",
-            "Failed calls into the hypervisor backend, by operation and error kind",
+            "Failed calls into the hypervisor backend, by operation and error kind (kinds NotFound and InvalidArgument \
+             are callers' mistakes, such as a pin to an unknown domain; Unavailable and Internal are the hypervisor's)",
             hv_errors.clone(),
         );
         Arc::new(AgentMetrics { registry, rpc_duration, rpc_errors, hv_duration, hv_errors })
