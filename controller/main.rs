@@ -345,6 +345,8 @@ fn policy_of(p: &PolicyArgs) -> policy::PolicyConfig {
 }
 
 async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
+    // First: the reload handler starts only once the listeners are bound, and a SIGHUP before then must not kill us.
+    let sighup = config::hangup_signal().context("cannot handle SIGHUP")?;
     vcpu_balancer::agent::fleet::raise_fd_limit();
     let file = match &a.config {
         Some(p) => ControllerConfig::from_file(p)?,
@@ -421,7 +423,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         servers.push(tokio::spawn(vcpu_balancer::http::serve(l, router, stop.clone().cancelled_owned())));
     }
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-    let hup = tokio::spawn(config::reload_on_sighup(set.clone(), flags, a.config.clone(), reload_tx));
+    let hup = tokio::spawn(config::reload_on_sighup(sighup, set.clone(), flags, a.config.clone(), reload_tx));
     let (tx, rx) = controller::report_channel(set.hosts.len());
     let (mut rx, failures) = controller::report::watch_failures(rx, controller::REPORT_BUFFER_PER_HOST * set.hosts.len());
     let obs = Observers { state, metrics };

@@ -543,16 +543,22 @@ impl RunSettings {
     }
 }
 
+/// Takes over SIGHUP for this process: from now on one is queued for [`reload_on_sighup`] instead of ending it.
+pub fn hangup_signal() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
 /// Re-reads the config file on every SIGHUP and sends the new host list on `tx`. An invalid file is refused (the
 /// error names the line) and the current hosts keep running. Without a config file, SIGHUP is logged and ignored
-/// rather than killing the controller (SIGHUP's default action).
+/// rather than killing the controller (SIGHUP's default action). `hup` is made by the caller as early as it can
+/// ([`hangup_signal`]): until it exists, a SIGHUP (a `systemctl reload` right after `start`) kills the process.
 pub async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
     current: RunSettings,
     flags: Overrides,
     path: Option<PathBuf>,
     tx: tokio::sync::mpsc::Sender<Vec<String>>,
 ) -> std::io::Result<()> {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut current = current;
     while hup.recv().await.is_some() {
         let Some(path) = &path else {
