@@ -111,24 +111,38 @@ impl HostState {
     }
 
     /// A host's state with its pins file under `dir`, read now. A file that cannot be read is logged and left alone
-    /// (it is overwritten with the next pins): losing the controller's memory of its pins must not stop a host.
-    fn with_pins_file(dir: &std::path::Path, host: &str) -> Self {
+    /// (it is overwritten with the next pins): losing the controller's memory of its pins must not stop a host. A
+    /// file that can be read but not used (damaged, of a newer version, another host's) is first moved aside to
+    /// `NAME.unusable`, so that it is still there to look at, or to give back to the newer controller after a
+    /// downgrade. A dry run changes nothing on disk: it reads a file where it is, and moves none.
+    fn with_pins_file(dir: &std::path::Path, host: &str, dry_run: bool) -> Self {
         let path = pins_file::path_for(dir, host);
         // A file an earlier version wrote under the host as written moves to the address's name.
         let legacy = pins_file::legacy_path_for(dir, host);
+        let mut read_from = path.clone();
         if legacy != path && !path.exists() && legacy.exists() {
-            if let Err(e) = std::fs::rename(&legacy, &path) {
+            if dry_run {
+                read_from.clone_from(&legacy);
+            } else if let Err(e) = std::fs::rename(&legacy, &path) {
                 tracing::warn!(host = %host, error = %e, from = %legacy.display(), "cannot rename the old pins file");
+                read_from.clone_from(&legacy);
             }
         }
-        let restored = match pins_file::load(&path, host) {
+        let restored = match pins_file::load(&read_from, host) {
             Ok(Some(f)) => {
-                tracing::info!(host = %host, path = %path.display(), domains = f.domains.len(), "read the controller's pins of this host");
+                tracing::info!(host = %host, path = %read_from.display(), domains = f.domains.len(), "read the controller's pins of this host");
                 Some(f)
             }
             Ok(None) => None,
             Err(e) => {
-                tracing::warn!(host = %host, error = %e, "cannot read this host's pins file; starting without it");
+                let aside = read_from.with_extension("json.unusable");
+                let kept = match &e {
+                    pins_file::PinsFileError::Io { .. } => None,
+                    _ if dry_run => None,
+                    _ => std::fs::rename(&read_from, &aside).ok().map(|()| aside.display().to_string()),
+                };
+                tracing::warn!(host = %host, error = %e, moved_to = kept.as_deref().unwrap_or("-"),
+                    "cannot use this host's pins file; starting without it");
                 None
             }
         };
@@ -213,7 +227,7 @@ pub async fn run_host(
     // A round that overruns its interval makes the loop skip the ticks it missed rather than fire them in a burst.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut st = match &cfg.state_dir {
-        Some(dir) => HostState::with_pins_file(dir, &host),
+        Some(dir) => HostState::with_pins_file(dir, &host, cfg.dry_run),
         None => HostState::new(),
     };
     let mut round: u64 = 0;
@@ -459,9 +473,32 @@ mod tests {
             domains: vec![],
         };
         pins_file::save(&old, &file).unwrap();
-        let st = HostState::with_pins_file(&dir, "hv1");
+        // A dry run reads it where it is and moves nothing.
+        let st = HostState::with_pins_file(&dir, "hv1", true);
+        assert_eq!(st.restored.as_ref(), Some(&file));
+        assert!(old.exists() && !new.exists(), "a dry run moved {}", old.display());
+        let st = HostState::with_pins_file(&dir, "hv1", false);
         assert_eq!(st.restored, Some(file));
         assert!(new.exists() && !old.exists(), "moved to {}", new.display());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file that cannot be used is moved aside, not left to be overwritten: a newer controller's (after a
+    /// downgrade) can be given back to it, a damaged one looked at. A dry run leaves it where it is.
+    #[test]
+    fn an_unusable_pins_file_is_kept_aside() {
+        let dir = std::env::temp_dir().join(format!("vcpub-unusable-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = pins_file::path_for(&dir, "hv1");
+        let aside = path.with_extension("json.unusable");
+        let newer = r#"{"version": 9, "host": "hv1", "domains": []}"#;
+        std::fs::write(&path, newer).unwrap();
+        assert!(HostState::with_pins_file(&dir, "hv1", true).restored.is_none());
+        assert!(path.exists() && !aside.exists(), "a dry run moved the file");
+        assert!(HostState::with_pins_file(&dir, "hv1", false).restored.is_none());
+        assert!(!path.exists(), "left where the next pins overwrite it");
+        assert_eq!(std::fs::read_to_string(&aside).unwrap(), newer);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
