@@ -312,4 +312,7 @@ fn config_file_policy_and_tls_reach_a_tls_agent() {
     assert!(reports.iter().any(|r| r["action"]["type"] == "move"), "all-on-one needs a move: {reports:?}");
     let reports = run(&base, 69);
     assert!(reports.iter().all(|r| r["action"]["type"] == "error"), "plaintext to a TLS agent: {reports:?}");
+    // The reason says what is wrong in the operator's words, not only HTTP/2's.
+    let says = |r: &serde_json::Value| r["action"]["reason"].as_str().unwrap_or("").contains("an agent that wants TLS");
+    assert!(reports.iter().all(says), "{reports:?}");
 }

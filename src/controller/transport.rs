@@ -113,7 +113,11 @@ impl Inner {
         let (number, sender) = self
             .sender()
             .await
-            .map_err(|e| tonic::Status::unavailable(format!("{CANNOT_REACH}{}: {e}", self.addr)))?;
+            .map_err(|e| {
+                let why = e.to_string();
+                let hint = mismatch_hint(self.tls.is_some(), &why);
+                tonic::Status::unavailable(format!("{CANNOT_REACH}{}: {why}{hint}", self.addr))
+            })?;
         match send(sender, http::Request::from_parts(parts, ()), data).await {
             Ok(r) => Ok(r),
             // A stream reset by the agent leaves the connection usable, and tonic maps its reason code.
@@ -121,9 +125,23 @@ impl Inner {
             // Anything else (GOAWAY, I/O, a closed connection): dial again on the next call.
             Err(e) => {
                 self.forget(number).await;
-                Err(tonic::Status::unavailable(format!("{CONNECTION_FAILED}{} failed: {e}", self.addr)).into())
+                let why = e.to_string();
+                let hint = mismatch_hint(self.tls.is_some(), &why);
+                Err(tonic::Status::unavailable(format!("{CONNECTION_FAILED}{} failed: {why}{hint}", self.addr)).into())
             }
         }
+    }
+}
+
+/// What a TLS mismatch looks like from here, said in the operator's words: HTTP/2 reading a TLS record (or any
+/// other protocol) as a frame, or rustls reading plaintext HTTP/2 as a record. Empty when the error is not one.
+fn mismatch_hint(tls: bool, error: &str) -> &'static str {
+    if !tls && error.contains("frame with invalid size") {
+        "; the answer is not plaintext HTTP/2: an agent that wants TLS (--tls-cert, --tls-key, --tls-ca), or no agent"
+    } else if tls && (error.contains("InvalidContentType") || error.contains("corrupt message")) {
+        "; the answer is not TLS: an agent serving plaintext (drop the TLS settings), or no agent"
+    } else {
+        ""
     }
 }
 
@@ -228,6 +246,14 @@ impl Body for RecvBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_mismatches_are_named() {
+        assert!(mismatch_hint(false, "connection error detected: frame with invalid size").contains("wants TLS"));
+        assert!(mismatch_hint(true, "received corrupt message of type InvalidContentType").contains("plaintext"));
+        assert_eq!(mismatch_hint(true, "frame with invalid size"), "");
+        assert_eq!(mismatch_hint(false, "Connection refused (os error 111)"), "");
+    }
     use tokio::net::TcpListener;
 
     /// Serves one h2 connection on `listener`, answering every request with a bare 200; returns how many requests
