@@ -106,15 +106,16 @@ struct CertsArgs {
 
 #[derive(Debug, Args)]
 struct PolicyArgs {
-    /// Balancing policy: seed (the literal 10% rule), guarded (the 10% rule with the guard) or converge.
-    #[arg(long, env = "VCPU_POLICY", default_value_t = policy::DEFAULT_POLICY, value_parser = parse_policy)]
-    policy: PolicyKind,
+    /// Balancing policy: seed (the literal 10% rule), guarded (the 10% rule with the guard) or converge
+    /// [default: converge].
+    #[arg(long, env = "VCPU_POLICY", value_parser = parse_policy)]
+    policy: Option<PolicyKind>,
     /// Act when busiest − freest pCPU usage exceeds this many points.
     #[arg(long, env = "VCPU_THRESHOLD", default_value_t = policy::DEFAULT_THRESHOLD, value_parser = parse_threshold)]
     threshold: f64,
     /// Same as --policy seed (kept for compatibility): the literal 10% rule, which can move the same load back
     /// and forth forever (see README).
-    #[arg(long, env = "VCPU_NO_GUARD", conflicts_with = "policy", value_parser = vcpu_balancer::flags::switch)]
+    #[arg(long, env = "VCPU_NO_GUARD", value_parser = vcpu_balancer::flags::switch)]
     no_guard: bool,
     #[command(flatten)]
     constraints: ConstraintArgs,
@@ -181,7 +182,7 @@ struct RunArgs {
     threshold: Option<f64>,
     /// Same as --policy seed (kept for compatibility): the literal 10% rule, which can move the same load back
     /// and forth forever (see README).
-    #[arg(long, env = "VCPU_NO_GUARD", conflicts_with = "policy", value_parser = vcpu_balancer::flags::switch)]
+    #[arg(long, env = "VCPU_NO_GUARD", value_parser = vcpu_balancer::flags::switch)]
     no_guard: bool,
     #[command(flatten)]
     constraints: ConstraintArgs,
@@ -338,10 +339,10 @@ fn constraints_of(c: &ConstraintArgs) -> Constraints {
     }
 }
 
-fn policy_of(p: &PolicyArgs) -> policy::PolicyConfig {
+fn policy_of(p: &PolicyArgs) -> anyhow::Result<policy::PolicyConfig> {
     // --no-guard predates --policy and means exactly the literal rule.
-    let kind = if p.no_guard { PolicyKind::Seed } else { p.policy };
-    policy::PolicyConfig { kind, threshold: p.threshold, constraints: constraints_of(&p.constraints) }
+    let kind = config::policy_kind(p.no_guard, p.policy, None).map_err(anyhow::Error::msg)?;
+    Ok(policy::PolicyConfig { kind, threshold: p.threshold, constraints: constraints_of(&p.constraints) })
 }
 
 async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
@@ -503,7 +504,7 @@ async fn cmd_pin(a: PinArgs) -> anyhow::Result<i32> {
 }
 
 async fn cmd_demo(a: DemoArgs) -> anyhow::Result<i32> {
-    let mut cfg = demo::DemoConfig { interval: a.interval, policy: policy_of(&a.policy), max_rounds: a.max_rounds, ..Default::default() };
+    let mut cfg = demo::DemoConfig { interval: a.interval, policy: policy_of(&a.policy)?, max_rounds: a.max_rounds, ..Default::default() };
     if !a.scenarios.is_empty() {
         cfg.scenarios = a.scenarios;
     }

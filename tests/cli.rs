@@ -209,6 +209,13 @@ fn bad_input_is_refused() {
     let out = Command::new(CONTROLLER).args(["run", "--host", "a:1", "--policy", "converge"]).env("VCPU_NO_GUARD", "true").output().unwrap();
     assert!(!out.status.success(), "VCPU_NO_GUARD with --policy converge accepted");
     assert!(text(&out.stderr).contains("cannot be used with"), "{}", text(&out.stderr));
+    // A switch that is set but off is no --no-guard: nothing conflicts (the run then fails only on its host).
+    let out = Command::new(CONTROLLER)
+        .args(["run", "--host", "127.0.0.1:1", "--policy", "converge", "--rounds", "1"])
+        .env("VCPU_NO_GUARD", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "VCPU_NO_GUARD=0 with --policy converge: {}", text(&out.stderr));
 
     let dir = std::env::temp_dir().join(format!("vcpu-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

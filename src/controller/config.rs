@@ -153,6 +153,19 @@ pub fn parse_rpc_timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The policy from `--no-guard` (`VCPU_NO_GUARD`), `--policy` (`VCPU_POLICY`) and the file's `name`. `--no-guard`
+/// means `--policy seed`, so with another `--policy` which one was meant is unknown: refused. A switch that is set
+/// but off (`VCPU_NO_GUARD=0`) is no `--no-guard` at all, which is why this is not left to clap's conflicts.
+pub fn policy_kind(no_guard: bool, flag: Option<PolicyKind>, file: Option<PolicyKind>) -> Result<PolicyKind, String> {
+    match (no_guard, flag) {
+        (true, Some(k)) if k != PolicyKind::Seed => Err(format!(
+            "--no-guard (VCPU_NO_GUARD) cannot be used with --policy {k} (VCPU_POLICY): it means --policy seed"
+        )),
+        (true, _) => Ok(PolicyKind::Seed),
+        (false, f) => Ok(f.or(file).unwrap_or(crate::controller::policy::DEFAULT_POLICY)),
+    }
+}
+
 /// `--max-inflight` / `max_inflight`: a whole number from 1 to [`MAX_INFLIGHT_LIMIT`].
 pub fn check_max_inflight(n: i128) -> Result<usize, String> {
     match usize::try_from(n) {
@@ -434,11 +447,7 @@ impl RunSettings {
         if hosts.is_empty() {
             return Err("no host to balance: give --host (or VCPU_HOSTS) or `hosts` in the config file".into());
         }
-        let kind = if flags.no_guard {
-            PolicyKind::Seed
-        } else {
-            flags.policy.or(file.policy).unwrap_or(crate::controller::policy::DEFAULT_POLICY)
-        };
+        let kind = policy_kind(flags.no_guard, flags.policy, file.policy)?;
         let exclude = if flags.exclude.is_empty() { file.exclude.clone().unwrap_or_default() } else { flags.exclude.clone() };
         let constraints = Constraints {
             exclude: exclude.iter().map(|e| DomainMatcher::parse(e)).collect(),
@@ -583,6 +592,17 @@ pub async fn reload_on_sighup(
 #[cfg(test)]
 mod merge_tests {
     use super::*;
+
+    #[test]
+    fn no_guard_means_seed_and_conflicts_only_with_another_policy() {
+        use PolicyKind::{Converge, Guarded, Seed};
+        assert_eq!(policy_kind(false, None, None), Ok(crate::controller::policy::DEFAULT_POLICY));
+        assert_eq!(policy_kind(false, None, Some(Guarded)), Ok(Guarded));
+        assert_eq!(policy_kind(false, Some(Seed), Some(Guarded)), Ok(Seed));
+        assert_eq!(policy_kind(true, None, Some(Converge)), Ok(Seed));
+        assert_eq!(policy_kind(true, Some(Seed), None), Ok(Seed));
+        assert!(policy_kind(true, Some(Converge), None).unwrap_err().contains("cannot be used with --policy converge"));
+    }
 
     /// A reload names what it did not apply, so the operator knows what waits for a restart.
     #[test]
