@@ -1,5 +1,6 @@
 //! A tower layer around the agent's gRPC server that times every `vcpu.v1.Agent` call and counts its errors by
-//! gRPC code. A layer sees every method the same way, so the handlers stay free of bookkeeping.
+//! gRPC code, after giving a request that does not decode its INVALID_ARGUMENT ([`super::status_layer`]). A layer
+//! sees every method the same way, so the handlers stay free of bookkeeping; one layer, so one boxed future per call.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -80,7 +81,10 @@ where
         let start = Instant::now();
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let r = fut.await;
+            let mut r = fut.await;
+            if let Ok(resp) = &mut r {
+                super::status_layer::reclassify(resp);
+            }
             if let (Some(m), Some(method)) = (metrics, method) {
                 let code = match &r {
                     Ok(resp) => code_of(resp),

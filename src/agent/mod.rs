@@ -256,7 +256,6 @@ async fn serve_inner<H: Hypervisor>(
         .http2_keepalive_interval(Some(opts.keepalive_interval))
         .http2_keepalive_timeout(Some(opts.keepalive_timeout))
         .layer(metrics_layer::MetricsLayer::new(opts.metrics))
-        .layer(status_layer::DecodeErrorLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(svc)

@@ -1,69 +1,25 @@
-//! A tower layer that gives a request body which does not decode (bytes that are not the RPC's protobuf message: a
+//! How the agent gives a request body which does not decode (bytes that are not the RPC's protobuf message: a
 //! truncated field, a wrong wire type, a string that is not UTF-8) the code the API promises for a malformed
 //! request, INVALID_ARGUMENT. tonic's codec answers it with INTERNAL, which reads as a fault of the agent and would
-//! be counted as one.
-
-use std::task::{Context, Poll};
-
-use futures::future::BoxFuture;
-use tower::{Layer, Service};
+//! be counted as one. Applied to every response by the agent's one tower layer ([`super::metrics_layer`]), so that
+//! the metrics count the code the caller gets.
 
 /// How tonic's prost codec begins the message of a request it cannot decode.
 const DECODE_FAILURE: &str = "failed to decode Protobuf message";
 
-#[derive(Clone, Copy, Default)]
-pub struct DecodeErrorLayer;
-
-impl<S> Layer<S> for DecodeErrorLayer {
-    type Service = DecodeErrorService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        DecodeErrorService { inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct DecodeErrorService<S> {
-    inner: S,
-}
-
 /// Rewrites a trailers-only INTERNAL whose message is the codec's decode failure to INVALID_ARGUMENT. The message
 /// is kept: it says what did not decode.
-fn reclassify<B>(resp: &mut http::Response<B>) {
+pub(crate) fn reclassify<B>(resp: &mut http::Response<B>) {
     let h = resp.headers();
-    let internal = h.get("grpc-status").is_some_and(|v| v.as_bytes() == b"13");
+    if h.get("grpc-status").is_none_or(|v| v.as_bytes() != b"13") {
+        return;
+    }
     // grpc-message is percent-encoded; the codec's words are plain ASCII, with spaces encoded or not.
     let decode = h.get("grpc-message").and_then(|v| v.to_str().ok()).is_some_and(|m| {
         m.starts_with(DECODE_FAILURE) || m.replace("%20", " ").starts_with(DECODE_FAILURE)
     });
-    if internal && decode {
+    if decode {
         resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static("3"));
-    }
-}
-
-impl<S, B, RB> Service<http::Request<B>> for DecodeErrorService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<RB>> + Send,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    RB: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let mut r = fut.await;
-            if let Ok(resp) = &mut r {
-                reclassify(resp);
-            }
-            r
-        })
     }
 }
 
