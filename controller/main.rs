@@ -425,8 +425,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     }
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
     let hup = tokio::spawn(config::reload_on_sighup(sighup, set.clone(), flags, a.config.clone(), reload_tx));
-    let (tx, rx) = controller::report_channel(set.hosts.len());
-    let (mut rx, failures) = controller::report::watch_failures(rx, controller::REPORT_BUFFER_PER_HOST * set.hosts.len());
+    let (tx, mut rx) = controller::report_channel(set.hosts.len());
     let obs = Observers { state, metrics };
     let ctl = tokio::spawn(controller::run_dynamic(set.hosts.clone(), clients, cfg, obs, reload_rx, tx, stop.clone()));
     let printer = if a.json {
@@ -446,7 +445,7 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         }
     };
     hup.abort();
-    result??;
+    let failed = result??;
     let _ = printer.await;
     // `--rounds` ended the balancing: the status page and metrics stop with it.
     stop.cancel();
@@ -454,7 +453,6 @@ async fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         let _ = s.await;
     }
     // A script running `run --rounds N` learns from the exit code whether every host ended reachable and obeyed.
-    let failed = failures.await.unwrap_or_default();
     for (host, why) in &failed {
         tracing::error!(host = %host, reason = %why, "the host's last round failed");
     }

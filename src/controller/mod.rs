@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub use client::{AgentClient, ClientError};
 pub use host::LoopConfig;
 pub use report::RoundReport;
-pub use supervisor::{run_dynamic, ClientSettings, Observers};
+pub use supervisor::{run_dynamic, ClientSettings, LastFailures, Observers};
 
 /// Reports buffered per host before a slow consumer makes host tasks wait.
 pub const REPORT_BUFFER_PER_HOST: usize = 16;

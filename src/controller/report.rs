@@ -211,27 +211,3 @@ pub async fn write_json_lines<W: std::io::Write + Send + 'static>(
     drop(tx);
     let _ = done.await;
 }
-
-/// Passes every report from `rx` on to the receiver it returns, and keeps each host's last round if it failed: a run
-/// with `--rounds` exits with whether every host ended reachable. The task, once `rx` is closed, gives the hosts
-/// whose last round was an `error`, with its reason.
-pub fn watch_failures(
-    mut rx: tokio::sync::mpsc::Receiver<RoundReport>,
-    buffer: usize,
-) -> (tokio::sync::mpsc::Receiver<RoundReport>, tokio::task::JoinHandle<std::collections::BTreeMap<String, String>>) {
-    let (tx, out) = tokio::sync::mpsc::channel(buffer.max(1));
-    let task = tokio::spawn(async move {
-        let mut failed = std::collections::BTreeMap::new();
-        while let Some(r) = rx.recv().await {
-            if r.action.kind == ActionType::Error {
-                failed.insert(r.host.clone(), r.action.reason.clone());
-            } else {
-                failed.remove(&r.host);
-            }
-            // A reader that is gone does not stop the watching.
-            let _ = tx.send(r).await;
-        }
-        failed
-    });
-    (out, task)
-}

@@ -80,7 +80,7 @@ impl ClientSettings {
 /// flight is dropped, an ApplyPins in flight is waited for and its pins recorded), and the others keep running
 /// untouched, with their baselines. Every address is checked first (a typo refuses the whole command); a reloaded
 /// list with an invalid address is refused whole and the current hosts keep running. Returns when every host has done `cfg.rounds` rounds, or after `shutdown` once every host task has
-/// stopped.
+/// stopped, with the hosts still in the list whose last round was an `error` (see [`LastFailures`]).
 pub async fn run_dynamic(
     hosts: Vec<String>,
     clients: ClientSettings,
@@ -89,11 +89,14 @@ pub async fn run_dynamic(
     reload: mpsc::Receiver<Vec<String>>,
     out: mpsc::Sender<RoundReport>,
     shutdown: CancellationToken,
-) -> Result<(), ClientError> {
+) -> Result<LastFailures, ClientError> {
     let initial = hosts.iter().map(|h| clients.client(h)).collect::<Result<Vec<_>, _>>()?;
-    supervise(initial, Some(clients), cfg, obs, reload, out, shutdown).await;
-    Ok(())
+    Ok(supervise(initial, Some(clients), cfg, obs, reload, out, shutdown).await)
 }
+
+/// Each host whose last round was an `error`, with that round's reason: `run --rounds N` exits with whether every
+/// host ended reachable and obeyed. A host a reload removed is not in it, whatever its last round was.
+pub type LastFailures = std::collections::BTreeMap<String, String>;
 
 /// Runs one task per client in `initial` and applies the host lists received on `reload`, making the clients of
 /// added hosts with `factory` (without one, reloads are refused). One semaphore of `cfg.max_inflight` permits is
@@ -106,8 +109,8 @@ pub(crate) async fn supervise(
     reload: mpsc::Receiver<Vec<String>>,
     out: mpsc::Sender<RoundReport>,
     shutdown: CancellationToken,
-) {
-    supervise_with(initial, factory, cfg, obs, reload, out, shutdown, host::run_host).await;
+) -> LastFailures {
+    supervise_with(initial, factory, cfg, obs, reload, out, shutdown, host::run_host).await
 }
 
 /// [`supervise`] with the per-host task given: [`host::run_host`], or in tests one that fails on purpose.
@@ -121,7 +124,8 @@ async fn supervise_with<F, Fut>(
     out: mpsc::Sender<RoundReport>,
     shutdown: CancellationToken,
     run_host: F,
-) where
+) -> LastFailures
+where
     F: Fn(AgentClient, LoopConfig, Arc<Semaphore>, mpsc::Sender<RoundReport>, CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -267,7 +271,7 @@ async fn supervise_with<F, Fut>(
         }
     }
     drop(tx);
-    let _ = recorder.await;
+    recorder.await.unwrap_or_default()
 }
 
 /// How long to wait before starting a host task again after its `panics`-th panic in a row.
@@ -291,11 +295,18 @@ fn dedup(hosts: Vec<String>) -> Vec<String> {
     hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| seen.insert(address_key(h))).collect()
 }
 
-/// Records every report in the state and the metrics, then passes it on to `out`.
-async fn record(mut rx: mpsc::Receiver<Msg>, obs: Observers, out: mpsc::Sender<RoundReport>) {
+/// Records every report in the state and the metrics, then passes it on to `out`. Returns, once every sender is
+/// gone, the hosts whose last round failed.
+async fn record(mut rx: mpsc::Receiver<Msg>, obs: Observers, out: mpsc::Sender<RoundReport>) -> LastFailures {
+    let mut failed = LastFailures::new();
     while let Some(msg) = rx.recv().await {
         match msg {
             Msg::Report(r) => {
+                if r.action.kind == ActionType::Error {
+                    failed.insert(r.host.clone(), r.action.reason.clone());
+                } else {
+                    failed.remove(&r.host);
+                }
                 if let Some(s) = &obs.state {
                     s.record(&r);
                 }
@@ -306,6 +317,7 @@ async fn record(mut rx: mpsc::Receiver<Msg>, obs: Observers, out: mpsc::Sender<R
                 let _ = out.send(*r).await;
             }
             Msg::Removed(host) => {
+                failed.remove(&host);
                 if let Some(s) = &obs.state {
                     s.remove_host(&host);
                 }
@@ -316,6 +328,7 @@ async fn record(mut rx: mpsc::Receiver<Msg>, obs: Observers, out: mpsc::Sender<R
             }
         }
     }
+    failed
 }
 
 
@@ -335,6 +348,45 @@ mod tests {
     /// A report of `kind` from `host`'s task.
     fn report(host: &str, round: u64, kind: ActionType) -> RoundReport {
         RoundReport::bare(host, round, ActionReport::simple(kind, "test"), false)
+    }
+
+    /// The hosts a run ends with failed are those whose last round was an error and that are still in the list: a
+    /// host that recovered is not, nor one a reload removed while it was failing.
+    #[tokio::test(start_paused = true)]
+    async fn the_run_ends_with_the_hosts_whose_last_round_failed() {
+        let task = |client: AgentClient, cfg: LoopConfig, _: Arc<Semaphore>, out: mpsc::Sender<RoundReport>, stop: CancellationToken| async move {
+            let host = client.host().to_string();
+            for round in 1..=cfg.rounds.unwrap() {
+                let kind = match host.as_str() {
+                    "recovers:1" if round == 1 => ActionType::Error,
+                    "recovers:1" => ActionType::None,
+                    _ => ActionType::Error,
+                };
+                out.send(report(&host, round, kind)).await.unwrap();
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        };
+        let hosts = ["down:1", "removed:1", "recovers:1"];
+        let clients = hosts.map(|h| AgentClient::new(h, Duration::from_secs(1)).unwrap()).to_vec();
+        let (out, mut rx) = mpsc::channel(64);
+        let (reload_tx, reload) = mpsc::channel(1);
+        let cfg = LoopConfig { rounds: Some(3), ..LoopConfig::default() };
+        let factory = Some(ClientSettings::plaintext(Duration::from_secs(1)));
+        let sup = tokio::spawn(supervise_with(clients, factory, cfg, Observers::default(), reload, out, CancellationToken::new(), task));
+        // Every host has failed once before the reload takes `removed` out.
+        let mut first = std::collections::HashSet::new();
+        while first.len() < hosts.len() {
+            first.insert(rx.recv().await.unwrap().host);
+        }
+        reload_tx.send(vec!["down:1".into(), "recovers:1".into()]).await.unwrap();
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let failed = sup.await.unwrap();
+        drain.await.unwrap();
+        assert_eq!(failed.keys().collect::<Vec<_>>(), ["down:1"], "{failed:?}");
+        assert_eq!(failed["down:1"], "test");
     }
 
     /// Host `bad`'s task reports one round and then panics in the next, the first time only; `good`'s reports every second.
