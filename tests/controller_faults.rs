@@ -176,6 +176,33 @@ async fn an_agent_restarted_between_rounds_gets_a_fresh_baseline() {
     assert!(rs[back..].iter().all(|r| r.held.is_empty()), "{:#?}", rs[back..].iter().find(|r| !r.held.is_empty()));
 }
 
+/// An agent restarted well inside an interval (`systemctl restart vcpu-agent`) costs the host no failed round: the
+/// controller's connection to the old process closed while idle, and the next round dials the new one and takes
+/// its baseline, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restart_between_rounds_is_not_an_error_round() {
+    let a = SimAgent::start(&common::builtin("split-first-last"), SPEED).await;
+    let addr = a.addr.clone();
+    // Long enough that the restart, a few milliseconds, ends well before the next tick.
+    let cfg = LoopConfig { interval: Duration::from_secs(1), ..cfg(3) };
+    let (mut rx, ctl) = start_with(vec![addr.clone()], cfg);
+    let mut rs = Vec::new();
+    let mut agent = Some(a);
+    while let Some(r) = rx.recv().await {
+        if r.round == 1 {
+            agent.take().unwrap().stop().await;
+            let hv = Arc::new(SimHypervisor::new(&common::builtin("split-first-last"), "again", Arc::new(ScaledClock::new(SPEED))));
+            agent = Some(SimAgent::start_with(hv, &addr).await);
+        }
+        rs.push(r);
+    }
+    ctl.await.unwrap();
+    let kinds: Vec<_> = rs.iter().map(|r| (r.action.kind, r.action.reason.clone())).collect();
+    assert_eq!(rs[1].action.kind, ActionType::Baseline, "{kinds:#?}");
+    assert!(rs[1].action.reason.contains("agent restarted"), "{kinds:#?}");
+    assert_ne!(rs[2].action.kind, ActionType::Error, "{kinds:#?}");
+}
+
 /// Domains rebooted while their host was unreachable come back with their config affinity, not the controller's
 /// pins. That is not an operator's doing: once the host answers again nothing is held as a manual pin, and the host
 /// is balanced again.

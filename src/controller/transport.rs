@@ -70,19 +70,19 @@ impl H2Channel {
 }
 
 impl Inner {
-    /// The live connection, or a new one. Holding the lock while connecting keeps concurrent calls to one host on one
-    /// connection.
-    async fn sender(&self) -> Result<(u64, h2::client::SendRequest<Bytes>), BoxError> {
+    /// The live connection, or a new one, and whether it is new. Holding the lock while connecting keeps concurrent
+    /// calls to one host on one connection.
+    async fn sender(&self) -> Result<(u64, h2::client::SendRequest<Bytes>, bool), BoxError> {
         let mut slot = self.conn.lock().await;
         if let Some(s) = slot.1.as_ref() {
-            return Ok((slot.0, s.clone()));
+            return Ok((slot.0, s.clone(), false));
         }
         let s = tokio::time::timeout(self.connect_timeout, self.connect())
             .await
             .map_err(|_| format!("connecting to {} took longer than {:?}", self.addr, self.connect_timeout))??;
         slot.0 += 1;
         slot.1 = Some(s.clone());
-        Ok((slot.0, s))
+        Ok((slot.0, s, true))
     }
 
     async fn connect(&self) -> Result<h2::client::SendRequest<Bytes>, BoxError> {
@@ -108,26 +108,28 @@ impl Inner {
         let (parts, body) = req.into_parts();
         // A unary call's body is one length-prefixed message; collecting it first lets it go out in one DATA frame.
         let data = body.collect().await.map_err(|s| -> BoxError { Box::new(s) })?.to_bytes();
-        // tonic reports a `Status` found in the error as is: a host that cannot be reached is UNAVAILABLE, as with
-        // tonic's own transport, so that metrics and logs tell "down" from "broken".
-        let (number, sender) = self
-            .sender()
-            .await
-            .map_err(|e| {
+        loop {
+            // tonic reports a `Status` found in the error as is: a host that cannot be reached is UNAVAILABLE, as with
+            // tonic's own transport, so that metrics and logs tell "down" from "broken".
+            let (number, sender, fresh) = self.sender().await.map_err(|e| {
                 let why = e.to_string();
                 let hint = mismatch_hint(self.tls.is_some(), &why);
                 tonic::Status::unavailable(format!("{CANNOT_REACH}{}: {why}{hint}", self.addr))
             })?;
-        match send(sender, http::Request::from_parts(parts, ()), data).await {
-            Ok(r) => Ok(r),
-            // A stream reset by the agent leaves the connection usable, and tonic maps its reason code.
-            Err(e) if e.is_reset() && !e.is_go_away() => Err(e.into()),
-            // Anything else (GOAWAY, I/O, a closed connection): dial again on the next call.
-            Err(e) => {
-                self.forget(number).await;
-                let why = e.to_string();
-                let hint = mismatch_hint(self.tls.is_some(), &why);
-                Err(tonic::Status::unavailable(format!("{CONNECTION_FAILED}{} failed: {why}{hint}", self.addr)).into())
+            match send(sender, http::Request::from_parts(parts.clone(), ()), data.clone()).await {
+                Ok(r) => return Ok(r),
+                // A stream reset by the agent leaves the connection usable, and tonic maps its reason code.
+                Err(Failed::Sent(e)) if e.is_reset() && !e.is_go_away() => return Err(e.into()),
+                // The connection closed while idle (an agent restarted between two rounds): the request never left,
+                // so it goes out once on a new connection, even a pin, instead of costing the host a failed round.
+                Err(Failed::NotSent(_)) if !fresh => self.forget(number).await,
+                // Anything else (GOAWAY, I/O, a closed connection): dial again on the next call.
+                Err(Failed::Sent(e) | Failed::NotSent(e)) => {
+                    self.forget(number).await;
+                    let why = e.to_string();
+                    let hint = mismatch_hint(self.tls.is_some(), &why);
+                    return Err(tonic::Status::unavailable(format!("{CONNECTION_FAILED}{} failed: {why}{hint}", self.addr)).into());
+                }
             }
         }
     }
@@ -150,18 +152,24 @@ pub const CANNOT_REACH: &str = "cannot reach ";
 /// How it begins when a connection failed with a call on it: the request may have reached the agent.
 pub const CONNECTION_FAILED: &str = "connection to ";
 
+/// Why [`send`] failed: before the request was handed to the connection (nothing reached the agent), or after.
+enum Failed {
+    NotSent(h2::Error),
+    Sent(h2::Error),
+}
+
 async fn send(
     mut sender: h2::client::SendRequest<Bytes>,
     req: http::Request<()>,
     data: Bytes,
-) -> Result<http::Response<RecvBody>, h2::Error> {
-    sender = sender.ready().await?;
-    let (resp, mut stream) = sender.send_request(req, data.is_empty())?;
+) -> Result<http::Response<RecvBody>, Failed> {
+    sender = sender.ready().await.map_err(Failed::NotSent)?;
+    let (resp, mut stream) = sender.send_request(req, data.is_empty()).map_err(Failed::NotSent)?;
     if !data.is_empty() {
         // h2 buffers what the peer's window does not take yet; requests are a few KiB.
-        stream.send_data(data, true)?;
+        stream.send_data(data, true).map_err(Failed::Sent)?;
     }
-    let resp = resp.await?;
+    let resp = resp.await.map_err(Failed::Sent)?;
     let (parts, recv) = resp.into_parts();
     Ok(http::Response::from_parts(parts, RecvBody { recv, data_done: false, done: false }))
 }
@@ -310,6 +318,41 @@ mod tests {
         // The first connection ends once the channel let go of it, having served one call.
         let served = tokio::time::timeout(Duration::from_secs(5), first).await.expect("old connection closed").unwrap();
         assert_eq!(served, 1);
+    }
+
+    /// An agent restarted between two calls (its connection closed while idle) answers the next call on a new
+    /// connection: the call does not fail.
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_dialled_again_for_the_next_call() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a: http::uri::Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let ch = H2Channel::new(&a, None, Duration::from_secs(2)).unwrap();
+        let agent = tokio::spawn(async move {
+            // The first agent answers one call and shuts down gracefully (GOAWAY, then close).
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
+            respond.send_response(http::Response::new(()), true).unwrap();
+            conn.graceful_shutdown();
+            while conn.accept().await.is_some() {}
+            drop(conn);
+            // Its successor on the same address.
+            serve_one(listener).await
+        });
+        assert_eq!(ch.inner.call(request(&a)).await.unwrap().status(), 200);
+        // Wait until this side has seen the first connection close.
+        let old = ch.inner.conn.lock().await.1.clone().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while old.clone().ready().await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the first connection never closed");
+        let r = ch.inner.call(request(&a)).await.map_err(tonic::Status::from_error);
+        assert_eq!(r.unwrap().status(), 200);
+        drop(ch);
+        assert_eq!(agent.await.unwrap(), 1, "the successor served the second call");
     }
 
     /// A host that is down is UNAVAILABLE (so that metrics and logs say "down"), and the next call dials again.
