@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -70,19 +71,24 @@ impl H2Channel {
 }
 
 impl Inner {
-    /// The live connection, or a new one, and whether it is new. Holding the lock while connecting keeps concurrent
-    /// calls to one host on one connection.
-    async fn sender(&self) -> Result<(u64, h2::client::SendRequest<Bytes>, bool), BoxError> {
+    /// The live connection, or a new one. Holding the lock while connecting keeps concurrent calls to one host on one
+    /// connection.
+    async fn sender(&self) -> Result<(u64, h2::client::SendRequest<Bytes>), BoxError> {
         let mut slot = self.conn.lock().await;
         if let Some(s) = slot.1.as_ref() {
-            return Ok((slot.0, s.clone(), false));
+            // A connection that closed while idle (an agent restarted between two rounds) says so at once; the call
+            // dials the new agent instead of failing on the old connection and costing the host a round. Pending
+            // (the stream limit reached) means open: the call waits for its turn under its own deadline.
+            if !matches!(s.clone().ready().now_or_never(), Some(Err(_))) {
+                return Ok((slot.0, s.clone()));
+            }
         }
         let s = tokio::time::timeout(self.connect_timeout, self.connect())
             .await
             .map_err(|_| format!("connecting to {} took longer than {:?}", self.addr, self.connect_timeout))??;
         slot.0 += 1;
         slot.1 = Some(s.clone());
-        Ok((slot.0, s, true))
+        Ok((slot.0, s))
     }
 
     async fn connect(&self) -> Result<h2::client::SendRequest<Bytes>, BoxError> {
@@ -108,28 +114,26 @@ impl Inner {
         let (parts, body) = req.into_parts();
         // A unary call's body is one length-prefixed message; collecting it first lets it go out in one DATA frame.
         let data = body.collect().await.map_err(|s| -> BoxError { Box::new(s) })?.to_bytes();
-        loop {
-            // tonic reports a `Status` found in the error as is: a host that cannot be reached is UNAVAILABLE, as with
-            // tonic's own transport, so that metrics and logs tell "down" from "broken".
-            let (number, sender, fresh) = self.sender().await.map_err(|e| {
+        // tonic reports a `Status` found in the error as is: a host that cannot be reached is UNAVAILABLE, as with
+        // tonic's own transport, so that metrics and logs tell "down" from "broken".
+        let (number, sender) = self
+            .sender()
+            .await
+            .map_err(|e| {
                 let why = e.to_string();
                 let hint = mismatch_hint(self.tls.is_some(), &why);
                 tonic::Status::unavailable(format!("{CANNOT_REACH}{}: {why}{hint}", self.addr))
             })?;
-            match send(sender, http::Request::from_parts(parts.clone(), ()), data.clone()).await {
-                Ok(r) => return Ok(r),
-                // A stream reset by the agent leaves the connection usable, and tonic maps its reason code.
-                Err(Failed::Sent(e)) if e.is_reset() && !e.is_go_away() => return Err(e.into()),
-                // The connection closed while idle (an agent restarted between two rounds): the request never left,
-                // so it goes out once on a new connection, even a pin, instead of costing the host a failed round.
-                Err(Failed::NotSent(_)) if !fresh => self.forget(number).await,
-                // Anything else (GOAWAY, I/O, a closed connection): dial again on the next call.
-                Err(Failed::Sent(e) | Failed::NotSent(e)) => {
-                    self.forget(number).await;
-                    let why = e.to_string();
-                    let hint = mismatch_hint(self.tls.is_some(), &why);
-                    return Err(tonic::Status::unavailable(format!("{CONNECTION_FAILED}{} failed: {why}{hint}", self.addr)).into());
-                }
+        match send(sender, http::Request::from_parts(parts, ()), data).await {
+            Ok(r) => Ok(r),
+            // A stream reset by the agent leaves the connection usable, and tonic maps its reason code.
+            Err(e) if e.is_reset() && !e.is_go_away() => Err(e.into()),
+            // Anything else (GOAWAY, I/O, a closed connection): dial again on the next call.
+            Err(e) => {
+                self.forget(number).await;
+                let why = e.to_string();
+                let hint = mismatch_hint(self.tls.is_some(), &why);
+                Err(tonic::Status::unavailable(format!("{CONNECTION_FAILED}{} failed: {why}{hint}", self.addr)).into())
             }
         }
     }
@@ -152,24 +156,18 @@ pub const CANNOT_REACH: &str = "cannot reach ";
 /// How it begins when a connection failed with a call on it: the request may have reached the agent.
 pub const CONNECTION_FAILED: &str = "connection to ";
 
-/// Why [`send`] failed: before the request was handed to the connection (nothing reached the agent), or after.
-enum Failed {
-    NotSent(h2::Error),
-    Sent(h2::Error),
-}
-
 async fn send(
     mut sender: h2::client::SendRequest<Bytes>,
     req: http::Request<()>,
     data: Bytes,
-) -> Result<http::Response<RecvBody>, Failed> {
-    sender = sender.ready().await.map_err(Failed::NotSent)?;
-    let (resp, mut stream) = sender.send_request(req, data.is_empty()).map_err(Failed::NotSent)?;
+) -> Result<http::Response<RecvBody>, h2::Error> {
+    sender = sender.ready().await?;
+    let (resp, mut stream) = sender.send_request(req, data.is_empty())?;
     if !data.is_empty() {
         // h2 buffers what the peer's window does not take yet; requests are a few KiB.
-        stream.send_data(data, true).map_err(Failed::Sent)?;
+        stream.send_data(data, true)?;
     }
-    let resp = resp.await.map_err(Failed::Sent)?;
+    let resp = resp.await?;
     let (parts, recv) = resp.into_parts();
     Ok(http::Response::from_parts(parts, RecvBody { recv, data_done: false, done: false }))
 }
