@@ -138,25 +138,32 @@ async fn a_host_that_dies_mid_run_comes_back_with_a_fresh_baseline() {
     sane_usage(f);
 }
 
-/// An agent restarted between two rounds (a new process: new instance, its clock and the domains' vCPU times start
-/// over) is never compared with its previous life: the next round is a baseline with no usage.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_restarted_between_rounds_gets_a_fresh_baseline() {
+/// The reports of a controller run with `cfg` on one `split-first-last` agent, which is stopped and replaced by a
+/// new process on the same address when the report of round `at` arrives. The new process's clock starts from zero,
+/// so its sample time is far behind the old one's.
+async fn with_agent_restarted_at(at: u64, cfg: LoopConfig) -> Vec<RoundReport> {
     let a = SimAgent::start(&common::builtin("split-first-last"), SPEED).await;
     let addr = a.addr.clone();
-    let (mut rx, ctl) = start(vec![addr.clone()], 30);
+    let (mut rx, ctl) = start_with(vec![addr.clone()], cfg);
     let mut rs = Vec::new();
     let mut agent = Some(a);
     while let Some(r) = rx.recv().await {
-        if r.round == 6 {
+        if r.round == at {
             agent.take().unwrap().stop().await;
-            // The new process's clock starts from zero, so its sample time is far behind the old one's.
             let hv = Arc::new(SimHypervisor::new(&common::builtin("split-first-last"), "again", Arc::new(ScaledClock::new(SPEED))));
             agent = Some(SimAgent::start_with(hv, &addr).await);
         }
         rs.push(r);
     }
     ctl.await.unwrap();
+    rs
+}
+
+/// An agent restarted between two rounds (a new process: new instance, its clock and the domains' vCPU times start
+/// over) is never compared with its previous life: the next round is a baseline with no usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_between_rounds_gets_a_fresh_baseline() {
+    let rs = with_agent_restarted_at(6, cfg(30)).await;
     // The restart happened when round 6's report arrived; on a busy machine round 7 may have sampled the old process
     // already, and a connection reset may cost an error round. The new process is baselined within two rounds.
     let next = rs[6..9]
@@ -181,22 +188,8 @@ async fn an_agent_restarted_between_rounds_gets_a_fresh_baseline() {
 /// its baseline, saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_restart_between_rounds_is_not_an_error_round() {
-    let a = SimAgent::start(&common::builtin("split-first-last"), SPEED).await;
-    let addr = a.addr.clone();
     // Long enough that the restart, a few milliseconds, ends well before the next tick.
-    let cfg = LoopConfig { interval: Duration::from_secs(1), ..cfg(3) };
-    let (mut rx, ctl) = start_with(vec![addr.clone()], cfg);
-    let mut rs = Vec::new();
-    let mut agent = Some(a);
-    while let Some(r) = rx.recv().await {
-        if r.round == 1 {
-            agent.take().unwrap().stop().await;
-            let hv = Arc::new(SimHypervisor::new(&common::builtin("split-first-last"), "again", Arc::new(ScaledClock::new(SPEED))));
-            agent = Some(SimAgent::start_with(hv, &addr).await);
-        }
-        rs.push(r);
-    }
-    ctl.await.unwrap();
+    let rs = with_agent_restarted_at(1, LoopConfig { interval: Duration::from_secs(1), ..cfg(3) }).await;
     let kinds: Vec<_> = rs.iter().map(|r| (r.action.kind, r.action.reason.clone())).collect();
     assert_eq!(rs[1].action.kind, ActionType::Baseline, "{kinds:#?}");
     assert!(rs[1].action.reason.contains("agent restarted"), "{kinds:#?}");
